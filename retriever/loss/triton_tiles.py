@@ -1,0 +1,353 @@
+"""Fused Triton kernels for tiled InfoNCE: the GPU backend behind `impl="triton"`.
+
+Same contract as `torch_tiles` (read its docstring for the math and the masking rule); this file
+only changes *where* the tiles live.
+
+Forward, `_row_lse_kernel`: one program owns BLOCK_M query rows and one slice of the candidate
+columns.  For each BLOCK_N column tile it forms S = s * Q C^T in registers (a K-loop over D in
+BLOCK_K chunks, fp32 accumulation) and folds it into a running max / running sum (online
+logsumexp, in base 2 so that the exponential is one `exp2`).  Only lse leaves the chip.  When
+the rows alone cannot fill the GPU (few row blocks), the columns are split across programs and
+the partial lse are merged with a logsumexp (flash-decoding style).
+
+Backward: the dq accumulator of a row block is [BLOCK_M, D] fp32, which for D = 768 is far more
+than a register file, so the backward is not one fused GEMM chain as in flash-attention (whose
+head dimension is <= 256).  Instead `_softmax_grad_kernel` recomputes S tile by tile and writes
+G = (P - Y) * w / max|w| for a slab of [ROW_SLAB, COL_SLAB] logits in the input dtype, and two
+cuBLAS GEMMs consume it:
+
+    dq[slab rows] += s * max|w| * G @ C[slab cols]          (accumulated in fp32 per row slab)
+    dc[slab cols] += s * max|w| * G^T @ Q[slab rows]
+    ds            += max|w| * sum(Q * (G @ C))               (= sum_ij w_i (P-Y)_ij <q_i, c_j>)
+
+Dividing w by max|w| keeps G within [-1, 1] so fp16 never underflows for tiny row weights
+(w = 1/Bq at a batch of a million).  The slab is the only O(Bq*Bd)-shaped memory and its size
+is fixed (COL_SLAB * ROW_SLAB elements), so extra memory stays O(Bq + Bd).
+
+fp32 inputs use TF32 on the matrix units (Triton's default for an fp32 `tl.dot`, and the
+slab GEMMs run with TF32 enabled): expect relative errors near 1e-3 on GPU.  Under
+TRITON_INTERPRET=1 the same kernels run on CPU tensors in exact fp32, which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Column splits are multiples of this, so a BLOCK_N tile never straddles two splits.
+SPLIT_ALIGN = 256
+ROW_SLAB = 16384
+COL_SLAB = 16384
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Tile shapes, chosen by the sweep in scripts/tune_triton.py (see docs/benchmarks.md).
+# Keys: (16-bit input?, dim <= 512?).  The interpreter runs on numpy: few, large-ish blocks.
+_FORWARD_CONFIGS = {
+    (True, True): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (True, False): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (False, True): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    (False, False): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+}
+_BACKWARD_CONFIGS = {
+    (True, True): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (True, False): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    (False, True): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    (False, False): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+}
+_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+
+
+def _config(table: dict, dtype: torch.dtype, dim: int) -> dict:
+    if interpreting():
+        return dict(_INTERPRET_CONFIG)
+    return dict(table[(dtype != torch.float32, dim <= 512)])
+
+
+@triton.jit
+def _row_lse_kernel(
+    q_ptr,
+    c_ptr,
+    scale_ptr,
+    labels_ptr,
+    row_ids_ptr,
+    col_ids_ptr,
+    lse2_ptr,  # [n_split, n_rows] fp32 out: base-2 logsumexp over this split's columns
+    pos_ptr,  # [n_split, n_rows] fp32 out: positive logit if it lies in this split, else 0
+    n_rows,
+    n_cols,
+    dim,
+    cols_per_split,
+    stride_q,
+    stride_c,
+    HAS_IDS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    k_offsets = tl.arange(0, BLOCK_K)
+    scale = tl.load(scale_ptr)
+    scale2 = scale * 1.4426950408889634  # s * log2(e): exp(S) = exp2(S * log2 e)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    if HAS_IDS:
+        row_ids = tl.load(row_ids_ptr + rows, mask=row_ok, other=0)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of S * log2 e
+    l = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(S * log2 e - m)
+    pos = tl.zeros([BLOCK_M], tl.float32)  # <q_i, c_labels[i]>, found in whichever tile holds it
+    col_start = split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, n_cols)
+    for n0 in range(col_start, col_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < col_end
+        # dot = Q_blk @ C_blk^T over D in BLOCK_K chunks; the last chunk is masked (D = 384, 1000).
+        dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, dim, BLOCK_K):
+            ks = k0 + k_offsets
+            k_ok = ks < dim
+            q = tl.load(
+                q_ptr + rows[:, None] * stride_q + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            c = tl.load(
+                c_ptr + cols[:, None] * stride_c + ks[None, :],
+                mask=col_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            if UPCAST:  # the interpreter multiplies 16-bit floats as raw bits; fp32 is exact
+                q, c = q.to(tl.float32), c.to(tl.float32)
+            dot = tl.dot(q, tl.trans(c), dot)
+
+        is_pos = (cols[None, :] == labels[:, None]) & col_ok[None, :]
+        pos += tl.sum(tl.where(is_pos, dot, 0.0), axis=1)
+        # Padding columns get -inf before the exponential: exp2(-inf) = 0, never 0 * inf.
+        s2 = tl.where(col_ok[None, :], dot * scale2, float("-inf"))
+        if HAS_IDS:
+            col_ids = tl.load(col_ids_ptr + cols, mask=col_ok, other=0)
+            duplicate = (col_ids[None, :] == row_ids[:, None]) & (cols[None, :] != labels[:, None])
+            s2 = tl.where(duplicate, float("-inf"), s2)
+        # Online logsumexp: m' = max(m, rowmax), l' = l * 2^(m - m') + rowsum(2^(s2 - m')).
+        # A row that has seen only masked columns keeps m = -inf; shifting by 0 instead keeps
+        # 2^(-inf - -inf) from turning into NaN.
+        m_new = tl.maximum(m, tl.max(s2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+        m = m_new
+
+    out = split * n_rows + rows
+    tl.store(lse2_ptr + out, m + tl.log2(l), mask=row_ok)  # l = 0 gives -inf, as it should
+    tl.store(pos_ptr + out, pos * scale, mask=row_ok)
+
+
+@triton.jit
+def _softmax_grad_kernel(
+    q_ptr,
+    c_ptr,
+    scale_ptr,
+    lse2_ptr,  # [n_rows] fp32: final base-2 logsumexp of each row
+    w_ptr,  # [n_rows] fp32: row weight dL/dloss_i divided by max|w|
+    labels_ptr,  # [n_rows] positive's column within this slab (anything else if not in it)
+    row_ids_ptr,
+    col_ids_ptr,
+    g_ptr,  # [n_rows, n_cols] out, input dtype: G = (P - Y) * w
+    n_rows,
+    n_cols,
+    dim,
+    stride_q,
+    stride_c,
+    stride_g,
+    HAS_IDS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    k_offsets = tl.arange(0, BLOCK_K)
+
+    dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        ks = k0 + k_offsets
+        k_ok = ks < dim
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_q + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        c = tl.load(
+            c_ptr + cols[:, None] * stride_c + ks[None, :],
+            mask=col_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            q, c = q.to(tl.float32), c.to(tl.float32)
+        dot = tl.dot(q, tl.trans(c), dot)
+
+    scale2 = tl.load(scale_ptr) * 1.4426950408889634
+    # Padding rows read lse = +inf, so their P is exp2(finite - inf) = 0.
+    lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=float("inf"))
+    w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    # P_ij = exp(S_ij - lse_i) = exp2(S_ij log2 e - lse2_i)
+    p = tl.exp2(dot * scale2 - lse2[:, None])
+    is_pos = cols[None, :] == labels[:, None]
+    if HAS_IDS:
+        row_ids = tl.load(row_ids_ptr + rows, mask=row_ok, other=0)
+        col_ids = tl.load(col_ids_ptr + cols, mask=col_ok, other=0)
+        duplicate = (col_ids[None, :] == row_ids[:, None]) & ~is_pos
+        p = tl.where(duplicate, 0.0, p)
+    g = (p - tl.where(is_pos, 1.0, 0.0)) * w[:, None]
+    tl.store(
+        g_ptr + rows[:, None] * stride_g + cols[None, :],
+        g.to(g_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(enabled: bool):
+    """Let fp32 GEMMs use TF32 (as the Triton kernels do) for the duration of the block."""
+    if not enabled:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def forward_block(
+    q: Tensor,
+    c: Tensor,
+    scale: Tensor,
+    labels: Tensor,
+    row_pos_ids: Tensor | None = None,
+    col_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Row logsumexp over this candidate block and the positive logit; both fp32 [Bq]."""
+    n_rows, dim = q.shape
+    n_cols = c.shape[0]
+    meta = _config(_FORWARD_CONFIGS, q.dtype, dim)
+    n_row_blocks = triton.cdiv(n_rows, meta["BLOCK_M"])
+    # Enough programs for two waves over the SMs; split the columns when the rows are too few.
+    wanted_splits = triton.cdiv(2 * _num_sms(q.device), n_row_blocks)
+    n_split = max(1, min(wanted_splits, triton.cdiv(n_cols, SPLIT_ALIGN)))
+    cols_per_split = triton.cdiv(triton.cdiv(n_cols, n_split), SPLIT_ALIGN) * SPLIT_ALIGN
+    n_split = triton.cdiv(n_cols, cols_per_split)
+
+    lse2 = torch.empty(n_split, n_rows, dtype=torch.float32, device=q.device)
+    pos = torch.empty(n_split, n_rows, dtype=torch.float32, device=q.device)
+    has_ids = row_pos_ids is not None and col_ids is not None
+    _row_lse_kernel[(n_row_blocks, n_split)](
+        q,
+        c,
+        scale,
+        labels,
+        row_pos_ids if has_ids else labels,
+        col_ids if has_ids else labels,
+        lse2,
+        pos,
+        n_rows,
+        n_cols,
+        dim,
+        cols_per_split,
+        q.stride(0),
+        c.stride(0),
+        HAS_IDS=has_ids,
+        UPCAST=interpreting(),
+        **meta,
+    )
+    lse = torch.logsumexp(lse2, dim=0) if n_split > 1 else lse2[0]
+    return lse * LN2, pos.sum(dim=0)
+
+
+def backward_block(
+    q: Tensor,
+    c: Tensor,
+    scale: Tensor,
+    lse: Tensor,
+    row_weight: Tensor,
+    labels: Tensor,
+    row_pos_ids: Tensor | None,
+    col_ids: Tensor | None,
+    dq: Tensor,
+    dc: Tensor,
+) -> Tensor:
+    """Add this block's gradients into dq [Bq, D] and dc [Bc, D]; return d(loss)/d(scale)."""
+    n_rows, dim = q.shape
+    n_cols = c.shape[0]
+    meta = _config(_BACKWARD_CONFIGS, q.dtype, dim)
+    has_ids = row_pos_ids is not None and col_ids is not None
+    lse2 = lse * LOG2E
+    w_max = row_weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    w_rel = row_weight / w_max
+    coef = scale * w_max
+    dscale = torch.zeros((), dtype=torch.float32, device=q.device)
+    slab = torch.empty(min(n_rows, ROW_SLAB), min(n_cols, COL_SLAB), dtype=q.dtype, device=q.device)
+    with _tf32_matmuls(q.dtype == torch.float32 and q.is_cuda):
+        for r0 in range(0, n_rows, ROW_SLAB):
+            r1 = min(r0 + ROW_SLAB, n_rows)
+            q_rows = q[r0:r1]
+            gc_rows = torch.zeros(r1 - r0, dim, dtype=torch.float32, device=q.device)
+            for c0 in range(0, n_cols, COL_SLAB):
+                c1 = min(c0 + COL_SLAB, n_cols)
+                g = slab[: r1 - r0, : c1 - c0]
+                grid = (
+                    triton.cdiv(r1 - r0, meta["BLOCK_M"]),
+                    triton.cdiv(c1 - c0, meta["BLOCK_N"]),
+                )
+                _softmax_grad_kernel[grid](
+                    q_rows,
+                    c[c0:c1],
+                    scale,
+                    lse2[r0:r1],
+                    w_rel[r0:r1],
+                    labels[r0:r1] - c0,
+                    row_pos_ids[r0:r1] if has_ids else labels,
+                    col_ids[c0:c1] if has_ids else labels,
+                    g,
+                    r1 - r0,
+                    c1 - c0,
+                    dim,
+                    q.stride(0),
+                    c.stride(0),
+                    g.stride(0),
+                    HAS_IDS=has_ids,
+                    UPCAST=interpreting(),
+                    **meta,
+                )
+                gc_rows += g @ c[c0:c1]
+                dc[c0:c1] += (g.T @ q_rows).float().mul_(coef).to(dc.dtype)
+            dscale += (q_rows.float() * gc_rows).sum()
+            dq[r0:r1] += gc_rows.mul_(coef).to(dq.dtype)
+    return dscale * w_max
