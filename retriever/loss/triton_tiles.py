@@ -287,8 +287,8 @@ def forward_block(
         UPCAST=interpreting(),
         **meta,
     )
-    lse = torch.logsumexp(lse2, dim=0) if n_split > 1 else lse2[0]
-    return lse * LN2, pos.sum(dim=0)
+    # Partials are base 2: lse = ln(sum_splits e^(lse2 * ln 2)).
+    return torch.logsumexp(lse2 * LN2, dim=0), pos.sum(dim=0)
 
 
 def backward_block(
