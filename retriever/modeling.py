@@ -1,0 +1,420 @@
+"""`Encoder`: a Hugging Face encoder plus pooling, normalisation, prefixes and max lengths.
+
+One wrapper serves training (``tokenize`` + differentiable ``forward``), evaluation and mining
+(``encode``: no grad, length-sorted batches, autocast on GPU). It loads a plain Hugging Face
+model or a sentence-transformers directory (reading its max_seq_length, Pooling mode, Normalize
+module and prompts), and ``save`` writes a sentence-transformers directory, so
+``SentenceTransformer(path)`` reproduces the embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+POOLING_MODES = ("cls", "mean", "last")
+SIDES = ("query", "document")
+
+# sentence-transformers' pooling names -> ours (both the current and the legacy config format).
+_ST_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "last"}
+_ST_LEGACY_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "last",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+}
+# Prompt names sentence-transformers' encode_document() tries, in its order.
+_ST_DOCUMENT_PROMPTS = ("document", "passage", "corpus")
+
+
+def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
+    """Pool token states [B, T, D] into [B, D] under ``attention_mask`` [B, T] (1 = token).
+
+    ``cls`` takes the first real token and ``last`` the last real one, so both are right for
+    left and right padding; ``mean`` averages real tokens, accumulated in fp32.
+    """
+    mask = attention_mask.to(torch.bool)
+    if mode == "cls":
+        first = mask.int().argmax(dim=1)
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), first]
+    if mode == "last":
+        last = hidden.size(1) - 1 - mask.flip(1).int().argmax(dim=1)
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    if mode == "mean":
+        acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (hidden * weights).sum(dim=1, dtype=acc)
+        count = weights.sum(dim=1, dtype=acc).clamp(min=1e-9)
+        return (summed / count).to(hidden.dtype)
+    raise ValueError(f"unknown pooling {mode!r}; expected one of {POOLING_MODES}")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_sentence_transformers_dir(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The settings of a sentence-transformers directory, or None if ``path`` is not one.
+
+    Returns ``transformer_path``, ``pooling``, ``normalize``, ``prompts``, ``max_seq_length``,
+    ``query_length``, ``document_length`` and ``do_lower_case``. Modules this wrapper cannot
+    reproduce (Dense, max pooling, ...) raise ``NotImplementedError`` rather than silently
+    giving different embeddings.
+    """
+    root = Path(path)
+    modules_file = root / "modules.json"
+    if not modules_file.is_file():
+        return None
+    modules = _read_json(modules_file)
+    settings: dict[str, Any] = {
+        "transformer_path": root,
+        "pooling": None,
+        "normalize": False,
+        "prompts": {},
+        "max_seq_length": None,
+        "query_length": None,
+        "document_length": None,
+        "do_lower_case": False,
+    }
+    for module in modules:
+        kind = module["type"].rsplit(".", 1)[-1]
+        module_dir = root / module.get("path", "")
+        if kind == "Transformer":
+            settings["transformer_path"] = module_dir
+            for name in ("sentence_bert_config.json", "sentence_xlnet_config.json"):
+                if (module_dir / name).is_file():
+                    config = _read_json(module_dir / name)
+                    for key in ("max_seq_length", "query_length", "document_length"):
+                        settings[key] = config.get(key)
+                    settings["do_lower_case"] = bool(config.get("do_lower_case", False))
+                    break
+        elif kind == "Pooling":
+            config = _read_json(module_dir / "config.json")
+            modes = config.get("pooling_mode")
+            if modes is None:
+                modes = [m for k, m in _ST_LEGACY_POOLING.items() if config.get(k)] or ["mean"]
+            modes = [modes] if isinstance(modes, str) else list(modes)
+            if len(modes) != 1 or _ST_POOLING.get(modes[0], modes[0]) not in POOLING_MODES:
+                raise NotImplementedError(
+                    f"{module_dir / 'config.json'}: pooling {modes} is not supported "
+                    f"(supported: cls, mean, lasttoken)"
+                )
+            if config.get("include_prompt", True) is False:
+                raise NotImplementedError(
+                    f"{module_dir / 'config.json'}: include_prompt=false is not supported"
+                )
+            settings["pooling"] = _ST_POOLING.get(modes[0], modes[0])
+        elif kind == "Normalize":
+            settings["normalize"] = True
+        else:
+            raise NotImplementedError(
+                f"{modules_file}: module {module['type']!r} is not supported by retriever's "
+                "Encoder (supported: Transformer, Pooling, Normalize)"
+            )
+    st_config = root / "config_sentence_transformers.json"
+    if st_config.is_file():
+        settings["prompts"] = _read_json(st_config).get("prompts") or {}
+    return settings
+
+
+class Encoder(nn.Module):
+    """A text encoder: Hugging Face model -> pooled (and L2-normalised) embeddings.
+
+    Build it with :meth:`from_pretrained`. ``forward`` is differentiable (training);
+    ``encode`` is the inference path used by evaluation and hard-negative mining.
+
+    Example::
+
+        encoder = Encoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+        q = encoder.encode(["what is a cell?"], side="query")  # numpy [1, 384]
+        features = encoder.tokenize(["a cell is ..."], side="document")
+        d = encoder(features)  # torch [1, 384], with gradients
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        pooling: str = "mean",
+        normalize: bool = True,
+        query_prefix: str = "",
+        document_prefix: str = "",
+        query_max_length: int = 128,
+        document_max_length: int = 256,
+        do_lower_case: bool = False,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.normalize = normalize
+        self.query_prefix = query_prefix
+        self.document_prefix = document_prefix
+        self.query_max_length = query_max_length
+        self.document_max_length = document_max_length
+        self.do_lower_case = do_lower_case
+        if self.tokenizer.pad_token is None:
+            # Decoder tokenizers often have no pad token; any token works under the mask.
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        query_prefix: str | None = None,
+        document_prefix: str | None = None,
+        query_max_length: int | None = None,
+        document_max_length: int | None = None,
+        torch_dtype: torch.dtype | None = None,
+        gradient_checkpointing: bool = False,
+        **model_kwargs: Any,
+    ) -> Encoder:
+        """Load a Hugging Face model (a local directory or Hub id) as an Encoder.
+
+        Arguments left as None come from a sentence-transformers directory when ``name_or_path``
+        is one (Pooling mode, Normalize module, ``prompts["query"]`` / ``["document"]``,
+        ``query_length`` / ``document_length`` / ``max_seq_length``); otherwise they default to
+        mean pooling, normalisation, no prefixes and max lengths 128 (query) / 256 (document).
+        ``model_kwargs`` go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``).
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        st = read_sentence_transformers_dir(name_or_path) if os.path.isdir(name_or_path) else None
+        st = st or {}
+        prompts = st.get("prompts", {})
+        if pooling is None:
+            pooling = st.get("pooling") or "mean"
+        if normalize is None:
+            normalize = st.get("normalize", True) if st else True
+        if query_prefix is None:
+            query_prefix = prompts.get("query", "")
+        if document_prefix is None:
+            document_prefix = next((prompts[k] for k in _ST_DOCUMENT_PROMPTS if k in prompts), "")
+        max_seq_length = st.get("max_seq_length")
+        if query_max_length is None:
+            query_max_length = st.get("query_length") or max_seq_length or 128
+        if document_max_length is None:
+            document_max_length = st.get("document_length") or max_seq_length or 256
+
+        model_path = str(st.get("transformer_path", name_or_path))
+        if torch_dtype is not None:
+            model_kwargs["dtype"] = torch_dtype
+        model = AutoModel.from_pretrained(model_path, **model_kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return cls(
+            model,
+            tokenizer,
+            pooling=pooling,
+            normalize=normalize,
+            query_prefix=query_prefix,
+            document_prefix=document_prefix,
+            query_max_length=int(query_max_length),
+            document_max_length=int(document_max_length),
+            do_lower_case=bool(st.get("do_lower_case", False)),
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def _side(self, side: str) -> tuple[str, int]:
+        if side == "query":
+            return self.query_prefix, self.query_max_length
+        if side == "document":
+            return self.document_prefix, self.document_max_length
+        raise ValueError(f"side must be 'query' or 'document', got {side!r}")
+
+    def tokenize(self, texts: Sequence[str], side: str) -> dict[str, Tensor]:
+        """Tokenize ``texts`` for ``side`` ('query' | 'document'): its prefix, its max length,
+        padded to the longest text (on the tokenizer's padding side)."""
+        prefix, max_length = self._side(side)
+        texts = [prefix + t for t in texts]
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        return dict(
+            self.tokenizer(
+                texts,
+                padding=True,
+                truncation="longest_first",
+                max_length=max_length,
+                return_tensors="pt",
+            )
+        )
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        """[B, D] pooled (and, if ``normalize``, unit-length) embeddings, with gradients."""
+        inputs = {k: v for k, v in features.items() if k in _MODEL_INPUTS}
+        hidden = self.model(**inputs).last_hidden_state
+        embeddings = pool(hidden, features["attention_mask"], self.pooling)
+        if self.normalize:
+            embeddings = F.normalize(embeddings, p=2, dim=-1)
+        return embeddings
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        side: str,
+        *,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        show_progress: bool = True,
+        dtype: torch.dtype | None = None,
+        convert_to_numpy: bool = True,
+    ) -> np.ndarray | Tensor:
+        """Embed ``texts`` without gradients; returns [N, D] float32 in input order.
+
+        Texts are batched longest first (similar lengths share a batch, so little padding is
+        computed). ``device`` moves the module there first (default: where it is). On a GPU
+        the forward runs under autocast in ``dtype`` (default bf16 where supported, else fp16);
+        pass ``torch.float32`` to disable it. On CPU it runs in the model's own dtype.
+        """
+        self._side(side)  # validate before any work
+        if device is not None:
+            self.to(device)
+        device = self.device
+        autocast_dtype = None
+        if device.type == "cuda":
+            if dtype is None:
+                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if dtype in (torch.float16, torch.bfloat16):
+                autocast_dtype = dtype
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks: list[Tensor] = []
+        try:
+            for start in tqdm(
+                range(0, len(texts), batch_size),
+                desc=f"encode {side}s",
+                disable=not show_progress,
+                unit="batch",
+            ):
+                batch = [texts[i] for i in order[start : start + batch_size]]
+                features = {k: v.to(device) for k, v in self.tokenize(batch, side).items()}
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+                ):
+                    chunks.append(self(features).float())
+        finally:
+            self.train(was_training)
+        dim = chunks[0].size(1) if chunks else self.embedding_dim
+        out = torch.empty(len(texts), dim, dtype=torch.float32, device=device)
+        if chunks:
+            out[torch.as_tensor(order, device=device)] = torch.cat(chunks)
+        return out.cpu().numpy() if convert_to_numpy else out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a sentence-transformers directory (Transformer, Pooling, optional Normalize,
+        prompts for the prefixes); ``SentenceTransformer(path)`` then gives the same embeddings
+        (``encode_query`` / ``encode_document``, or ``prompt_name='query'`` / ``'document'``).
+
+        The legacy config format is written, which sentence-transformers 3.x to 6.x all read.
+        ``max_seq_length`` is the document max length; the per-side lengths are written too when
+        the installed sentence-transformers understands them.
+        """
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(root)
+        self.tokenizer.save_pretrained(root)
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
+        ]
+        if self.normalize:
+            modules.append(
+                {
+                    "idx": 2,
+                    "name": "2",
+                    "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize",
+                }
+            )
+            (root / "2_Normalize").mkdir(exist_ok=True)
+        bert_config: dict[str, Any] = {
+            "max_seq_length": self.document_max_length,
+            "do_lower_case": self.do_lower_case,
+        }
+        if _st_supports_side_lengths():
+            bert_config["query_length"] = self.query_max_length
+            bert_config["document_length"] = self.document_max_length
+        st_pooling = {v: k for k, v in _ST_LEGACY_POOLING.items()}
+        pooling_config = {"word_embedding_dimension": self.embedding_dim}
+        pooling_config.update({key: False for key in _ST_LEGACY_POOLING})
+        pooling_config[st_pooling[self.pooling]] = True
+        (root / "1_Pooling").mkdir(exist_ok=True)
+        _write_json(root / "modules.json", modules)
+        _write_json(root / "sentence_bert_config.json", bert_config)
+        _write_json(root / "1_Pooling" / "config.json", pooling_config)
+        prompts = {}
+        if self.query_prefix:
+            prompts["query"] = self.query_prefix
+        if self.document_prefix:
+            prompts["document"] = self.document_prefix
+        _write_json(
+            root / "config_sentence_transformers.json",
+            {
+                "prompts": prompts,
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine" if self.normalize else "dot",
+            },
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"pooling={self.pooling!r}, normalize={self.normalize}, "
+            f"query_prefix={self.query_prefix!r}, document_prefix={self.document_prefix!r}, "
+            f"query_max_length={self.query_max_length}, "
+            f"document_max_length={self.document_max_length}"
+        )
+
+
+# Tokenizer outputs a Hugging Face encoder accepts (others, e.g. `length`, are dropped).
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def _st_supports_side_lengths() -> bool:
+    """Whether the installed sentence-transformers reads query_length / document_length."""
+    try:
+        from sentence_transformers.models import Transformer
+    except ImportError:
+        return False
+    return "query_length" in getattr(Transformer, "config_keys", ())
