@@ -1,0 +1,419 @@
+"""`InfCLLoss`: the tiled InfoNCE as a drop-in sentence-transformers loss.
+
+It follows the sentence-transformers loss contract (``forward(sentence_features, labels)``, the
+model stored as ``self.model``, ``get_config_dict``, ``citation``), so it plugs into
+``SentenceTransformerTrainer``, ``model.fit`` and wrappers such as ``MatryoshkaLoss``.
+
+With ``mini_batch_size`` it is an embedding cache (GradCache, design notes section 4) built on
+`retriever.gradcache`, with the same contract as sentence-transformers'
+``CachedMultipleNegativesRankingLoss``: ``forward`` embeds without gradients, computes the loss
+and its gradient with respect to every embedding, and returns a detached loss whose backward
+hook re-embeds each mini-batch with gradients.  The trainer calls ``loss.backward()`` itself, so
+the re-embedding has to live in that hook.  ``calculate_loss`` and ``uses_gradient_cache`` are
+the two names ``MatryoshkaLoss`` looks for on a gradient-caching loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retriever.gradcache import backward_from_cached_grads, embed_without_grad, split_features
+from retriever.loss.functional import IMPLS, contrastive_loss
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+SIMILARITIES = ("cosine", "dot")
+LOSS_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+INFCL_CITATION = """
+@misc{cheng2024breaking,
+    title={Breaking the Memory Barrier: Near Infinite Batch Size Scaling for Contrastive Loss},
+    author={Zesen Cheng and Hang Zhang and Kehan Li and Sicong Leng and Zhiqiang Hu and Fei Wu
+            and Deli Zhao and Xin Li and Lidong Bing},
+    year={2024},
+    eprint={2410.17243},
+    archivePrefix={arXiv},
+    primaryClass={cs.CV}
+}
+"""
+GRADCACHE_CITATION = """
+@misc{gao2021scaling,
+    title={Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup},
+    author={Luyu Gao and Yunyi Zhang and Jiawei Han and Jamie Callan},
+    year={2021},
+    eprint={2101.06983},
+    archivePrefix={arXiv},
+    primaryClass={cs.LG}
+}
+"""
+
+
+class InfCLLoss(nn.Module):
+    r"""InfoNCE with in-batch and hard negatives, computed tile by tile: a drop-in replacement for
+    ``MultipleNegativesRankingLoss`` (and, with ``mini_batch_size``, for
+    ``CachedMultipleNegativesRankingLoss``) whose memory does not grow with batch².
+
+    For anchors :math:`a_i` and candidates :math:`c_j` (every positive, then every negative
+    column), with :math:`\cos` the cosine similarity and :math:`s` the scale:
+
+    .. math::
+        L = \frac{1}{B} \sum_{i=1}^{B} \Big( \log \sum_{j} e^{s \cos(a_i, c_j)}
+            - s \cos(a_i, p_i) \Big)
+
+    ``symmetric=True`` averages it with the positive-to-anchor direction
+    :math:`\frac{1}{B} \sum_i \big( \log \sum_k e^{s \cos(p_i, a_k)} - s \cos(p_i, a_i) \big)`,
+    as ``MultipleNegativesSymmetricRankingLoss`` does.  The similarity matrix is never built: the
+    loss keeps one logsumexp per row and recomputes the logits tile by tile in backward (fused
+    Triton kernels on CUDA), so its extra memory is O(batch).
+
+    Args:
+        model: the SentenceTransformer to train.
+        scale: s = 1 / temperature (20 is temperature 0.05, sentence-transformers' default).
+        symmetric: also the positive-to-anchor direction; the loss is the average of both.
+        gather_across_devices: under ``torch.distributed``, compute the loss over the global
+            batch of all processes with the ring loss (candidate blocks pass from rank to rank;
+            nothing is all-gathered). Each process returns the mean over its own anchors, and the
+            gradients are such that DDP's averaging gives the gradient of the global-batch loss.
+        mini_batch_size: embed in mini-batches of this many texts and cache the gradients of the
+            embeddings (GradCache): the batch is limited by the memory of its embeddings, not by
+            activations. ``None`` embeds the whole batch with gradients, like MNRL.
+        similarity: ``"cosine"`` (sentence-transformers' default ``cos_sim``) or ``"dot"``.
+        sort_by_length: with ``mini_batch_size``, embed each column's texts longest first and trim
+            each mini-batch's padding, so a mini-batch of short texts costs little. The result is
+            the same loss; only which texts share a mini-batch changes (and hence, with dropout,
+            which dropout masks they draw).
+        loss_dtype: the dtype the embeddings enter the loss in (``torch.bfloat16`` halves the
+            memory of the cached embeddings and doubles the loss's speed on GPU, at bfloat16
+            precision). ``None`` keeps the model's output dtype. Logits, logsumexp and
+            accumulation are float32 whatever this is.
+        impl: the loss implementation (see :func:`retriever.loss.contrastive_loss`): ``"auto"``
+            picks the fused Triton kernels on CUDA for large batches.
+
+    Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples;
+    no labels. Use ``BatchSamplers.NO_DUPLICATES`` so that no in-batch negative is a copy of an
+    anchor's positive.
+
+    Example::
+
+        from datasets import Dataset
+        from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+        from retriever.loss import InfCLLoss
+
+        model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+        train_dataset = Dataset.from_dict({
+            "anchor": ["It's nice weather outside today.", "He drove to work."],
+            "positive": ["It's so sunny.", "He took the car to the office."],
+        })
+        loss = InfCLLoss(model, scale=20.0, mini_batch_size=256)
+        trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
+        trainer.train()
+
+    Citation: Cheng et al., "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for
+    Contrastive Loss" (arXiv 2410.17243); with ``mini_batch_size`` also Gao et al., "Scaling Deep
+    Contrastive Learning Batch Size under Memory Limited Setup" (arXiv 2101.06983). See
+    :attr:`citation`.
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        scale: float = 20.0,
+        symmetric: bool = False,
+        gather_across_devices: bool = False,
+        mini_batch_size: int | None = None,
+        similarity: str = "cosine",
+        sort_by_length: bool = True,
+        loss_dtype: torch.dtype | str | None = None,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"scale must be a positive number, got {scale!r}")
+        for name, flag in (
+            ("symmetric", symmetric),
+            ("gather_across_devices", gather_across_devices),
+            ("sort_by_length", sort_by_length),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be a bool, got {flag!r}")
+        if mini_batch_size is not None and (
+            isinstance(mini_batch_size, bool)
+            or not isinstance(mini_batch_size, int)
+            or mini_batch_size < 1
+        ):
+            raise ValueError(
+                f"mini_batch_size must be a positive int or None, got {mini_batch_size!r}"
+            )
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.model = model
+        self.scale = float(scale)
+        self.symmetric = symmetric
+        self.gather_across_devices = gather_across_devices
+        self.mini_batch_size = mini_batch_size
+        self.similarity = similarity
+        self.sort_by_length = sort_by_length
+        self.loss_dtype = _resolve_dtype(loss_dtype)
+        self.impl = impl
+        # MatryoshkaLoss reads this (sentence_transformers' `uses_gradient_cache`): a caching loss
+        # back-propagates from a hook, so Matryoshka wraps `calculate_loss` instead of the model.
+        self.uses_gradient_cache = mini_batch_size is not None
+
+    # -- the loss over embeddings -------------------------------------------------------------
+
+    def _finish(self, embeddings: Tensor) -> Tensor:
+        """Model output -> what enters the loss: normalised for cosine, cast to `loss_dtype`.
+
+        Done per mini-batch before caching, so the cache holds the (smaller) loss inputs and the
+        re-embedding backpropagates through the normalisation by itself.
+        """
+        if self.similarity == "cosine":
+            embeddings = F.normalize(embeddings, p=2, dim=-1)
+        if self.loss_dtype is not None:
+            embeddings = embeddings.to(self.loss_dtype)
+        return embeddings
+
+    def _embed(self, features: dict[str, Any]) -> Tensor:
+        return self._finish(self.model(features)["sentence_embedding"])
+
+    def _group(self) -> Any:
+        """The trainer's process group for the ring loss, or None for a single process."""
+        if not self.gather_across_devices:
+            return None
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
+        return None
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor]) -> Tensor:
+        """The loss from per-column embeddings [anchor, positive, negative_1, ...], as returned
+        by `_finish` (already normalised for cosine similarity)."""
+        if len(embeddings) < 2:
+            raise ValueError(
+                f"InfCLLoss needs (anchor, positive[, negatives...]) columns, got {len(embeddings)}"
+            )
+        queries = embeddings[0]
+        candidates = embeddings[1] if len(embeddings) == 2 else torch.cat(embeddings[1:])
+        return contrastive_loss(
+            queries,
+            candidates,
+            scale=self.scale,
+            symmetric=self.symmetric,
+            group=self._group(),
+            impl=self.impl,
+        )
+
+    def calculate_loss(
+        self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
+    ) -> Tensor:
+        """The loss from cached embeddings, one list of mini-batch tensors per column (the
+        contract of sentence-transformers' cached losses, which ``MatryoshkaLoss`` wraps).
+
+        With `with_backward`, backpropagate into `reps` and return the detached loss.
+        """
+        columns = [r[0] if len(r) == 1 else torch.cat(r) for r in reps]
+        loss = self.compute_loss_from_embeddings(columns)
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+    # -- sentence-transformers entry point ----------------------------------------------------
+
+    def forward(
+        self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None
+    ) -> Tensor:
+        features = list(sentence_features)
+        if len(features) < 2:
+            raise ValueError(
+                f"InfCLLoss needs (anchor, positive[, negatives...]) columns, got {len(features)}"
+            )
+        if self.mini_batch_size is None:
+            return self.compute_loss_from_embeddings(
+                [self._finish(e) for e in _embed_columns(self.model, features)]
+            )
+        return self._forward_cached(features, labels)
+
+    def _forward_cached(self, features: list[dict[str, Any]], labels: Tensor | None) -> Tensor:
+        chunks, states, rows, sort_index = [], [], [], []
+        leaf = None
+        for column, column_features in enumerate(features):
+            column_chunks, order = self._plan(column_features, column)
+            embedded, column_states = embed_without_grad(
+                self._embed, column_chunks, _devices(column_features)
+            )
+            if leaf is None:
+                batch = embedded.shape[0]
+                leaf = embedded.new_empty((batch * len(features), embedded.shape[1]))
+            if embedded.shape[0] != batch:
+                raise ValueError(
+                    f"column {column} has {embedded.shape[0]} rows but column 0 has {batch}"
+                )
+            start = column * batch
+            if order is None:
+                leaf[start : start + batch] = embedded.detach()
+            else:
+                # Back to batch order: sorted row k is the column's row order[k].
+                leaf[start + order] = embedded.detach()
+                sort_index.append(start + order)
+            del embedded
+            chunks += column_chunks
+            states += column_states
+            rows.append((start, start + batch))
+        leaf.requires_grad_()
+        reps = [[leaf[begin:end]] for begin, end in rows]
+
+        if not torch.is_grad_enabled():  # evaluation: nothing to cache
+            return self.calculate_loss(reps, labels)
+
+        # `self.calculate_loss`, not the method: MatryoshkaLoss replaces it on the instance.
+        loss = self.calculate_loss(reps, labels, with_backward=True)
+        if leaf.grad is None:
+            raise RuntimeError("the loss did not reach the embeddings: no gradient to cache")
+        # Cached gradients in chunk order (the order the re-embedding produces rows in).
+        cached = leaf.grad[torch.cat(sort_index)] if sort_index else leaf.grad
+        del leaf, reps
+        loss = loss.detach().requires_grad_()
+        loss.register_hook(partial(self._replay, chunks=chunks, states=states, cached=[cached]))
+        return loss
+
+    def _replay(
+        self, grad_output: Tensor, *, chunks: list[dict], states: list, cached: list[Tensor]
+    ) -> None:
+        """Backward hook: re-embed every mini-batch with gradients and backpropagate the cached
+        embedding gradients, scaled by the incoming gradient (gradient accumulation, AMP loss
+        scaling). Under DDP the all-reduce runs once, on the last mini-batch."""
+        if not cached:
+            raise RuntimeError(
+                "InfCLLoss's backward ran twice on the same loss; the cached gradients are spent"
+            )
+        grads = cached.pop()
+        grads.mul_(grad_output.to(grads.dtype))
+        no_sync = self.model.no_sync if _is_ddp(self.model) else None
+        with torch.enable_grad():
+            backward_from_cached_grads(self._embed, chunks, states, grads, no_sync=no_sync)
+
+    def _plan(self, features: dict[str, Any], column: int) -> tuple[list[dict], Tensor | None]:
+        """Split one column into mini-batches (longest texts first when sorting), each trimmed
+        of the padding it does not need. Returns the chunks and the row order (None: as is)."""
+        batch = _batch_size(features, column)
+        # Values not indexed by row (prompt length, router task, modality) go to every chunk.
+        rows = {k: v for k, v in features.items() if _is_row_tensor(v, batch)}
+        extras = {k: v for k, v in features.items() if k not in rows}
+        order = None
+        mask = rows.get("attention_mask")
+        if self.sort_by_length and mask is not None and mask.dim() == 2:
+            order = torch.argsort(mask.sum(dim=1), descending=True, stable=True)
+            rows = {k: v[order] for k, v in rows.items()}
+        chunks = [
+            {**_trim_padding(chunk), **extras}
+            for chunk in split_features(rows, self.mini_batch_size)
+        ]
+        return chunks, order
+
+    # -- sentence-transformers bookkeeping ----------------------------------------------------
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "similarity": self.similarity,
+            "symmetric": self.symmetric,
+            "gather_across_devices": self.gather_across_devices,
+            "mini_batch_size": self.mini_batch_size,
+            "sort_by_length": self.sort_by_length,
+            "loss_dtype": None if self.loss_dtype is None else str(self.loss_dtype),
+            "impl": self.impl,
+        }
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.scale
+
+    @property
+    def citation(self) -> str:
+        if self.mini_batch_size is None:
+            return INFCL_CITATION
+        return INFCL_CITATION + GRADCACHE_CITATION
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or dtype in LOSS_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in LOSS_DTYPES:
+        return LOSS_DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(f"loss_dtype must be None or one of {sorted(LOSS_DTYPES)}, got {dtype!r}")
+
+
+def _embed_columns(model: nn.Module, features: list[dict[str, Any]]) -> list[Tensor]:
+    """Embed every column with gradients exactly as MultipleNegativesRankingLoss does (recent
+    sentence-transformers merge the candidate columns into one forward), so the two losses draw
+    the same dropout masks."""
+    try:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+    except ImportError:  # sentence-transformers < 6: one forward per column
+        return [model(f)["sentence_embedding"] for f in features]
+    return embed_columns(model, features)
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _devices(features: Mapping[str, Any]) -> list[torch.device]:
+    return sorted({v.device for v in features.values() if isinstance(v, Tensor)}, key=str)
+
+
+def _is_row_tensor(value: Any, batch: int) -> bool:
+    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch
+
+
+def _batch_size(features: Mapping[str, Any], column: int) -> int:
+    if "cu_seq_lens_q" in features:
+        raise ValueError(
+            f"column {column}: mini_batch_size does not support flattened (unpadded) inputs "
+            "('cu_seq_lens_q'); use padded batches or mini_batch_size=None"
+        )
+    for key in ("input_ids", "attention_mask"):
+        value = features.get(key)
+        if isinstance(value, Tensor) and value.dim() == 2:
+            return value.shape[0]
+    raise ValueError(
+        f"column {column}: mini_batch_size needs padded token features ('input_ids' or "
+        f"'attention_mask' of shape [batch, tokens]), got keys {sorted(features)}; use "
+        "mini_batch_size=None for this model"
+    )
+
+
+def _trim_padding(chunk: dict[str, Any]) -> dict[str, Any]:
+    """Drop the trailing token columns that are padding in every row of the chunk.
+
+    Only trailing (right) padding is dropped, so positions are unchanged; the model sees the same
+    tokens with the same mask, as sentence-transformers' cached losses do for their mini-batches.
+    """
+    mask = chunk.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] == 0:
+        return chunk
+    width = mask.shape[1]
+    active = mask.bool().any(dim=0).nonzero()
+    if active.numel() == 0:
+        return chunk
+    end = int(active.max()) + 1
+    if end == width:
+        return chunk
+    return {
+        k: v[:, :end] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == width else v
+        for k, v in chunk.items()
+    }
