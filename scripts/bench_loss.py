@@ -1,0 +1,275 @@
+"""Benchmark the contrastive loss: forward+backward time, peak extra memory and TFLOP/s.
+
+Compares, in one run and on the same inputs:
+  naive    the logits built in the input dtype, then fp32 cross-entropy (what a plain
+           MultipleNegativesRankingLoss does);
+  chunked  row chunks of 4096 queries, each chunk's logits built and backpropagated in turn
+           (what GradCache-style cached losses do);
+  torch    retriever's tiled PyTorch path (`impl="torch"`);
+  triton   retriever's fused Triton kernels (`impl="triton"`);
+  inf-cl   the public `inf-cl` package's `cal_flash_loss` (fp32 inputs; pip install inf-cl).
+
+Work is counted as 6 * Bq * Bd * D flops (design notes section 2).  Extra memory is the peak
+allocated during forward+backward minus the inputs and their gradients (CUDA only).
+
+    python scripts/bench_loss.py --device cuda --output bench.json --plot bench.png
+    python scripts/bench_loss.py --device cpu --quick          # the README's smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from retriever.loss import contrastive_loss
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCALE = 20.0
+CHUNK = 4096
+
+
+def naive_loss(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    logits = (q @ d.T) * SCALE
+    return F.cross_entropy(logits.float(), torch.arange(q.shape[0], device=q.device))
+
+
+def chunked_loss_backward(q: torch.Tensor, d: torch.Tensor) -> None:
+    # Each chunk's graph is freed by its own backward, so only CHUNK x Bd logits live at once.
+    labels = torch.arange(q.shape[0], device=q.device)
+    for start in range(0, q.shape[0], CHUNK):
+        logits = (q[start : start + CHUNK] @ d.T) * SCALE
+        loss = F.cross_entropy(logits.float(), labels[start : start + CHUNK], reduction="sum")
+        (loss / q.shape[0]).backward()
+
+
+def inf_cl_loss(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    from inf_cl import cal_flash_loss
+
+    return cal_flash_loss(q, d, scale=SCALE)
+
+
+def forward_backward(impl: str) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    if impl == "naive":
+        return lambda q, d: naive_loss(q, d).backward()
+    if impl == "chunked":
+        return chunked_loss_backward
+    if impl == "inf-cl":
+        return lambda q, d: inf_cl_loss(q, d).backward()
+    return lambda q, d: contrastive_loss(q, d, scale=SCALE, impl=impl).backward()
+
+
+def make_inputs(n_queries, n_candidates, dim, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(n_queries, dim, device=device, dtype=dtype, generator=g)
+    d = torch.randn(n_candidates, dim, device=device, dtype=dtype, generator=g)
+    # Unit rows, as real embeddings: logits stay in the range the scale is meant for.
+    q = F.normalize(q.float(), dim=-1).to(dtype).requires_grad_()
+    d = F.normalize(d.float(), dim=-1).to(dtype).requires_grad_()
+    return q, d
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(impl, n_queries, n_candidates, dim, dtype, device, repeat):
+    """Median seconds of `repeat` forward+backward runs and the peak extra memory."""
+    step = forward_backward(impl)
+    q, d = make_inputs(n_queries, n_candidates, dim, dtype, device)
+    input_bytes = q.numel() * q.element_size() + d.numel() * d.element_size()
+    times, extra = [], None
+    for _ in range(repeat):
+        q.grad = d.grad = None
+        _sync(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        step(q, d)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        if device == "cuda":
+            # Gradients of the inputs are outputs, not working memory.
+            extra = torch.cuda.max_memory_allocated() - base - input_bytes
+    return statistics.median(times), extra
+
+
+def run_case(impl, n_queries, n_negatives, dim, dtype_name, device, repeat, est_tflops, budget_s):
+    n_candidates = n_queries * (1 + n_negatives)
+    flops = 6 * n_queries * n_candidates * dim
+    record = dict(
+        impl=impl,
+        batch=n_queries,
+        candidates=n_candidates,
+        negatives=n_negatives,
+        dim=dim,
+        dtype=dtype_name,
+        flops=flops,
+    )
+    if impl == "inf-cl" and dtype_name != "fp32":
+        return None  # inf-cl takes fp32 inputs only
+    estimate = flops / (est_tflops * 1e12) if est_tflops else 0.0
+    if estimate > budget_s:
+        return dict(record, status=f"skipped (estimated {estimate:.0f} s > budget {budget_s} s)")
+    dtype = DTYPES[dtype_name]
+    try:
+        if estimate < 1.0:  # cheap: compile/warm up at full size, then time several runs
+            measure(impl, n_queries, n_candidates, dim, dtype, device, 1)
+        else:  # expensive: compile at a small size, time one run
+            measure(impl, 1024, 1024 * (1 + n_negatives), dim, dtype, device, 1)
+            repeat = 1
+        seconds, extra = measure(impl, n_queries, n_candidates, dim, dtype, device, repeat)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return dict(record, status="out of memory")
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return dict(
+        record,
+        status="ok",
+        seconds=seconds,
+        tflops=flops / seconds / 1e12,
+        extra_memory_gb=None if extra is None else extra / 1e9,
+    )
+
+
+def fmt_batch(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def markdown_table(records: list[dict]) -> str:
+    lines = [
+        "| impl | dtype | D | Bq | Bd | time (s) | TFLOP/s | extra memory (GB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if r["status"] == "ok":
+            mem = "-" if r["extra_memory_gb"] is None else f"{r['extra_memory_gb']:.2f}"
+            cells = f"{r['seconds']:.4g} | {r['tflops']:.3g} | {mem}"
+        else:
+            cells = f"{r['status']} | | "
+        lines.append(
+            f"| {r['impl']} | {r['dtype']} | {r['dim']} | {fmt_batch(r['batch'])} | "
+            f"{fmt_batch(r['candidates'])} | {cells} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r["status"] == "ok":
+            groups.setdefault((r["impl"], r["dtype"], r["dim"], r["negatives"]), []).append(r)
+    for (impl, dtype, dim, negatives), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["batch"])
+        label = f"{impl} {dtype} D={dim}" + (f" +{negatives}neg" if negatives else "")
+        xs = [r["batch"] for r in rs]
+        ax_t.plot(xs, [r["seconds"] for r in rs], marker="o", label=label)
+        if rs[0]["extra_memory_gb"] is not None:
+            ax_m.plot(xs, [max(r["extra_memory_gb"], 1e-3) for r in rs], marker="o", label=label)
+    for ax, ylabel in ((ax_t, "forward+backward time (s)"), (ax_m, "peak extra memory (GB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("queries per batch (Bq)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--impls", nargs="+", default=["naive", "chunked", "torch", "triton", "inf-cl"])
+    p.add_argument("--batches", nargs="+", type=int, default=[8192, 32768, 65536, 262144, 1 << 20])
+    p.add_argument("--dims", nargs="+", type=int, default=[768])
+    p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
+    p.add_argument("--negatives", nargs="+", type=int, default=[0, 7])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--budget", type=float, default=30.0, help="skip cases estimated above this")
+    p.add_argument("--output", type=Path, help="write all records as JSON")
+    p.add_argument("--markdown", type=Path, help="write the table as markdown")
+    p.add_argument("--plot", type=Path, help="write a log-log PNG of time and memory")
+    p.add_argument(
+        "--quick", action="store_true", help="small CPU-sized run: B in {1024, 2048}, D=128, fp32"
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.dims, args.dtypes, args.negatives = [1024, 2048], [128], ["fp32"], [0]
+        args.impls = [i for i in args.impls if i not in ("inf-cl",)]
+        if args.device == "cpu":
+            args.impls = [i for i in args.impls if i != "triton"]
+    if args.device == "cpu":
+        args.impls = [i for i in args.impls if i != "inf-cl"]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"device: {device_name}; torch {torch.__version__}", flush=True)
+    records = []
+    for dtype_name in args.dtypes:
+        for dim in args.dims:
+            for negatives in args.negatives:
+                for impl in args.impls:
+                    tflops = None  # the previous size's rate predicts the next size's time
+                    for batch in sorted(args.batches):
+                        r = run_case(
+                            impl,
+                            batch,
+                            negatives,
+                            dim,
+                            dtype_name,
+                            args.device,
+                            args.repeat,
+                            tflops,
+                            args.budget,
+                        )
+                        if r is None:
+                            continue
+                        r["device"] = device_name
+                        records.append(r)
+                        if r["status"] == "ok":
+                            tflops = r["tflops"]
+                            mem = r["extra_memory_gb"]
+                            print(
+                                f"{impl:8s} {dtype_name} D={dim} Bq={batch} Bd={r['candidates']}:"
+                                f" {r['seconds']:.4g} s, {r['tflops']:.3g} TFLOP/s, extra memory "
+                                f"{'n/a' if mem is None else f'{mem:.3f} GB'}",
+                                flush=True,
+                            )
+                        else:
+                            print(f"{impl:8s} {dtype_name} D={dim} Bq={batch}: {r['status']}")
+    table = markdown_table(records)
+    print(f"\n{device_name}\n{table}")
+    if args.output:
+        args.output.write_text(json.dumps(dict(device=device_name, records=records), indent=1))
+    if args.markdown:
+        args.markdown.write_text(f"Device: {device_name}\n\n{table}\n")
+    if args.plot and records:
+        plot(records, args.plot, f"contrastive loss forward+backward on {device_name}")
+    if not math.isfinite(sum(r.get("seconds", 0.0) for r in records)):
+        raise SystemExit("a benchmark produced a non-finite time")
+
+
+if __name__ == "__main__":
+    main()
