@@ -10,16 +10,6 @@ import torch
 from torch import Tensor
 
 
-def matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with an fp32 result; 16-bit operands keep the fast matrix path where torch can."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without `out_dtype` for this dtype or device
-            pass
-    return a.float() @ b.float()
-
-
 def naive_row_losses(
     queries: Tensor,
     candidates: Tensor,
@@ -29,7 +19,9 @@ def naive_row_losses(
     col_ids: Tensor | None,
 ) -> Tensor:
     """Per-query InfoNCE losses [Bq] (fp32) from the full logits; differentiable by autograd."""
-    logits = matmul_fp32(queries, candidates.T) * scale
+    # fp32 operands: the reference keeps full precision (mm's fp32-output variant for 16-bit
+    # operands has no autograd formula).
+    logits = (queries.float() @ candidates.float().T) * scale
     if row_pos_ids is not None and col_ids is not None:
         duplicate = col_ids[None, :] == row_pos_ids[:, None]
         duplicate[torch.arange(len(labels), device=labels.device), labels] = False
