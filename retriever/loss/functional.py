@@ -171,8 +171,13 @@ def contrastive_loss(
             is built.
         symmetric: also add the positive-to-query direction (each positive's logsumexp over all
             queries) and return the average of both directions.
-        group: a torch.distributed process group for the global-batch ring loss (not yet
-            available); None computes the loss on this process's batch only.
+        group: a torch.distributed process group (e.g. ``torch.distributed.group.WORLD``):
+            the loss over the global batch, every rank's queries against every rank's
+            candidates, with candidate blocks passed around a ring (`retriever.loss.ring`).
+            All arguments stay local; rank r's candidate j has the global index
+            sum(Bd of ranks < r) + j.  The value is this rank's mean; its gradients are W times
+            those of the global loss w.r.t. this rank's rows, so DDP's average is the
+            single-process gradient (docs/ring.md).  None: this process's batch only.
         impl: "naive" (full logits), "torch" (tiled PyTorch), "triton" (fused kernels; CUDA,
             or CPU under TRITON_INTERPRET=1) or "auto" (naive for small batches, then triton on
             CUDA and torch elsewhere).
@@ -181,9 +186,22 @@ def contrastive_loss(
         The mean loss over queries, a 0-dim float32 tensor. Gradients reach the inputs in their
         own dtype; logits, logsumexp and accumulation are float32 throughout.
     """
-    _check_inputs(queries, candidates, labels, candidate_ids)
     if group is not None:
-        raise NotImplementedError("the ring loss across processes (group=...) is not available yet")
+        # Imported here: the single-process path never needs torch.distributed.  The ring checks
+        # the inputs itself, after the ranks have exchanged sizes, so all ranks raise together.
+        from retriever.loss.ring import ring_loss
+
+        return ring_loss(
+            queries,
+            candidates,
+            scale=scale,
+            labels=labels,
+            candidate_ids=candidate_ids,
+            symmetric=symmetric,
+            group=group,
+            impl=impl,
+        )
+    _check_inputs(queries, candidates, labels, candidate_ids)
     if not isinstance(symmetric, bool):
         raise ValueError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     n_queries = queries.shape[0]

@@ -1,0 +1,490 @@
+"""The ring loss: InfoNCE over the global batch of a torch.distributed group.
+
+Each of W ranks holds its own queries and candidates.  Queries stay put; candidate blocks (and
+their ids) travel around the ring, rank r -> r + 1, with point-to-point ops.  At step t rank r
+computes its queries against the block that started on rank r - t, with the same block backend
+as one device (`torch_tiles` or `triton_tiles`: two-level tiling), while the next block is
+already in flight.  Row logsumexps merge with logaddexp, so after W steps every query has seen
+every candidate and no rank ever holds more than two foreign blocks.
+
+Backward runs the ring again.  dq accumulates locally; each block's fp32 candidate gradient
+follows one step behind the block (sent while the next block is computed) and after W steps
+reaches its owner.  Per step a rank sends one block of Bd_r x D in forward, and a block plus
+its fp32 gradient in backward.
+
+Gradient convention (the one that makes DDP exact): the value returned on a rank is the mean
+loss over its own queries, but the gradients it produces are W times those of the global-batch
+loss (the mean over all ranks' queries) with respect to this rank's rows.  DDP averages
+parameter gradients over ranks, so the average is exactly the gradient of the loss on the
+concatenated batch, even when ranks hold different numbers of queries.  A learnable scale
+receives the gradient of the global loss itself on every rank (it is replicated; DDP's average
+leaves it unchanged).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from retriever.loss import torch_tiles
+from retriever.loss.functional import (
+    FLOAT_DTYPES,
+    IMPLS,
+    _check_inputs,
+    _scale_tensor,
+    _triton_backend,
+    _triton_usable,
+)
+
+# What every rank tells the others before any block moves (one int64 per field).
+_FIELDS = (
+    "ok",
+    "n_queries",
+    "n_candidates",
+    "dim",
+    "dtype",
+    "has_ids",
+    "symmetric",
+    "needs_grad",
+    "scale_grad",
+    "scale_bits",
+)
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(FLOAT_DTYPES)}
+_MESSAGE_BYTES = 1024
+
+
+def _comm_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
+    """Where tensors must live to go through `group`: gloo moves CUDA tensors only for a few
+    collectives, so with gloo everything is staged through host memory."""
+    config = dist.get_backend_config(group)  # e.g. "cpu:gloo,cuda:nccl" or "gloo"
+    if ":" in config:
+        backend = dict(item.split(":", 1) for item in config.split(",")).get(device.type, "")
+    else:
+        backend = config
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(
+            f"the process group's backend for {device.type} tensors is NCCL, which needs CUDA "
+            "tensors: move the embeddings to the GPU or use a gloo group"
+        )
+    return torch.device("cpu") if backend == "gloo" else device
+
+
+class _Transfer:
+    """Sends and receives in flight; `wait` returns the received tensors on the compute device."""
+
+    def __init__(self, works: list, sends: list[Tensor], recvs: list[Tensor], device) -> None:
+        self._works, self._sends, self._recvs, self._device = works, sends, recvs, device
+
+    def wait(self) -> list[Tensor]:
+        for work in self._works:
+            work.wait()
+        self._sends = []  # the sent buffers may be freed only now
+        return [t.to(self._device) for t in self._recvs]
+
+
+class _Ring:
+    """The ranks of `group` arranged in a ring: send to rank + 1, receive from rank - 1."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.device = device
+        self.comm_device = _comm_device(group, device)
+        self._next = dist.get_global_rank(group, (self.rank + 1) % self.world)
+        self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
+
+    def shift(self, tensors: list[Tensor], incoming: list[tuple[tuple, torch.dtype]]) -> _Transfer:
+        """Start sending `tensors` to the next rank and receiving tensors of the given shapes and
+        dtypes from the previous one.  Every rank posts the same pattern, so nothing waits on a
+        send that no one receives."""
+        sends = [t.contiguous().to(self.comm_device) for t in tensors]
+        recvs = [
+            torch.empty(shape, dtype=dtype, device=self.comm_device) for shape, dtype in incoming
+        ]
+        # Several tensors go the same way: tags keep gloo from matching them out of order.
+        ops = [
+            dist.P2POp(dist.isend, t, self._next, self.group, tag) for tag, t in enumerate(sends)
+        ]
+        ops += [
+            dist.P2POp(dist.irecv, t, self._prev, self.group, tag) for tag, t in enumerate(recvs)
+        ]
+        return _Transfer(dist.batch_isend_irecv(ops), sends, recvs, self.device)
+
+    def all_gather(self, t: Tensor) -> Tensor:
+        """[W, *t.shape]: every rank's `t`, on the compute device."""
+        t = t.to(self.comm_device)
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t, group=self.group)
+        return torch.stack(parts).to(self.device)
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        t = t.to(self.comm_device)
+        dist.all_reduce(t, group=self.group)
+        return t.to(self.device)
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd Function needs besides the embeddings and the scale."""
+
+    ring: _Ring
+    backend: ModuleType
+    labels: Tensor  # [Bq] local index of each query's positive in this rank's candidates
+    ids: Tensor | None  # [Bd] local candidate ids
+    query_sizes: list[int]  # Bq of every rank
+    candidate_sizes: list[int]  # Bd of every rank
+    symmetric: bool
+    scale_grad: bool  # some rank learns the scale: every rank joins its all_reduce
+
+
+@dataclass
+class _Direction:
+    """One ring pass: `rows` stay, `block` (with `block_ids`) travels.  `labels` are global
+    column indices; the block that started on rank r covers global columns
+    offsets[r] .. offsets[r] + sizes[r]."""
+
+    rows: Tensor
+    labels: Tensor
+    row_pos_ids: Tensor | None
+    block: Tensor
+    block_ids: Tensor | None
+    sizes: list[int]
+    offsets: list[int]
+
+    def block_spec(self, src: int) -> list[tuple[tuple, torch.dtype]]:
+        """Shapes and dtypes of the block (and ids) that started on rank `src`."""
+        spec = [((self.sizes[src], self.block.shape[1]), self.block.dtype)]
+        if self.block_ids is not None:
+            spec.append(((self.sizes[src],), torch.int64))
+        return spec
+
+    def payload(self, block: Tensor, ids: Tensor | None) -> list[Tensor]:
+        return [block] if ids is None else [block, ids]
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for n in sizes:
+        out.append(total)
+        total += n
+    return out
+
+
+def _directions(queries: Tensor, candidates: Tensor, plan: _Plan) -> list[_Direction]:
+    """The query-to-candidate pass and, when symmetric, the positive-to-query pass: the same
+    ring with roles swapped (local positives are the rows, queries travel, a row's target is
+    its own query, and a query whose positive shares the row's positive id is masked)."""
+    rank = plan.ring.rank
+    pos_ids = None if plan.ids is None else plan.ids[plan.labels]
+    c_offsets = _offsets(plan.candidate_sizes)
+    forward = _Direction(
+        queries,
+        plan.labels + c_offsets[rank],
+        pos_ids,
+        candidates,
+        plan.ids,
+        plan.candidate_sizes,
+        c_offsets,
+    )
+    if not plan.symmetric:
+        return [forward]
+    q_offsets = _offsets(plan.query_sizes)
+    own = torch.arange(queries.shape[0], device=queries.device) + q_offsets[rank]
+    reverse = _Direction(
+        candidates[plan.labels], own, pos_ids, queries, pos_ids, plan.query_sizes, q_offsets
+    )
+    return [forward, reverse]
+
+
+def _ring_forward(plan: _Plan, d: _Direction, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Row lse over every rank's block and the positive logit; both fp32 [rows]."""
+    ring = plan.ring
+    lse = torch.full((d.rows.shape[0],), float("-inf"), device=d.rows.device)
+    pos = torch.zeros(d.rows.shape[0], device=d.rows.device)
+    block, ids = d.block, d.block_ids
+    for step in range(ring.world):
+        src = (ring.rank - step) % ring.world
+        transfer = None
+        if step < ring.world - 1:  # post the next block before computing on this one
+            transfer = ring.shift(d.payload(block, ids), d.block_spec((src - 1) % ring.world))
+        blk_lse, blk_pos = plan.backend.forward_block(
+            d.rows, block, scale, d.labels - d.offsets[src], d.row_pos_ids, ids
+        )
+        lse = torch.logaddexp(lse, blk_lse)
+        pos += blk_pos
+        if transfer is not None:
+            block, *rest = transfer.wait()
+            ids = rest[0] if rest else None
+    return lse, pos
+
+
+def _ring_backward(
+    plan: _Plan, d: _Direction, scale: Tensor, lse: Tensor, weight: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum_i weight_i * loss_i: for the rows (fp32), for this rank's own block
+    (fp32, summed over every rank's rows) and for the scale (this rank's rows only)."""
+    ring = plan.ring
+    dim = d.rows.shape[1]
+    d_rows = torch.zeros(d.rows.shape, dtype=torch.float32, device=d.rows.device)
+    dscale = torch.zeros((), dtype=torch.float32, device=d.rows.device)
+    block, ids = d.block, d.block_ids
+    carried = None  # the finished gradient of the block computed in the previous step
+    for step in range(ring.world):
+        src = (ring.rank - step) % ring.world
+        sends, spec = [], []
+        if step < ring.world - 1:  # prefetch the next block
+            sends += d.payload(block, ids)
+            spec += d.block_spec((src - 1) % ring.world)
+        if step > 0:
+            # The previous block's gradient goes on to the rank that computes on it now; this
+            # block's gradient so far (from the ranks before us) comes in meanwhile.
+            sends.append(carried)
+            spec.append(((d.sizes[src], dim), torch.float32))
+        transfer = ring.shift(sends, spec) if sends else None
+        partial = torch.zeros((d.sizes[src], dim), dtype=torch.float32, device=d.rows.device)
+        dscale += plan.backend.backward_block(
+            d.rows,
+            block,
+            scale,
+            lse,
+            weight,
+            d.labels - d.offsets[src],
+            d.row_pos_ids,
+            ids,
+            d_rows,
+            partial,
+        )
+        if transfer is not None:
+            received = transfer.wait()
+            if step > 0:
+                partial += received.pop()
+            if step < ring.world - 1:
+                block, *rest = received
+                ids = rest[0] if rest else None
+        carried = partial
+    if ring.world == 1:
+        return d_rows, carried, dscale
+    # The last block's gradient is complete; one more hop takes it home, and ours comes back.
+    (own,) = ring.shift([carried], [((d.sizes[ring.rank], dim), torch.float32)]).wait()
+    return d_rows, own, dscale
+
+
+class RingLoss(torch.autograd.Function):
+    """The local mean loss over the global batch; backward follows the DDP convention."""
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, candidates: Tensor, scale: Tensor, plan: _Plan) -> Tensor:
+        queries, candidates = queries.contiguous(), candidates.contiguous()
+        scale_value = scale.detach().float()
+        lses, loss = [], torch.zeros((), device=queries.device)
+        for d in _directions(queries, candidates, plan):
+            lse, pos = _ring_forward(plan, d, scale_value)
+            lses.append(lse)
+            loss = loss + (lse - pos).mean()
+        ctx.save_for_backward(queries, candidates, scale_value, *lses)
+        ctx.plan = plan
+        return loss / len(lses)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        queries, candidates, scale, *lses = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        directions = _directions(queries, candidates, plan)
+        # Every row of the global batch weighs 1 / N in the global loss (halved per direction
+        # when symmetric); W times that is the DDP convention.  Not the autograd of the local
+        # mean, whose weight 1 / Bq_local would differ from rank to rank.
+        n_total = sum(plan.query_sizes)
+        factor = plan.ring.world / (n_total * len(directions))
+        weight = (grad.detach().float() * factor).expand(queries.shape[0]).contiguous()
+        dq = torch.zeros(queries.shape, dtype=torch.float32, device=queries.device)
+        dc = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
+        dscale = torch.zeros((), dtype=torch.float32, device=queries.device)
+        for i, (d, lse) in enumerate(zip(directions, lses)):
+            d_rows, d_block, ds = _ring_backward(plan, d, scale, lse, weight)
+            dscale += ds
+            if i == 0:
+                dq += d_rows
+                dc += d_block
+            else:  # rows were candidates[labels]; the travelling block was the queries
+                dc.index_add_(0, plan.labels, d_rows)
+                dq += d_block
+        if plan.scale_grad:
+            # Each rank's part carries the factor W; the sum over ranks / W is dL_global/ds.
+            dscale = plan.ring.all_reduce_sum(dscale) / plan.ring.world
+        return (
+            dq.to(queries.dtype),
+            dc.to(candidates.dtype),
+            dscale if ctx.needs_input_grad[2] else None,
+            None,
+        )
+
+
+def _ring_backend(impl: str, device: torch.device) -> ModuleType:
+    """The block backend `impl` stands for in the ring.  Each block needs a forward and a
+    backward with the global lse, which the autograd of full logits cannot give, so "naive"
+    runs the torch tiles (one GEMM per small block anyway); "auto" is triton on CUDA when
+    available, else torch."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and not _triton_usable(device):
+        raise ValueError(
+            "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on CPU)"
+        )
+    if impl == "triton" or (impl == "auto" and device.type == "cuda" and _triton_usable(device)):
+        return _triton_backend()
+    return torch_tiles
+
+
+def _float_bits(value: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def _local_meta(queries, candidates, scale_t, candidate_ids, symmetric) -> list[int]:
+    wants_grad = any(
+        isinstance(t, Tensor) and t.requires_grad for t in (queries, candidates, scale_t)
+    )
+    return [
+        1,
+        queries.shape[0],
+        candidates.shape[0],
+        queries.shape[1],
+        _DTYPE_CODES[queries.dtype],
+        int(candidate_ids is not None),
+        int(symmetric),
+        int(torch.is_grad_enabled() and wants_grad),
+        int(torch.is_grad_enabled() and scale_t.requires_grad),
+        _float_bits(float(scale_t.detach())),
+    ]
+
+
+def _by_value(column: list[int], show=str) -> str:
+    groups: dict[int, list[int]] = {}
+    for rank, value in enumerate(column):
+        groups.setdefault(value, []).append(rank)
+    return "; ".join(f"{show(v)} on ranks {ranks}" for v, ranks in groups.items())
+
+
+def _mismatch(table: list[dict[str, int]]) -> str | None:
+    """What the ranks disagree on, described the same way on every rank (None if nothing)."""
+    dtypes = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
+    checks = (
+        ("dim", "the embedding size D differs across ranks", str),
+        ("dtype", "the embedding dtype differs across ranks", dtypes.get),
+        (
+            "has_ids",
+            "candidate_ids must be given on every rank or on none",
+            ("absent", "given").__getitem__,
+        ),
+        ("symmetric", "symmetric must be the same on every rank", lambda v: str(bool(v))),
+        (
+            "needs_grad",
+            "every rank must compute gradients (and call backward) or none",
+            ("no gradients", "gradients").__getitem__,
+        ),
+        (
+            "scale_bits",
+            "scale must be the same on every rank",
+            lambda v: repr(struct.unpack("<f", struct.pack("<i", v))[0]),
+        ),
+    )
+    for field, what, show in checks:
+        column = [row[field] for row in table]
+        if len(set(column)) > 1:
+            return f"{what}: {_by_value(column, show)}"
+    return None
+
+
+def _agree(ring: _Ring, meta: list[int], error: str | None) -> list[dict[str, int]]:
+    """Exchange every rank's sizes and settings; raise the same ValueError on every rank when
+    any rank's inputs are invalid or the ranks disagree, so that no rank is left waiting."""
+    table_t = ring.all_gather(torch.tensor(meta, dtype=torch.int64, device=ring.device))
+    table = [dict(zip(_FIELDS, row)) for row in table_t.tolist()]
+    failed = [rank for rank, row in enumerate(table) if not row["ok"]]
+    if failed:
+        # Every rank knows someone failed, so every rank joins this second exchange.
+        text = (error or "").encode()[:_MESSAGE_BYTES]
+        buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
+        buf[: len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+        messages = ring.all_gather(buf.to(ring.device)).cpu()
+        texts = [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in messages]
+        details = "; ".join(f"rank {r}: {texts[r]}" for r in failed)
+        raise ValueError(f"contrastive_loss(group=...): invalid inputs on {details}")
+    mismatch = _mismatch(table)
+    if mismatch is not None:
+        raise ValueError(f"contrastive_loss(group=...): {mismatch}")
+    return table
+
+
+def ring_loss(
+    queries: Tensor,
+    candidates: Tensor,
+    *,
+    scale: float | Tensor,
+    labels: Tensor | None,
+    candidate_ids: Tensor | None,
+    symmetric: bool,
+    group: dist.ProcessGroup,
+    impl: str,
+) -> Tensor:
+    r"""InfoNCE over the global batch of `group`: every rank's queries against every rank's
+    candidates, without any rank holding all candidates.  Called by
+    ``contrastive_loss(..., group=group)``; arguments as there, all local to this rank.
+
+    Every rank of `group` must call it (and, when gradients are needed, call backward) with the
+    same D, dtype, scale, `symmetric` and presence of `candidate_ids`; Bq and Bd may differ.
+    Rank r's candidate j has the global index (Bd_0 + ... + Bd_{r-1}) + j.  A rank whose inputs
+    are invalid, or ranks that disagree, make every rank raise the same ValueError.
+
+    Returns:
+        The mean loss over this rank's queries (0-dim fp32).  Its gradients follow the DDP
+        convention: every rank's embedding gradients are W times the gradient of the global
+        loss (the mean over all N queries of all ranks, averaged over both directions when
+        symmetric) with respect to its own rows, so DDP's average of parameter gradients
+        equals the single-process gradient on the concatenated batch.  A scale tensor that
+        requires grad gets dL_global/ds on every rank.  The global loss is
+        sum_r Bq_r * value_r / N (the plain mean of the values when all Bq are equal).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "group=... needs torch.distributed to be initialised (init_process_group first)"
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(
+            f"group must be a torch.distributed ProcessGroup (e.g. torch.distributed.group.WORLD)"
+            f", got {type(group).__name__}"
+        )
+    device = next(
+        (t.device for t in (queries, candidates) if isinstance(t, Tensor)), torch.device("cpu")
+    )
+    ring = _Ring(group, device)
+    meta, error = [0] * len(_FIELDS), None
+    try:
+        _check_inputs(queries, candidates, labels, candidate_ids)
+        if not isinstance(symmetric, bool):
+            raise ValueError(f"symmetric must be a bool, got {type(symmetric).__name__}")
+        backend = _ring_backend(impl, device)
+        scale_t = _scale_tensor(scale, device)
+        meta = _local_meta(queries, candidates, scale_t, candidate_ids, symmetric)
+    except (ValueError, RuntimeError) as exc:
+        error = str(exc)
+    table = _agree(ring, meta, error)
+
+    if labels is None:
+        labels = torch.arange(queries.shape[0], device=device)
+    plan = _Plan(
+        ring=ring,
+        backend=backend,
+        labels=labels.long(),
+        ids=None if candidate_ids is None else candidate_ids.long(),
+        query_sizes=[row["n_queries"] for row in table],
+        candidate_sizes=[row["n_candidates"] for row in table],
+        symmetric=symmetric,
+        scale_grad=any(row["scale_grad"] for row in table),
+    )
+    return RingLoss.apply(queries, candidates, scale_t, plan)

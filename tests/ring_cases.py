@@ -1,0 +1,196 @@
+"""Test support for the ring loss: random global batches split unevenly over ranks, an
+independent float64 reference on the concatenated batch, and a launcher for gloo process groups.
+
+Shared by tests/test_ring.py (CPU) and scripts/check_ring_gpu.py (two processes on one GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from retriever.loss import contrastive_loss
+
+
+@dataclass(frozen=True)
+class Case:
+    seed: int
+    world: int
+    dim: int = 8
+    symmetric: bool = False
+    ids: bool = False
+    learnable_scale: bool = False
+    labels: str = "perm"  # "perm": distinct positives; "repeat": shared ones; "none": default
+    max_queries: int = 5
+    scale: float = 5.0
+
+
+@dataclass
+class Batch:
+    """The global batch: rank r owns query rows q_slices[r] and candidate rows c_slices[r]."""
+
+    q: Tensor  # [N, D] fp32
+    c: Tensor  # [M, D] fp32
+    local_labels: list[Tensor | None]
+    ids: Tensor | None  # [M] int64
+    q_slices: list[slice]
+    c_slices: list[slice]
+
+    def global_labels(self) -> Tensor:
+        parts = []
+        for r, lab in enumerate(self.local_labels):
+            n = self.q_slices[r].stop - self.q_slices[r].start
+            local = torch.arange(n) if lab is None else lab
+            parts.append(local + self.c_slices[r].start)
+        return torch.cat(parts)
+
+
+def _slices(sizes: list[int]) -> list[slice]:
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def make_batch(case: Case) -> Batch:
+    """Uneven Bq and Bd per rank (hard negatives: Bd usually > Bq), permuted or shared positives,
+    and candidate ids drawn from a small range so duplicates occur within and across ranks."""
+    g = torch.Generator().manual_seed(case.seed)
+    n_q = torch.randint(1, case.max_queries + 1, (case.world,), generator=g).tolist()
+    n_c, labels = [], []
+    for bq in n_q:
+        if case.labels == "repeat":  # Bd may be smaller than Bq: positives shared by queries
+            bd = int(torch.randint(1, 2 * bq + 2, (), generator=g))
+            labels.append(torch.randint(0, bd, (bq,), generator=g))
+        else:
+            bd = bq + int(torch.randint(0, 2 * bq + 1, (), generator=g))
+            perm = torch.randperm(bd, generator=g)[:bq]
+            labels.append(None if case.labels == "none" else perm)
+        n_c.append(bd)
+    q = torch.nn.functional.normalize(torch.randn(sum(n_q), case.dim, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(sum(n_c), case.dim, generator=g), dim=1)
+    ids = None
+    if case.ids:
+        ids = torch.randint(0, max(2, sum(n_c) // 2), (sum(n_c),), generator=g)
+    return Batch(q, c, labels, ids, _slices(n_q), _slices(n_c))
+
+
+def reference_row_losses(
+    q: Tensor, c: Tensor, scale: Tensor, labels: Tensor, ids: Tensor | None, symmetric: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Naive InfoNCE on the whole batch (float64 in, float64 out), as the design notes define
+    it: per-query losses, and with `symmetric` each positive's loss over all queries."""
+    rows = torch.arange(q.shape[0])
+    logits = scale * q @ c.T
+    pos_ids = None if ids is None else ids[labels]
+    if ids is not None:
+        dup = ids[None, :] == pos_ids[:, None]
+        dup[rows, labels] = False
+        logits = logits.masked_fill(dup, -math.inf)
+    forward = torch.logsumexp(logits, 1) - logits[rows, labels]
+    if not symmetric:
+        return forward, None
+    # [i, k] = s <positive_i, q_k>: the positive's column of S, read as a row.
+    cols = scale * c[labels] @ q.T
+    if ids is not None:
+        dup = pos_ids[None, :] == pos_ids[:, None]
+        dup[rows, rows] = False
+        cols = cols.masked_fill(dup, -math.inf)
+    return forward, torch.logsumexp(cols, 1) - cols[rows, rows]
+
+
+def reference_global_loss(q, c, scale, labels, ids, symmetric) -> tuple[Tensor, Tensor]:
+    """(global loss, per-row loss averaged over directions), both float64."""
+    forward, reverse = reference_row_losses(q, c, scale, labels, ids, symmetric)
+    per_row = forward if reverse is None else (forward + reverse) / 2
+    return per_row.mean(), per_row
+
+
+def expected_for_rank(case: Case, batch: Batch, rank: int) -> dict[str, Tensor]:
+    """What the ring must give on `rank`: its local mean, W x the global loss's gradients for
+    its own rows, and the global loss's gradient for the scale."""
+    q = batch.q.double().requires_grad_()
+    c = batch.c.double().requires_grad_()
+    scale = torch.tensor(case.scale, dtype=torch.float64, requires_grad=True)
+    loss, per_row = reference_global_loss(
+        q, c, scale, batch.global_labels(), batch.ids, case.symmetric
+    )
+    dq, dc, ds = torch.autograd.grad(loss, (q, c, scale))
+    return {
+        "loss": per_row[batch.q_slices[rank]].mean().detach(),
+        "dq": case.world * dq[batch.q_slices[rank]],
+        "dc": case.world * dc[batch.c_slices[rank]],
+        "dscale": ds,
+    }
+
+
+def rel_error(actual: Tensor, expected: Tensor) -> float:
+    """max |actual - expected| / max |expected| (float64)."""
+    expected = expected.detach().double().cpu()
+    diff = (actual.detach().double().cpu() - expected).abs().max()
+    return float(diff / expected.abs().max().clamp_min(1e-30))
+
+
+def run_case(
+    case: Case,
+    group: dist.ProcessGroup,
+    *,
+    device: str = "cpu",
+    impl: str = "torch",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, float]:
+    """Run the ring on this rank's share of `case` and return its relative errors."""
+    rank = dist.get_rank(group)
+    batch = make_batch(case)
+    q = batch.q[batch.q_slices[rank]].to(device, dtype).requires_grad_()
+    c = batch.c[batch.c_slices[rank]].to(device, dtype).requires_grad_()
+    labels = batch.local_labels[rank]
+    ids = None if batch.ids is None else batch.ids[batch.c_slices[rank]].to(device)
+    scale: float | Tensor = case.scale
+    if case.learnable_scale:
+        scale = torch.tensor(case.scale, device=device, requires_grad=True)
+    loss = contrastive_loss(
+        q,
+        c,
+        scale=scale,
+        labels=None if labels is None else labels.to(device),
+        candidate_ids=ids,
+        symmetric=case.symmetric,
+        group=group,
+        impl=impl,
+    )
+    loss.backward()
+    want = expected_for_rank(case, batch, rank)
+    errors = {
+        "loss": rel_error(loss, want["loss"]),
+        "dq": rel_error(q.grad, want["dq"]),
+        "dc": rel_error(c.grad, want["dc"]),
+    }
+    if case.learnable_scale:
+        errors["dscale"] = rel_error(scale.grad, want["dscale"])
+    return errors
+
+
+def launch(fn, world: int, init_file: str, *args) -> None:
+    """Run fn(rank, world, *args) in `world` spawned processes joined in a gloo group."""
+    torch.multiprocessing.spawn(
+        _bootstrap, args=(fn, world, init_file, args), nprocs=world, join=True
+    )
+
+
+def _bootstrap(rank: int, fn, world: int, init_file: str, args: tuple) -> None:
+    torch.set_num_threads(1)  # the machine's cores are shared by every rank
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),  # a hang becomes an error, not a stuck test run
+    )
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
