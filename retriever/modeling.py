@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -414,7 +415,9 @@ def _write_json(path: Path, obj: Any) -> None:
 def _st_supports_side_lengths() -> bool:
     """Whether the installed sentence-transformers reads query_length / document_length."""
     try:
-        from sentence_transformers.models import Transformer
+        with warnings.catch_warnings():  # 6.x warns that this import path is deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from sentence_transformers.models import Transformer
     except ImportError:
         return False
     return "query_length" in getattr(Transformer, "config_keys", ())

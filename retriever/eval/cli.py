@@ -1,0 +1,177 @@
+"""``retriever eval``: evaluate a model on one or more retrieval tasks.
+
+    retriever eval --model PATH --data ../shared/data/scifact --split test --output results.json
+
+Prints a table and writes JSON: the model, split, device and command, and one result per task
+(every metric, counts, timings; see :mod:`retriever.eval.evaluator`). An existing output file
+is never replaced without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retriever import __version__
+from retriever.eval.metrics import DEFAULT_K_VALUES
+from retriever.eval.search import INDEX_KINDS, IndexConfig
+
+_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Columns of the printed table: (result key, header).
+_COLUMNS = [
+    ("ndcg_at_10", "nDCG@10"),
+    ("mrr_at_10", "MRR@10"),
+    ("map_at_10", "MAP@10"),
+    ("recall_at_10", "R@10"),
+    ("recall_at_100", "R@100"),
+    ("precision_at_1", "P@1"),
+]
+
+
+def _k_values(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,10,100, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"k values must be positive, got {text!r}")
+    return ks
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, help="sentence-transformers or HF model dir/id")
+    model.add_argument("--pooling", choices=["cls", "mean", "last"], help="default: from the model")
+    model.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
+    model.add_argument("--query-prefix", help="default: the model's 'query' prompt, else none")
+    model.add_argument("--document-prefix", help="default: the model's 'document' prompt")
+    model.add_argument("--query-max-length", type=int, help="default: from the model, else 128")
+    model.add_argument("--document-max-length", type=int, help="default: from the model, else 256")
+
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data", required=True, nargs="+", metavar="DIR_OR_HUB_ID", help="BEIR dirs or Hub ids"
+    )
+    data.add_argument("--split", default="test", help="qrels split (default: test)")
+    data.add_argument(
+        "--ignore-identical-ids",
+        action="store_true",
+        help="drop each query's own id from its results (ArguAna, Quora, ...)",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output", type=Path, help="write the results as JSON here")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    run.add_argument("--dtype", choices=list(_DTYPES), default="auto", help="autocast on GPU")
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--cache-dir", type=Path, help="cache corpus embeddings here")
+    run.add_argument("--k-values", type=_k_values, default=list(DEFAULT_K_VALUES))
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    index = parser.add_argument_group("index")
+    index.add_argument("--index", choices=INDEX_KINDS, default="flat", help="default: exact")
+    index.add_argument("--hnsw-m", type=int, default=32)
+    index.add_argument("--ef-search", type=int, default=256)
+    index.add_argument("--nlist", type=int, help="IVF cells (default 4*sqrt(N))")
+    index.add_argument("--nprobe", type=int, default=32)
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """A plain-text table of the main metrics, one row per task."""
+    header = ["task", "split", *(h for _, h in _COLUMNS), "queries", "docs", "time"]
+    rows = [
+        [
+            r["task"],
+            r["split"],
+            *(f"{r[k]:.4f}" if k in r else "-" for k, _ in _COLUMNS),
+            str(r["num_queries"]),
+            str(r["num_documents"]),
+            f"{r['timings']['total_s']:.1f}s",
+        ]
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.output is not None and args.output.exists() and not args.overwrite:
+        print(f"error: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    from retriever.eval.data import load_task
+    from retriever.eval.evaluator import evaluate_task
+    from retriever.modeling import Encoder
+
+    # Load every task first: a bad path fails in seconds, not after the first task's encoding.
+    try:
+        tasks = [load_task(spec, args.split) for spec in args.data]
+        encoder = Encoder.from_pretrained(
+            args.model,
+            pooling=args.pooling,
+            normalize=False if args.no_normalize else None,
+            query_prefix=args.query_prefix,
+            document_prefix=args.document_prefix,
+            query_max_length=args.query_max_length,
+            document_max_length=args.document_max_length,
+        )
+    except (FileNotFoundError, ValueError, NotImplementedError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder.to(device)
+    index = IndexConfig(
+        kind=args.index,
+        hnsw_m=args.hnsw_m,
+        ef_search=args.ef_search,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+    )
+    results = []
+    for task in tasks:
+        result = evaluate_task(
+            encoder,
+            task,
+            k_values=args.k_values,
+            index=index,
+            batch_size=args.batch_size,
+            cache_dir=args.cache_dir,
+            dtype=_DTYPES[args.dtype],
+            ignore_identical_ids=args.ignore_identical_ids,
+            show_progress=not args.no_progress,
+            model_name=args.model,
+        )
+        results.append(result)
+    print(format_table(results))
+    if args.output is not None:
+        report = {
+            "model": args.model,
+            "split": args.split,
+            "device": device,
+            "dtype": args.dtype,
+            "retriever_version": __version__,
+            "arguments": {
+                k: v if isinstance(v, (int, float, list, type(None))) else str(v)
+                for k, v in vars(args).items()
+                if not k.startswith("_")
+            },
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "results": results,
+        }
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0

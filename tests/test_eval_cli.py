@@ -1,0 +1,117 @@
+"""`retriever eval` end to end on generated BEIR tasks with a tiny random model.
+
+The reference is independent of our encode, search and metrics code: sentence-transformers
+embeddings, a numpy score matrix and pytrec_eval.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+from test_eval_data import write_beir
+from tiny_encoder import save_tiny_bert
+
+from retriever.cli import main
+from retriever.modeling import Encoder
+
+pytrec_eval = pytest.importorskip("pytrec_eval", reason="needs pytrec-eval-terrier")
+
+WORDS = "cat dog fish bird tree rock river cloud apple bread stone light".split()
+
+
+def _random_task(root, seed, n_docs=60, n_queries=12):
+    rng = np.random.default_rng(seed)
+    corpus = [
+        {
+            "_id": f"doc{i}",
+            "title": " ".join(rng.choice(WORDS, 2)),
+            "text": " ".join(rng.choice(WORDS, 8)),
+        }
+        for i in range(n_docs)
+    ]
+    queries = [{"_id": f"q{i}", "text": " ".join(rng.choice(WORDS, 3))} for i in range(n_queries)]
+    qrels = [
+        (f"q{i}", f"doc{j}", int(rng.integers(1, 3)))
+        for i in range(n_queries)
+        for j in rng.choice(n_docs, size=int(rng.integers(1, 4)), replace=False)
+    ]
+    return write_beir(root, corpus, queries, qrels)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tiny = save_tiny_bert(tmp_path_factory.mktemp("tiny"))
+    path = tmp_path_factory.mktemp("st") / "model"
+    Encoder.from_pretrained(str(tiny), pooling="mean", query_prefix="q: ").save(path)
+    return str(path)
+
+
+def _reference(model_dir, root):
+    """nDCG@10 etc. from sentence-transformers embeddings, numpy scores and pytrec_eval."""
+    corpus = [json.loads(line) for line in (root / "corpus.jsonl").read_text().splitlines()]
+    queries = [json.loads(line) for line in (root / "queries.jsonl").read_text().splitlines()]
+    qrels = {}
+    for line in (root / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        q, d, s = line.split("\t")
+        qrels.setdefault(q, {})[d] = int(s)
+    st = SentenceTransformer(model_dir, device="cpu")
+    doc_emb = st.encode_document([(d["title"] + " " + d["text"]).strip() for d in corpus])
+    query_emb = st.encode_query([q["text"] for q in queries])
+    scores = query_emb.astype(np.float64) @ doc_emb.astype(np.float64).T
+    run = {
+        q["_id"]: {d["_id"]: float(s) for d, s in zip(corpus, row, strict=True)}
+        for q, row in zip(queries, scores, strict=True)
+        if q["_id"] in qrels
+    }
+    measures = {"ndcg_cut.10", "recall.5", "P.1", "map_cut.10"}
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    return {
+        ours: np.mean([r[theirs] for r in per_query.values()])
+        for ours, theirs in [
+            ("ndcg_at_10", "ndcg_cut_10"),
+            ("recall_at_5", "recall_5"),
+            ("precision_at_1", "P_1"),
+            ("map_at_10", "map_cut_10"),
+        ]
+    }
+
+
+def test_cli_end_to_end_matches_independent_reference(model_dir, tmp_path, capsys):
+    task_a = _random_task(tmp_path / "task_a", seed=0)
+    task_b = _random_task(tmp_path / "task_b", seed=1)
+    output = tmp_path / "out" / "results.json"
+    argv = ["eval", "--model", model_dir, "--data", str(task_a), str(task_b)]
+    argv += ["--split", "test", "--output", str(output), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "nDCG@10" in printed and "task_a" in printed and "task_b" in printed
+
+    report = json.loads(output.read_text())
+    assert report["model"] == model_dir and report["split"] == "test"
+    assert [r["task"] for r in report["results"]] == ["task_a", "task_b"]
+    for result, root in zip(report["results"], (task_a, task_b), strict=True):
+        assert result["num_documents"] == 60 and result["num_queries"] == 12
+        assert result["main_score"] == result["ndcg_at_10"]
+        for key in ("ndcg_at_1000", "mrr_at_10", "recall_at_100", "map_at_5", "precision_at_3"):
+            assert key in result
+        assert result["timings"]["total_s"] > 0 and result["documents_per_s"] > 0
+        for key, value in _reference(model_dir, root).items():
+            assert result[key] == pytest.approx(value, abs=1e-5), key
+
+    # The output exists now: a second run must refuse and leave it untouched.
+    before = output.read_text()
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert output.read_text() == before
+    rerun = [*argv, "--overwrite", "--index", "torch", "--k-values", "1,10"]
+    assert main(rerun) == 0
+    assert "ndcg_at_100" not in json.loads(output.read_text())["results"][0]
+
+
+def test_cli_reports_bad_data_without_a_traceback(model_dir, tmp_path, capsys):
+    root = _random_task(tmp_path / "task", seed=2)
+    (root / "corpus.jsonl").unlink()
+    argv = ["eval", "--model", model_dir, "--data", str(root), "--no-progress"]
+    assert main(argv) == 2
+    assert "corpus.jsonl" in capsys.readouterr().err
