@@ -1,0 +1,576 @@
+"""The training loop: Accelerate, the cached step, AdamW, checkpoints, evaluation and logging.
+
+    result = train(load_config("configs/scifact-minilm.yaml"))
+
+Run directory (``training.output_dir``)::
+
+    config.yaml               the effective configuration
+    checkpoints/step-000100/  resumable state: model, optimizer, scheduler, RNG of every
+                              process, temperature, data position and step
+    best/                     sentence-transformers model with the best eval.metric so far
+    final/                    sentence-transformers model at the end of training
+    log.jsonl, eval.jsonl     every logged record / evaluation, one JSON object a line
+    logs/                     TensorBoard (and other trackers') files
+
+One optimizer step is one global batch (``training.batch_size`` queries over all processes),
+computed by :func:`retriever.step.cached_step`. Across processes the loss is the ring over
+Accelerate's process group, and DDP all-reduces the gradients once per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm.auto import tqdm
+
+from retriever.arguments import (
+    ConfigError,
+    TrainConfig,
+    apply_mapping,
+    differing_options,
+    resolve_model_path,
+)
+from retriever.data import Collator, TrainSet, epoch_batches, load_examples
+from retriever.loss import InfoNCELoss
+from retriever.modeling import Encoder
+from retriever.step import cached_step
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+# Files and directories a run writes; --overwrite removes exactly these.
+RUN_ARTIFACTS = ("config.yaml", CHECKPOINTS, "best", "final", "logs", "log.jsonl", "eval.jsonl")
+# Options that must not change when a run is resumed: they change the model, the data order or
+# the random stream, so the continuation would not be the run that was started.
+FIXED_ON_RESUME = (
+    "model.",
+    "data.train",
+    "data.format",
+    "data.split",
+    "data.negatives",
+    "data.max_examples",
+    "loss.",
+    "training.batch_size",
+    "training.chunk_size",
+    "training.seed",
+    "training.sort_by_length",
+    "training.mixed_precision",
+)
+
+
+class RunError(RuntimeError):
+    """The run directory cannot be used as asked (exists, nothing to resume, ...)."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Where training is: saved in every checkpoint (Accelerate custom state)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already trained on
+    best_metric: float | None = None
+    best_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+# --- run directory ------------------------------------------------------------------------
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / CHECKPOINTS / f"step-{step:08d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    root = output_dir / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _holds_run(output_dir: Path) -> list[str]:
+    return [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
+
+
+def read_run_config(output_dir: Path) -> TrainConfig:
+    path = output_dir / "config.yaml"
+    config = TrainConfig()
+    apply_mapping(config, yaml.compose(path.read_text(encoding="utf-8")), str(path))
+    return config
+
+
+def plan_run_directory(
+    config: TrainConfig, resume: bool | str | None, overwrite: bool
+) -> Path | None:
+    """Check the run directory (read-only); return the checkpoint to resume from, if any."""
+    output_dir = Path(config.training.output_dir)
+    existing = _holds_run(output_dir)
+    if resume:
+        if overwrite:
+            raise RunError("--resume and --overwrite contradict each other; pick one")
+        if resume is True:
+            checkpoints = list_checkpoints(output_dir)
+            if not checkpoints:
+                raise RunError(f"--resume: {output_dir} holds no checkpoint to resume from")
+            checkpoint = checkpoints[-1]
+        else:
+            checkpoint = Path(resume)
+            if not checkpoint.is_dir():
+                raise RunError(f"--resume: {checkpoint}: no such checkpoint directory")
+        if (output_dir / "config.yaml").is_file():
+            changed = [
+                key
+                for key in differing_options(read_run_config(output_dir), config)
+                if key.startswith(FIXED_ON_RESUME)
+            ]
+            if changed:
+                raise RunError(
+                    f"--resume: {', '.join(changed)} differ from {output_dir / 'config.yaml'}; "
+                    "a resumed run must keep the model, data, loss, batch and seed"
+                )
+        return checkpoint
+    if existing and not overwrite:
+        raise RunError(
+            f"{output_dir} already holds a run ({', '.join(existing)}); pass --resume to "
+            "continue it or --overwrite to replace it"
+        )
+    return None
+
+
+def prepare_run_directory(config: TrainConfig, resuming: bool, overwrite: bool) -> None:
+    """Main process only: clear a replaced run, write the effective config."""
+    output_dir = Path(config.training.output_dir)
+    if overwrite and not resuming:
+        for name in _holds_run(output_dir):
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+
+
+# --- building blocks ----------------------------------------------------------------------
+
+
+def build_encoder(config: TrainConfig) -> Encoder:
+    m = config.model
+    kwargs: dict[str, Any] = {}
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    return Encoder.from_pretrained(
+        resolve_model_path(m.name_or_path),
+        pooling=m.pooling,
+        normalize=m.normalize,
+        query_prefix=m.query_prefix,
+        document_prefix=m.document_prefix,
+        query_max_length=m.query_max_length,
+        document_max_length=m.document_max_length,
+        torch_dtype=getattr(torch, m.dtype),
+        gradient_checkpointing=m.gradient_checkpointing,
+        **kwargs,
+    )
+
+
+def build_loss(config: TrainConfig) -> InfoNCELoss:
+    c = config.loss
+    return InfoNCELoss(
+        scale=1.0 / c.temperature,
+        learnable_scale=c.learnable_temperature,
+        min_scale=1.0 / c.max_temperature,
+        max_scale=1.0 / c.min_temperature,
+        symmetric=c.symmetric,
+        impl=c.impl,
+    )
+
+
+def build_optimizer(
+    config: TrainConfig, encoder: Encoder, loss_fn: InfoNCELoss
+) -> torch.optim.Optimizer:
+    """AdamW; biases, norms and the temperature get no weight decay."""
+    t = config.training
+    decay, no_decay = [], []
+    for param in encoder.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    no_decay += [p for p in loss_fn.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+    )
+
+
+def build_scheduler(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup to the peak learning rate, then linear or cosine decay to 0 (or constant)."""
+    t = config.training
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(t.warmup_ratio * total_steps)
+    kind = t.scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def shrink_task(task: Any, max_queries: int | None, max_documents: int | None) -> Any:
+    """The first ``max_queries`` queries and a corpus of their judged documents plus the first
+    other documents, ``max_documents`` in all (a quick smoke-test evaluation)."""
+    query_ids = list(task.queries)[:max_queries] if max_queries else list(task.queries)
+    qrels = {q: task.qrels[q] for q in query_ids}
+    corpus = task.corpus
+    if max_documents:
+        keep = dict.fromkeys(d for q in query_ids for d in qrels[q])
+        for doc_id in task.corpus:
+            if len(keep) >= max_documents:
+                break
+            keep.setdefault(doc_id)
+        corpus = {d: task.corpus[d] for d in keep}
+    return dataclasses.replace(
+        task, corpus=corpus, queries={q: task.queries[q] for q in query_ids}, qrels=qrels
+    )
+
+
+def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
+    """The config as the scalar dict trackers accept."""
+    out = {}
+    for section, values in config.to_dict().items():
+        for name, value in values.items():
+            if value is None or isinstance(value, (list, dict)):
+                value = json.dumps(value)
+            out[f"{section}.{name}"] = value
+    return out
+
+
+# --- the trainer --------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains an encoder as ``config`` says; :meth:`train` runs it to the end."""
+
+    def __init__(
+        self, config: TrainConfig, *, resume: bool | str | None = None, overwrite: bool = False
+    ) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+        self.config = config
+        t = config.training
+        self.output_dir = Path(t.output_dir)
+        cpu = t.cpu or not torch.cuda.is_available()
+        mixed = t.mixed_precision
+        if mixed == "auto":
+            mixed = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+        for tracker in t.report_to:
+            module = "tensorboard" if tracker == "tensorboard" else tracker
+            if importlib.util.find_spec(module) is None and not (
+                tracker == "tensorboard" and importlib.util.find_spec("tensorboardX")
+            ):
+                raise ConfigError(
+                    f"{config.where('training.report_to')}: training.report_to: {tracker} is "
+                    f"not installed (pip install {tracker})"
+                )
+        self.accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision=mixed,
+            log_with=list(t.report_to) or None,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
+            step_scheduler_with_optimizer=False,  # one scheduler step per global batch
+            kwargs_handlers=[
+                # The pooler of BERT-like models gets no gradient; buffers never change.
+                DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+            ],
+        )
+        acc = self.accelerator
+        if t.batch_size % acc.num_processes:
+            raise ConfigError(
+                f"{config.where('training.batch_size')}: training.batch_size ({t.batch_size}) "
+                f"must be divisible by the number of processes ({acc.num_processes})"
+            )
+        self.resume_from = plan_run_directory(config, resume, overwrite)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            prepare_run_directory(config, self.resume_from is not None, overwrite)
+        acc.wait_for_everyone()
+
+        from accelerate.utils import set_seed
+
+        set_seed(t.seed)
+        self.encoder = build_encoder(config)
+        self.loss_fn = build_loss(config).to(acc.device)
+        examples = load_examples(
+            config.data.train,
+            format=config.data.format,
+            split=config.data.split,
+            negatives=config.data.negatives,
+            max_examples=config.data.max_examples,
+        )
+        self.train_set = TrainSet(examples, config.data.negatives, t.seed)
+        first = epoch_batches(self.train_set, 0, t.batch_size)
+        if not first:
+            distinct = len({p for e in examples for p in e.positives})
+            raise ConfigError(
+                f"{config.where('training.batch_size')}: training.batch_size ({t.batch_size}) "
+                f"is larger than any batch of distinct positives the data can make "
+                f"({len(examples)} examples, {distinct} distinct positive texts)"
+            )
+        self.batches_per_epoch = len(first)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch))
+        self.collator = Collator(self.encoder, t.chunk_size, t.sort_by_length)
+
+        optimizer = build_optimizer(config, self.encoder, self.loss_fn)
+        scheduler = build_scheduler(config, optimizer, self.total_steps)
+        self.model, self.optimizer, self.scheduler = acc.prepare(self.encoder, optimizer, scheduler)
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.state, self.loss_fn)
+        if self.resume_from is not None:
+            acc.load_state(str(self.resume_from))
+            logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
+
+        self.group = dist.group.WORLD if acc.num_processes > 1 else None
+        self.task = None
+        if config.eval.data:
+            from retriever.eval.data import load_task
+
+            task = load_task(config.eval.data, config.eval.split)
+            self.task = shrink_task(task, config.eval.max_queries, config.eval.max_documents)
+        if t.report_to:
+            acc.init_trackers(t.run_name, config=_flat_hparams(config))
+
+    # -- pieces of the loop --
+
+    def _loader(self, epoch: int, skip: int) -> torch.utils.data.DataLoader:
+        acc = self.accelerator
+        size, rank = self.config.training.batch_size // acc.num_processes, acc.process_index
+        batches = epoch_batches(self.train_set, epoch, self.config.training.batch_size)[skip:]
+        local = [[(epoch, i) for i in b[rank * size : (rank + 1) * size]] for b in batches]
+        workers = self.config.data.num_workers
+        return torch.utils.data.DataLoader(
+            self.train_set,
+            batch_sampler=local,
+            collate_fn=self.collator,
+            num_workers=workers,
+            pin_memory=acc.device.type == "cuda",
+            # Its own generator: creating an iterator must not draw from the global RNG,
+            # or a resumed run would see different dropout masks.
+            generator=torch.Generator().manual_seed(self.config.training.seed + epoch),
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+        )
+
+    def _step(self, batch: Any) -> torch.Tensor:
+        acc = self.accelerator
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        # A learnable temperature lives outside DDP; the ring gives every rank the gradient of
+        # the global loss for it, so it needs no all-reduce.
+        return cached_step(
+            self.model,
+            batch.to(acc.device),
+            self.loss_fn,
+            group=self.group,
+            no_sync=lambda: acc.no_sync(self.model),
+            devices=devices,
+        )
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        path = checkpoint_dir(self.output_dir, self.state.step)
+        acc.save_state(str(path))
+        if acc.is_main_process:
+            (path / "trainer_state.json").write_text(
+                json.dumps(self.state.state_dict(), indent=2) + "\n", encoding="utf-8"
+            )
+            limit = self.config.training.save_total_limit
+            old = list_checkpoints(self.output_dir)
+            for stale in old[:-limit] if limit else []:
+                shutil.rmtree(stale)
+        acc.wait_for_everyone()
+        return path
+
+    def _write(self, name: str, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / name, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate(self) -> dict[str, Any] | None:
+        """Evaluate on eval.data (main process); keep best/ when eval.metric improves."""
+        if self.task is None:
+            return None
+        from accelerate.utils import broadcast_object_list
+
+        from retriever.eval.evaluator import evaluate_task
+
+        acc, metric = self.accelerator, self.config.eval.metric
+        result: list[Any] = [None]
+        if acc.is_main_process:
+            encoder = acc.unwrap_model(self.model)
+            scores = evaluate_task(
+                encoder, self.task, batch_size=self.config.eval.batch_size, show_progress=False
+            )
+            if metric not in scores:
+                raise ConfigError(
+                    f"{self.config.where('eval.metric')}: eval.metric: {metric!r} is not a "
+                    f"metric the evaluator reports (e.g. ndcg_at_10, recall_at_100)"
+                )
+            result = [{k: v for k, v in scores.items() if isinstance(v, (int, float))}]
+            value = result[0][metric]
+            if self.state.best_metric is None or value > self.state.best_metric:
+                encoder.save(self.output_dir / "best")
+                best = {"step": self.state.step, **scores}
+                (self.output_dir / "best" / "eval.json").write_text(
+                    json.dumps(best, indent=2, default=str) + "\n", encoding="utf-8"
+                )
+        result = broadcast_object_list(result) if acc.num_processes > 1 else result
+        scores = result[0]
+        if self.state.best_metric is None or scores[metric] > self.state.best_metric:
+            self.state.best_metric, self.state.best_step = scores[metric], self.state.step
+        record = {"step": self.state.step, **scores}
+        self._write("eval.jsonl", record)
+        acc.log({f"eval/{k}": v for k, v in scores.items()}, step=self.state.step)
+        acc.print(
+            f"eval at step {self.state.step}: {metric} = {scores[metric]:.4f} "
+            f"({scores.get('num_queries')} queries, {scores.get('num_documents')} documents)"
+        )
+        return record
+
+    # -- the loop --
+
+    def train(self) -> dict[str, Any]:
+        acc, cfg, state = self.accelerator, self.config, self.state
+        t = cfg.training
+        evaluations = []
+        if self.task is not None and cfg.eval.at_start and state.step == 0:
+            evaluations.append(self.evaluate())
+        acc.print(
+            f"training {self.total_steps} steps of {t.batch_size} queries "
+            f"(+{cfg.data.negatives} hard negatives each) on {acc.num_processes} process(es), "
+            f"{self.batches_per_epoch} batches per epoch"
+        )
+        progress = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            disable=not acc.is_local_main_process,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
+        window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+        if acc.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(acc.device)
+        last_loss = None
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        while state.step < self.total_steps:
+            loader = self._loader(state.epoch, state.batch_in_epoch)
+            for batch in loader:
+                loss = self._step(batch)
+                grad_norm = None
+                if t.max_grad_norm is not None:
+                    grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch_in_epoch += 1
+                window["loss"] += float(loss)
+                window["steps"] += 1
+                window["tokens"] += batch.num_tokens
+                progress.update(1)
+                if state.step % t.logging_steps == 0 or state.step == self.total_steps:
+                    last_loss = self._log(window, grad_norm, progress)
+                    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+                unfinished = state.step < self.total_steps
+                if t.save_steps and state.step % t.save_steps == 0 and unfinished:
+                    self.save_checkpoint()
+                if cfg.eval.steps and state.step % cfg.eval.steps == 0 and unfinished:
+                    evaluations.append(self.evaluate())
+                if state.step >= self.total_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+        progress.close()
+        self.save_checkpoint()
+        if self.task is not None and not (evaluations and evaluations[-1]["step"] == state.step):
+            evaluations.append(self.evaluate())
+        if acc.is_main_process:
+            acc.unwrap_model(self.model).save(self.output_dir / "final")
+        acc.wait_for_everyone()
+        acc.end_training()
+        summary = {
+            "steps": state.step,
+            "final_loss": last_loss,
+            "evaluations": evaluations,
+            "best_step": state.best_step,
+            "best_metric": state.best_metric,
+            "output_dir": str(self.output_dir),
+        }
+        if evaluations:
+            first, last = evaluations[0], evaluations[-1]
+            metric = cfg.eval.metric
+            acc.print(
+                f"{metric}: {first[metric]:.4f} at step {first['step']} -> "
+                f"{last[metric]:.4f} at step {last['step']} (best {state.best_metric:.4f} at "
+                f"step {state.best_step}, saved in {self.output_dir / 'best'})"
+            )
+        acc.print(f"final model: {self.output_dir / 'final'}")
+        return summary
+
+    def _log(self, window: dict[str, Any], grad_norm: Any, progress: tqdm) -> float:
+        acc, t = self.accelerator, self.config.training
+        elapsed = max(time.perf_counter() - window["start"], 1e-9)
+        local = torch.tensor([window["loss"], float(window["tokens"])], device=acc.device)
+        total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+        loss = float(total[0]) / window["steps"] / acc.num_processes
+        record = {
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "temperature": float(1.0 / self.loss_fn.scale.detach()),
+            "queries_per_s": window["steps"] * t.batch_size / elapsed,
+            "tokens_per_s": float(total[1]) / elapsed,
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if acc.device.type == "cuda":
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        self._write("log.jsonl", record)
+        acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=self.state.step)
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+        return loss
+
+
+def train(
+    config: TrainConfig, *, resume: bool | str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train as ``config`` says; returns a summary (steps, final loss, evaluations, best)."""
+    return Trainer(config, resume=resume, overwrite=overwrite).train()
