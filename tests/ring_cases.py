@@ -109,14 +109,15 @@ def reference_global_loss(q, c, scale, labels, ids, symmetric) -> tuple[Tensor, 
     return per_row.mean(), per_row
 
 
-def expected_for_rank(case: Case, batch: Batch, rank: int) -> dict[str, Tensor]:
+def expected_for_rank(case: Case, batch: Batch, rank: int, device="cpu") -> dict[str, Tensor]:
     """What the ring must give on `rank`: its local mean, W x the global loss's gradients for
     its own rows, and the global loss's gradient for the scale."""
-    q = batch.q.double().requires_grad_()
-    c = batch.c.double().requires_grad_()
-    scale = torch.tensor(case.scale, dtype=torch.float64, requires_grad=True)
+    q = batch.q.to(device, torch.float64).requires_grad_()
+    c = batch.c.to(device, torch.float64).requires_grad_()
+    scale = torch.tensor(case.scale, dtype=torch.float64, device=device, requires_grad=True)
+    ids = None if batch.ids is None else batch.ids.to(device)
     loss, per_row = reference_global_loss(
-        q, c, scale, batch.global_labels(), batch.ids, case.symmetric
+        q, c, scale, batch.global_labels().to(device), ids, case.symmetric
     )
     dq, dc, ds = torch.autograd.grad(loss, (q, c, scale))
     return {
@@ -145,6 +146,8 @@ def run_case(
     """Run the ring on this rank's share of `case` and return its relative errors."""
     rank = dist.get_rank(group)
     batch = make_batch(case)
+    # The reference sees exactly the (rounded) inputs the ring gets.
+    batch.q, batch.c = batch.q.to(dtype).float(), batch.c.to(dtype).float()
     q = batch.q[batch.q_slices[rank]].to(device, dtype).requires_grad_()
     c = batch.c[batch.c_slices[rank]].to(device, dtype).requires_grad_()
     labels = batch.local_labels[rank]
@@ -163,7 +166,7 @@ def run_case(
         impl=impl,
     )
     loss.backward()
-    want = expected_for_rank(case, batch, rank)
+    want = expected_for_rank(case, batch, rank, device)
     errors = {
         "loss": rel_error(loss, want["loss"]),
         "dq": rel_error(q.grad, want["dq"]),
