@@ -66,10 +66,10 @@ def _comm_device(group: dist.ProcessGroup, device: torch.device) -> torch.device
         backend = dict(item.split(":", 1) for item in config.split(",")).get(device.type, "")
     else:
         backend = config
-    if backend == "nccl" and device.type != "cuda":
+    if not backend or (backend == "nccl" and device.type != "cuda"):
         raise ValueError(
-            f"the process group's backend for {device.type} tensors is NCCL, which needs CUDA "
-            "tensors: move the embeddings to the GPU or use a gloo group"
+            f"the process group ({config!r}) cannot move {device.type} tensors: put the "
+            "embeddings on the GPU for NCCL, or use a gloo group"
         )
     return torch.device("cpu") if backend == "gloo" else device
 
