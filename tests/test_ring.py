@@ -68,12 +68,17 @@ def test_ring_in_subgroups(tmp_path):
     reason="the Triton kernels need CUDA or TRITON_INTERPRET=1",
 )
 def test_ring_with_triton_kernels(tmp_path):
-    launch(_triton_worker, 2, str(tmp_path / "init"))
+    # On a GPU machine both ranks share the GPU and gloo stages the blocks through the host.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    launch(_triton_worker, 2, str(tmp_path / "init"), device)
 
 
-def _triton_worker(rank: int, world: int) -> None:
+def _triton_worker(rank: int, world: int, device: str) -> None:
     case = Case(seed=5, world=world, symmetric=True, ids=True, learnable_scale=True, max_queries=3)
-    _assert_small(run_case(case, dist.group.WORLD, impl="triton"), f"rank {rank} triton")
+    # TF32 on a GPU: the bound of the fp32 tests does not apply there.
+    tol = TOL if device == "cpu" else 1e-2
+    errors = run_case(case, dist.group.WORLD, device=device, impl="triton")
+    assert max(errors.values()) <= tol, f"rank {rank} triton on {device}: {errors}"
 
 
 def _local_inputs(rank: int, dim: int = 4, n: int = 3):
