@@ -280,7 +280,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 
 def test_infonce_module_learns_its_scale_and_clamps_it():
     q, d, labels, _ = make_case(16, 1, 8, seed=2)
-    loss_fn = InfoNCELoss(scale=20.0, learnable_scale=True, max_scale=50.0)
+    loss_fn = InfoNCELoss(scale=20.0, learnable_scale=True, max_scale=50.0).to(DEVICE)
     loss = loss_fn(q, d, labels=labels)
     loss.backward()
     # d loss / d log_scale = s * d loss / d s, with d loss / d s from the float64 reference.
