@@ -63,35 +63,45 @@ class SentBytes:
         dist.batch_isend_irecv = self._original
 
 
-def ring_step(q, d, args) -> None:
+def ring_step(q, d, args) -> torch.Tensor:
     loss = contrastive_loss(
         q, d, scale=SCALE, symmetric=args.symmetric, group=dist.group.WORLD, impl=args.impl
     )
     loss.backward()
+    return loss.detach()
 
 
-def gather_step(q, d, args) -> None:
+def gather_step(q, d, args) -> torch.Tensor:
     # What sentence-transformers' all_gather_with_grad calls (deprecated in recent torch).
+    rank, n_q = dist.get_rank(), q.shape[0]
     everyone = torch.cat(dist_fn.all_gather(d), dim=0)
-    labels = torch.arange(q.shape[0], device=q.device) + dist.get_rank() * d.shape[0]
-    loss = contrastive_loss(
-        q, everyone, scale=SCALE, labels=labels, symmetric=args.symmetric, impl=args.gather_impl
-    )
+    labels = torch.arange(n_q, device=q.device) + rank * d.shape[0]
+    loss = contrastive_loss(q, everyone, scale=SCALE, labels=labels, impl=args.gather_impl)
+    if args.symmetric:  # the same global loss as the ring's: local positives vs all queries
+        all_queries = torch.cat(dist_fn.all_gather(q), dim=0)
+        own = torch.arange(n_q, device=q.device) + rank * n_q
+        reverse = contrastive_loss(
+            d[:n_q], all_queries, scale=SCALE, labels=own, impl=args.gather_impl
+        )
+        loss = (loss + reverse) / 2
     loss.backward()
+    return loss.detach()
 
 
 def model_bytes(mode: str, n_q: int, n_d: int, dim: int, elt: int, world: int, sym: bool):
-    """Bytes a rank sends per forward+backward step (equal sizes on every rank)."""
+    """Bytes a rank sends per forward+backward step (equal sizes on every rank; no ids)."""
     if world == 1:
         return 0
-    if mode == "gather":
-        return 2 * (world - 1) * n_d * dim * elt  # all-gather + reduce-scatter
-    # forward: W-1 blocks; backward: W-1 blocks again + W fp32 gradient hops (ids: none here)
-    per_direction = lambda n: (world - 1) * n * dim * elt * 2 + world * n * dim * 4
+    if mode == "gather":  # ring all-gather forward, reduce-scatter backward
+        per_direction = lambda n: 2 * (world - 1) * n * dim * elt
+    else:  # forward: W-1 blocks; backward: W-1 blocks again + W fp32 gradient hops
+        per_direction = lambda n: 2 * (world - 1) * n * dim * elt + world * n * dim * 4
     return per_direction(n_d) + (per_direction(n_q) if sym else 0)
 
 
-def measure(step, q, d, args, device) -> tuple[float, float | None, int]:
+def measure(step, q, d, args, device) -> dict:
+    """Median time, peak extra memory, bytes the ring sent and the loss (the same for both
+    modes: a sanity check that they compute the same thing)."""
     times, extra, sent = [], None, 0
     grad_bytes = q.numel() * q.element_size() + d.numel() * d.element_size()
     for i in range(args.warmup + args.repeat):
@@ -103,7 +113,7 @@ def measure(step, q, d, args, device) -> tuple[float, float | None, int]:
         dist.barrier()
         start = time.perf_counter()
         with SentBytes() as counter:
-            step(q, d, args)
+            loss = step(q, d, args)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
@@ -112,7 +122,7 @@ def measure(step, q, d, args, device) -> tuple[float, float | None, int]:
             sent = counter.total
             if device.type == "cuda":
                 extra = (torch.cuda.max_memory_allocated(device) - base - grad_bytes) / 1e9
-    return statistics.median(times), extra, sent
+    return dict(seconds=statistics.median(times), extra=extra, sent=sent, loss=float(loss))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -169,14 +179,15 @@ def main(argv=None) -> None:
                 model_bytes_sent=model_bytes(mode, n_q, n_d, args.dim, elt, world, args.symmetric),
             )
             try:
-                seconds, extra, sent = measure(steps[mode], q, d, args, device)
+                m = measure(steps[mode], q, d, args, device)
                 flops = 6 * n_q * world * n_d * args.dim * (2 if args.symmetric else 1)
                 record.update(
                     status="ok",
-                    seconds=seconds,
-                    tflops=flops / seconds / 1e12,
-                    extra_memory_gb=extra,
-                    measured_bytes_sent=sent if mode == "ring" else None,
+                    seconds=m["seconds"],
+                    tflops=flops / m["seconds"] / 1e12,
+                    extra_memory_gb=m["extra"],
+                    measured_bytes_sent=m["sent"] if mode == "ring" else None,
+                    loss=m["loss"],
                 )
             except torch.cuda.OutOfMemoryError:
                 # Every rank runs the same sizes, so every rank fails at the same point.
@@ -201,7 +212,8 @@ def main(argv=None) -> None:
             mem = "n/a" if r["extra_memory_gb"] is None else f"{r['extra_memory_gb']:.3f} GB"
             print(
                 f"rank {r['rank']} {r['mode']:6s} Bq={r['batch_per_rank']} "
-                f"Bd={r['candidates_per_rank']}: {r['seconds']:.4g} s, extra memory {mem}, "
+                f"Bd={r['candidates_per_rank']}: loss {r['loss']:.5f}, {r['seconds']:.4g} s, "
+                f"extra memory {mem}, "
                 f"sent {r['model_bytes_sent'] / 1e6:.1f} MB (model)"
                 + (
                     f", {r['measured_bytes_sent'] / 1e6:.1f} MB (measured)"
