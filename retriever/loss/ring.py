@@ -225,13 +225,13 @@ def _ring_forward(plan: _Plan, d: _Direction, scale: Tensor) -> tuple[Tensor, Te
 
 
 def _ring_backward(
-    plan: _Plan, d: _Direction, scale: Tensor, lse: Tensor, weight: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum_i weight_i * loss_i: for the rows (fp32), for this rank's own block
-    (fp32, summed over every rank's rows) and for the scale (this rank's rows only)."""
+    plan: _Plan, d: _Direction, scale: Tensor, lse: Tensor, weight: Tensor, d_rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Gradients of sum_i weight_i * loss_i: added into `d_rows` (fp32) for the rows; returned
+    for this rank's own block (fp32, summed over every rank's rows) and for the scale (this
+    rank's rows only)."""
     ring = plan.ring
     dim = d.rows.shape[1]
-    d_rows = torch.zeros(d.rows.shape, dtype=torch.float32, device=d.rows.device)
     dscale = torch.zeros((), dtype=torch.float32, device=d.rows.device)
     block, ids = d.block, d.block_ids
     carried = None  # the finished gradient of the block computed in the previous step
@@ -269,10 +269,10 @@ def _ring_backward(
                 ids = rest[0] if rest else None
         carried = partial
     if ring.world == 1:
-        return d_rows, carried, dscale
+        return carried, dscale
     # The last block's gradient is complete; one more hop takes it home, and ours comes back.
     (own,) = ring.shift([carried], [((d.sizes[ring.rank], dim), torch.float32)]).wait()
-    return d_rows, own, dscale
+    return own, dscale
 
 
 class RingLoss(torch.autograd.Function):
@@ -303,17 +303,13 @@ class RingLoss(torch.autograd.Function):
         factor = plan.ring.world / (n_total * len(directions))
         weight = (grad.detach().float() * factor).expand(queries.shape[0]).contiguous()
         dq = torch.zeros(queries.shape, dtype=torch.float32, device=queries.device)
-        dc = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
-        dscale = torch.zeros((), dtype=torch.float32, device=queries.device)
-        for i, (d, lse) in enumerate(zip(directions, lses)):
-            d_rows, d_block, ds = _ring_backward(plan, d, scale, lse, weight)
+        dc, dscale = _ring_backward(plan, directions[0], scale, lses[0], weight, dq)
+        if plan.symmetric:  # rows were candidates[labels]; the travelling block was the queries
+            d_pos = torch.zeros(directions[1].rows.shape, dtype=torch.float32, device=dq.device)
+            dq_block, ds = _ring_backward(plan, directions[1], scale, lses[1], weight, d_pos)
+            dc.index_add_(0, plan.labels, d_pos)
+            dq += dq_block
             dscale += ds
-            if i == 0:
-                dq += d_rows
-                dc += d_block
-            else:  # rows were candidates[labels]; the travelling block was the queries
-                dc.index_add_(0, plan.labels, d_rows)
-                dq += d_block
         if plan.scale_grad:
             # Each rank's part carries the factor W; the sum over ranks / W is dL_global/ds.
             dscale = plan.ring.all_reduce_sum(dscale) / plan.ring.world
