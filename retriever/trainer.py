@@ -326,6 +326,7 @@ class Trainer:
 
         set_seed(t.seed)
         self.encoder = build_encoder(config)
+        self.encoder.train()  # from_pretrained leaves the network in eval mode: no dropout
         self.loss_fn = build_loss(config).to(acc.device)
         examples = load_examples(
             config.data.train,

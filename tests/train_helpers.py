@@ -55,11 +55,13 @@ def write_examples(path: Path, n: int = 96, negatives: int = 3, seed: int = 0) -
     return str(path)
 
 
-def tiny_config(model: str, data: str, output_dir: Path, **sections: dict[str, Any]) -> TrainConfig:
+def tiny_config(
+    model_path: str, data_path: str, output_dir: Path, **sections: dict[str, Any]
+) -> TrainConfig:
     """A CPU config for the tiny model; ``sections`` update the defaults section by section."""
     values: dict[str, dict[str, Any]] = {
-        "model": {"name_or_path": model, "query_max_length": 16, "document_max_length": 24},
-        "data": {"train": data, "negatives": 1, "num_workers": 0},
+        "model": {"name_or_path": model_path, "query_max_length": 16, "document_max_length": 24},
+        "data": {"train": data_path, "negatives": 1, "num_workers": 0},
         "training": {
             "output_dir": str(output_dir),
             "batch_size": 8,
@@ -86,3 +88,21 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(model_dir / "model.safetensors"))
+
+
+def write_beir(root: Path, data_file: str, n: int = 24) -> str:
+    """A small BEIR task from the first ``n`` training examples: each query's positive is its
+    one relevant document; the corpus also holds the other examples' positives."""
+    with open(data_file, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    (root / "qrels").mkdir(parents=True)
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": row["pos"]}) + "\n")
+    with open(root / "queries.jsonl", "w", encoding="utf-8") as f:
+        for i, row in enumerate(rows[:n]):
+            f.write(json.dumps({"_id": f"q{i}", "text": row["query"]}) + "\n")
+    with open(root / "qrels" / "test.tsv", "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"q{i}\td{i}\t1\n" for i in range(n))
+    return str(root)

@@ -1,0 +1,218 @@
+"""The trainer on a tiny random BERT (CPU): exact cached gradient, learning, exact resume,
+sentence-transformers reload, run-directory safety."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from train_helpers import (
+    load_weights,
+    make_tiny_model,
+    read_log,
+    tiny_config,
+    write_beir,
+    write_examples,
+)
+
+from retriever.data import Collator
+from retriever.driver import add_arguments, run
+from retriever.loss import InfoNCELoss
+from retriever.modeling import Encoder
+from retriever.step import cached_step
+from retriever.trainer import RunError, Trainer, plan_run_directory, prepare_run_directory
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a shared machine: one intra-op thread is many times faster than two
+    # threads that wait for each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _reference_loss(q, d, ids, scale):
+    """InfoNCE written out in float64: row i's positive is d[i]; candidates with the same id
+    as the positive (other than itself) are left out of the denominator."""
+    q, d, scale = q.double(), d.double(), scale.double()
+    logits = scale * q @ d.T
+    rows = torch.arange(q.shape[0])
+    duplicate = ids[None, :] == ids[: q.shape[0], None]
+    duplicate[rows, rows] = False
+    logits = logits.masked_fill(duplicate, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - logits[rows, rows]).mean()
+
+
+def _grads(params):
+    # The pooler takes no part in the embeddings: its gradient stays None (zero).
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+
+def test_cached_step_equals_the_direct_full_batch_gradient(tmp_path):
+    encoder = Encoder.from_pretrained(
+        make_tiny_model(tmp_path / "model", dropout=0.1),
+        query_max_length=16,
+        document_max_length=24,
+    )
+    encoder.train()  # dropout on: only RNG replay makes the two passes agree
+    # Query i's positive is also query i+1's negative, and "shared" is everyone's negative:
+    # candidate ids must reach the loss for the values to match.
+    positives = [f"passage about topic {i} " + "word " * (i % 5) for i in range(11)]
+    groups = [
+        (f"question {i} " + "x " * (i % 3), positives[i], [positives[(i + 1) % 11], "shared"])
+        for i in range(11)
+    ]
+    batch = Collator(encoder, chunk_size=4)(groups)
+    loss_fn = InfoNCELoss(scale=20.0, learnable_scale=True)
+    params = list(encoder.parameters()) + [loss_fn.log_scale]
+
+    def direct(seed):
+        for p in params:
+            p.grad = None
+        torch.manual_seed(seed)  # the same RNG order as the cache: the same chunks in order
+        embeddings = torch.cat([encoder(c) for c in batch.query_chunks + batch.document_chunks])
+        q = embeddings[: batch.num_queries][batch.query_order]
+        d = embeddings[batch.num_queries :][batch.document_order]
+        loss = _reference_loss(q, d, batch.candidate_ids, loss_fn.scale)
+        loss.backward()
+        return loss.item(), _grads(params)
+
+    want_loss, want = direct(seed=5)
+    _, other_dropout = direct(seed=6)
+    for p in params:
+        p.grad = None
+    torch.manual_seed(5)
+    got_loss = cached_step(encoder, batch, loss_fn)
+    got = _grads(params)
+
+    assert got_loss.item() == pytest.approx(want_loss, rel=1e-5)
+    # Errors relative to the gradient's scale (some entries are exactly zero in theory, e.g.
+    # the attention key biases, and float noise there has no relative meaning).
+    scale = max(w.abs().max().item() for w in want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * scale)
+    # The comparison can fail: other dropout masks give another gradient.
+    assert max((a - b).abs().max().item() for a, b in zip(want, other_dropout)) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Run A: 6 steps with a checkpoint every 3 and evaluation on a small task."""
+    from accelerate.state import AcceleratorState
+
+    root = tmp_path_factory.mktemp("trainer")
+    model = make_tiny_model(root / "model", dropout=0.1)
+    data = write_examples(root / "train.jsonl", n=96, negatives=3)
+    task = write_beir(root / "task", data, n=24)
+    config = tiny_config(
+        model,
+        data,
+        root / "run_a",
+        model={"query_prefix": "query: "},
+        training={"save_steps": 3, "save_total_limit": None},
+        eval={"data": task, "steps": 3, "batch_size": 16},
+    )
+    trainer = Trainer(config)
+    summary = trainer.train()
+    encoder = trainer.accelerator.unwrap_model(trainer.model)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return {"root": root, "config": config, "summary": summary, "encoder": encoder}
+
+
+def test_loss_decreases_and_run_directory_is_complete(trained):
+    run_dir = trained["root"] / "run_a"
+    losses = [r["loss"] for r in read_log(run_dir)]
+    assert len(losses) == 6
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+    assert [r["step"] for r in read_log(run_dir, "eval.jsonl")] == [0, 3, 6]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "final" / "modules.json").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-00000003",
+        "step-00000006",
+    ]
+    best = trained["summary"]["best_step"]
+    assert (run_dir / "best" / "eval.json").is_file() and best in (0, 3, 6)
+
+
+def test_resume_continues_exactly(trained):
+    """Train 6 steps == train 3, then resume for 3 more: identical parameters and losses."""
+    root = trained["root"]
+    run_b = root / "run_b"
+    (run_b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        root / "run_a" / "checkpoints" / "step-00000003", run_b / "checkpoints" / "step-00000003"
+    )
+    shutil.copy(root / "run_a" / "config.yaml", run_b / "config.yaml")
+    config = trained["config"]
+    config.training.output_dir = str(run_b)
+    config.eval.data = None
+    Trainer(config, resume=True).train()
+
+    want, got = load_weights(root / "run_a" / "final"), load_weights(run_b / "final")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+    assert [r["loss"] for r in read_log(run_b)] == [r["loss"] for r in read_log(root / "run_a")][3:]
+
+
+def test_saved_model_reloads_in_sentence_transformers(trained):
+    from sentence_transformers import SentenceTransformer
+
+    encoder = trained["encoder"]
+    model = SentenceTransformer(str(trained["root"] / "run_a" / "final"), device="cpu")
+    texts = ["cell protein gene", "a much longer text about the liver and kidney " * 3, "dose"]
+    for side, st_encode in (("query", model.encode_query), ("document", model.encode_document)):
+        want = encoder.encode(texts, side, show_progress=False)
+        got = st_encode(texts, convert_to_numpy=True)
+        assert abs(got - want).max() < 1e-5, side
+    # the query prefix travelled with the model
+    assert not abs(model.encode_query(texts) - model.encode_document(texts)).max() < 1e-3
+
+
+def test_existing_run_is_never_overwritten_silently(tmp_path, trained):
+    config = trained["config"]
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("mine")
+    config.training.output_dir = str(run_dir)
+    with pytest.raises(RunError, match="already holds a run.*--resume.*--overwrite"):
+        plan_run_directory(config, resume=None, overwrite=False)
+    prepare_run_directory(config, resuming=False, overwrite=True)
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "notes.txt").read_text() == "mine"
+    with pytest.raises(RunError, match="holds no checkpoint"):
+        plan_run_directory(config, resume=True, overwrite=False)
+
+
+def test_resume_refuses_a_changed_batch(trained):
+    config = trained["config"]
+    config.training.output_dir = str(trained["root"] / "run_a")
+    config.training.batch_size = 16
+    with pytest.raises(RunError, match=r"training\.batch_size differ"):
+        plan_run_directory(config, resume=True, overwrite=False)
+    config.training.batch_size = 8
+
+
+def test_command_line_reports_bad_data_with_its_line(tmp_path, capsys):
+    import argparse
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"query": "q", "pos": "p"}\n{"query": "q2"}\n')
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", make_tiny_model(tmp_path / "model"), "--data", str(data), "--output-dir",
+         str(tmp_path / "run"), "--training.report_to", "[]", "--training.cpu", "true"]
+    )  # fmt: skip
+    assert run(args) == 2
+    assert f"{data}:2: missing field 'pos'" in capsys.readouterr().err

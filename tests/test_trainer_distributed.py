@@ -1,0 +1,72 @@
+"""Two gloo processes (``torchrun ... -m retriever train``) train to the same parameters as one
+process on the concatenated batch: the ring loss, DDP's gradient average and the data split
+must together reproduce the single-process step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from train_helpers import load_weights, make_tiny_model, read_log, write_examples
+
+from retriever.arguments import load_config
+from retriever.trainer import train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
+    # No dropout: the processes draw their masks from their own RNG streams.
+    model = make_tiny_model(tmp_path / "model", dropout=0.0)
+    data = write_examples(tmp_path / "train.jsonl", n=64, negatives=2)
+    config = {
+        "model": {"name_or_path": model, "query_max_length": 16, "document_max_length": 24},
+        "data": {"train": data, "negatives": 2, "num_workers": 0},
+        "loss": {"learnable_temperature": True},
+        "training": {
+            "batch_size": 8,
+            "chunk_size": 3,
+            "max_steps": 3,
+            "learning_rate": 1e-3,
+            "warmup_steps": 0,
+            "logging_steps": 1,
+            "report_to": [],
+            "cpu": True,
+        },
+    }
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "-m", "retriever", "train", str(config_file), "--output-dir",
+               str(tmp_path / "two")]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    one = load_config(config_file)
+    one.training.output_dir = str(tmp_path / "one")
+    train(one)
+
+    want, got = load_weights(tmp_path / "one" / "final"), load_weights(tmp_path / "two" / "final")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    logs = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    for a, b in zip(*logs):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["temperature"] == pytest.approx(a["temperature"], rel=1e-6)
+    assert logs[0][-1]["temperature"] != pytest.approx(0.05, rel=1e-4)  # it did learn
