@@ -108,7 +108,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own messages (dropped qrels, cache hits) at INFO; other libraries' only when serious.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("retriever").setLevel(logging.INFO)
     if args.output is not None and args.output.exists() and not args.overwrite:
         print(f"error: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
