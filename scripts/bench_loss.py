@@ -15,6 +15,8 @@ allocated during forward+backward minus the inputs and their gradients (CUDA onl
 
     python scripts/bench_loss.py --device cuda --output bench.json --plot bench.png
     python scripts/bench_loss.py --device cpu --quick          # the README's smoke run
+    python scripts/bench_loss.py --world-size 8 --batches 8192 32768 --output ring.json
+        # the ring across 8 processes against the all-gather approach (scripts/bench_ring.py)
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -211,7 +215,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="small CPU-sized run: B in {1024, 2048}, D=128, fp32"
     )
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        help="> 1: benchmark the ring loss across this many processes against the all-gather "
+        "approach, by launching torchrun scripts/bench_ring.py (further options pass through)",
+    )
+    args, ring_extra = p.parse_known_args(argv)
+    if args.world_size > 1:
+        args.ring_args = [
+            f"--device={args.device}",
+            "--batches",
+            *map(str, args.batches),
+            f"--dim={args.dims[0]}",
+            f"--dtype={args.dtypes[0]}",
+            f"--negatives={args.negatives[0]}",
+            f"--repeat={args.repeat}",
+            *([f"--output={args.output}"] if args.output else []),
+            *ring_extra,
+        ]
+        return args
+    if ring_extra:
+        p.error(f"unrecognized arguments: {' '.join(ring_extra)}")
     if args.quick:
         args.batches, args.dims, args.dtypes, args.negatives = [1024, 2048], [128], ["fp32"], [0]
         args.impls = [i for i in args.impls if i not in ("inf-cl",)]
@@ -222,8 +248,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_ring(args: argparse.Namespace) -> int:
+    """The --world-size mode: one process per rank through torchrun, on scripts/bench_ring.py."""
+    if not args.output:
+        raise SystemExit("--world-size needs --output (bench_ring.py writes its results there)")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={args.world_size}",
+        str(Path(__file__).with_name("bench_ring.py")),
+        *args.ring_args,
+    ]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.world_size > 1:
+        raise SystemExit(run_ring(args))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"device: {device_name}; torch {torch.__version__}", flush=True)
     records = []
