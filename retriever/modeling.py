@@ -270,8 +270,15 @@ class Encoder(nn.Module):
         )
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
-        """[B, D] pooled (and, if ``normalize``, unit-length) embeddings, with gradients."""
+        """[B, D] pooled (and, if ``normalize``, unit-length) embeddings, with gradients.
+
+        ``features["no_padding"] = True`` (set by the training collator) says no row is padded.
+        """
         inputs = {k: v for k, v in features.items() if k in _MODEL_INPUTS}
+        if features.get("no_padding") is True:
+            # The caller knows on the host that no token is padding: without a mask SDPA can use
+            # its flash kernel, and transformers does not read the mask back from the device.
+            inputs.pop("attention_mask", None)
         hidden = self.model(**inputs).last_hidden_state
         embeddings = pool(hidden, features["attention_mask"], self.pooling)
         if self.normalize:
