@@ -59,9 +59,10 @@ def bench_scifact(args: argparse.Namespace) -> list[dict]:
     model = args.model or _minilm_path()
     encoder = Encoder.from_pretrained(model).to(args.device)
     rows = []
-    for dtype_name in args.dtypes.split(","):
-        if args.device == "cpu" and dtype_name in ("fp16", "bf16"):
-            continue  # autocast is applied on GPU only
+    names = args.dtypes.split(",")
+    if not args.device.startswith("cuda"):
+        names = ["fp32"]  # autocast is applied on GPU only: every setting is fp32 on CPU
+    for dtype_name in names:
         # Warm up (CUDA context, kernels, tokenizer) outside the timed run.
         encoder.encode(["warm up"] * 8, "document", show_progress=False, dtype=DTYPES[dtype_name])
         _sync(args.device)
