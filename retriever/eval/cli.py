@@ -15,13 +15,16 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from retriever import __version__
 from retriever.eval.metrics import DEFAULT_K_VALUES
 from retriever.eval.search import INDEX_KINDS, IndexConfig
+
+if TYPE_CHECKING:
+    from retriever.modeling import Encoder
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Columns of the printed table: (result key, header).
@@ -45,7 +48,8 @@ def _k_values(text: str) -> list[int]:
     return ks
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and the encoder settings (shared with ``retriever mine``)."""
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True, help="sentence-transformers or HF model dir/id")
     model.add_argument("--pooling", choices=["cls", "mean", "last"], help="default: from the model")
@@ -54,6 +58,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--document-prefix", help="default: the model's 'document' prompt")
     model.add_argument("--query-max-length", type=int, help="default: from the model, else 128")
     model.add_argument("--document-max-length", type=int, help="default: from the model, else 256")
+
+
+def load_encoder(args: argparse.Namespace) -> Encoder:
+    """The Encoder that :func:`add_model_arguments`' options describe."""
+    from retriever.modeling import Encoder
+
+    return Encoder.from_pretrained(
+        args.model,
+        pooling=args.pooling,
+        normalize=False if args.no_normalize else None,
+        query_prefix=args.query_prefix,
+        document_prefix=args.document_prefix,
+        query_max_length=args.query_max_length,
+        document_max_length=args.document_max_length,
+    )
+
+
+def add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--index`` and its knobs (shared with ``retriever mine``)."""
+    index = parser.add_argument_group("index")
+    index.add_argument("--index", choices=INDEX_KINDS, default="flat", help="default: exact")
+    index.add_argument("--hnsw-m", type=int, default=32)
+    index.add_argument("--ef-search", type=int, default=256)
+    index.add_argument("--nlist", type=int, help="IVF cells (default 4*sqrt(N))")
+    index.add_argument("--nprobe", type=int, default=32)
+
+
+def index_config(args: argparse.Namespace) -> IndexConfig:
+    """The IndexConfig that :func:`add_index_arguments`' options describe."""
+    return IndexConfig(
+        kind=args.index,
+        hnsw_m=args.hnsw_m,
+        ef_search=args.ef_search,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -76,12 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--k-values", type=_k_values, default=list(DEFAULT_K_VALUES))
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    index = parser.add_argument_group("index")
-    index.add_argument("--index", choices=INDEX_KINDS, default="flat", help="default: exact")
-    index.add_argument("--hnsw-m", type=int, default=32)
-    index.add_argument("--ef-search", type=int, default=256)
-    index.add_argument("--nlist", type=int, help="IVF cells (default 4*sqrt(N))")
-    index.add_argument("--nprobe", type=int, default=32)
+    add_index_arguments(parser)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -116,32 +155,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from retriever.eval.data import load_task
     from retriever.eval.evaluator import evaluate_task
-    from retriever.modeling import Encoder
 
     # Load every task first: a bad path fails in seconds, not after the first task's encoding.
     try:
         tasks = [load_task(spec, args.split) for spec in args.data]
-        encoder = Encoder.from_pretrained(
-            args.model,
-            pooling=args.pooling,
-            normalize=False if args.no_normalize else None,
-            query_prefix=args.query_prefix,
-            document_prefix=args.document_prefix,
-            query_max_length=args.query_max_length,
-            document_max_length=args.document_max_length,
-        )
+        encoder = load_encoder(args)
     except (FileNotFoundError, ValueError, NotImplementedError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder.to(device)
-    index = IndexConfig(
-        kind=args.index,
-        hnsw_m=args.hnsw_m,
-        ef_search=args.ef_search,
-        nlist=args.nlist,
-        nprobe=args.nprobe,
-    )
+    index = index_config(args)
     results = []
     for task in tasks:
         result = evaluate_task(
