@@ -1,0 +1,195 @@
+"""``retriever mine``: mine hard negatives for a training set with FAISS.
+
+    retriever mine --model PATH --data ../shared/data/scifact --split train \\
+        --output mined.jsonl --num-negatives 7 --range-min 10 --range-max 100
+
+``--data`` is a BEIR directory (the queries judged in ``--split``) or a training JSONL file
+(``query``, ``pos``). The corpus defaults to the BEIR directory's, or to every positive and
+negative text of the JSONL file; ``--corpus`` names another (a BEIR directory, a
+``corpus.jsonl`` or a training JSONL file). The output is training JSONL, with the ranked
+candidate lists that dynamic mining uses; see :mod:`retriever.mining.files`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from retriever import __version__
+from retriever.eval.cli import (
+    _DTYPES,
+    add_index_arguments,
+    add_model_arguments,
+    index_config,
+    load_encoder,
+)
+from retriever.mining.miner import SAMPLING, MiningConfig
+
+# Queries named in the summary of those that got fewer negatives than asked.
+_SHOW_INCOMPLETE = 5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", required=True, help="BEIR directory or training JSONL file")
+    data.add_argument("--split", default="train", help="qrels split of a BEIR --data")
+    data.add_argument(
+        "--corpus",
+        help="documents to mine from: a BEIR directory, a corpus.jsonl or a training JSONL "
+        "(default: --data's corpus, or its positives and negatives)",
+    )
+    data.add_argument("--output", type=Path, required=True, help="mined training JSONL")
+    data.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+    mining = parser.add_argument_group("mining")
+    mining.add_argument("--num-negatives", type=int, default=7, help="negatives per query")
+    mining.add_argument(
+        "--range-min", type=int, default=10, help="skip the first ranks (default 10)"
+    )
+    mining.add_argument(
+        "--range-max",
+        type=int,
+        default=100,
+        help="negatives come from ranks below this; also the length of the stored ranked list",
+    )
+    mining.add_argument(
+        "--relative-margin",
+        type=float,
+        help="drop candidates scoring above positive_score * (1 - MARGIN)",
+    )
+    mining.add_argument(
+        "--absolute-margin",
+        type=float,
+        help="drop candidates scoring above positive_score - MARGIN",
+    )
+    mining.add_argument("--max-score", type=float, help="drop candidates scoring above this")
+    mining.add_argument("--sampling", choices=SAMPLING, default="top", help="within the ranks")
+    mining.add_argument("--seed", type=int, default=0, help="for --sampling random")
+    mining.add_argument(
+        "--drop-incomplete",
+        action="store_true",
+        help="leave out queries that get fewer than --num-negatives (they are kept by default)",
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    run.add_argument("--dtype", choices=list(_DTYPES), default="auto", help="autocast on GPU")
+    run.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    run.add_argument("--chunk-size", type=int, default=4096, help="queries mined per search")
+    run.add_argument("--cache-dir", type=Path, help="cache corpus embeddings here")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_index_arguments(parser)
+
+
+def _error(message: str) -> int:
+    print(f"retriever mine: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("retriever").setLevel(logging.INFO)
+    from retriever.mining.files import (
+        MinedWriter,
+        MiningDataError,
+        default_corpus,
+        load_corpus,
+        load_queries,
+        output_paths,
+    )
+    from retriever.mining.miner import mine
+
+    # Refuse early: before minutes of encoding, not after.
+    existing = [str(p) for p in output_paths(args.output) if p.exists()]
+    if existing and not args.overwrite:
+        return _error(f"{', '.join(existing)} exist(s); pass --overwrite to replace")
+    try:
+        config = MiningConfig(
+            num_negatives=args.num_negatives,
+            range_min=args.range_min,
+            range_max=args.range_max,
+            relative_margin=args.relative_margin,
+            absolute_margin=args.absolute_margin,
+            max_score=args.max_score,
+            sampling=args.sampling,
+            seed=args.seed,
+        )
+        index = index_config(args)
+        queries = load_queries(args.data, args.split)
+        corpus = load_corpus(args.corpus) if args.corpus else default_corpus(args.data)
+        encoder = load_encoder(args)
+    except (MiningDataError, ValueError, FileNotFoundError, NotImplementedError, OSError) as exc:
+        return _error(str(exc))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder.to(device)
+    print(
+        f"mining {len(queries)} queries against {len(corpus)} documents "
+        f"({args.index} index, {device})",
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    incomplete: list[str] = []
+    dropped = 0
+    with MinedWriter(args.output, corpus, overwrite=args.overwrite) as writer:
+        for example in mine(
+            encoder,
+            queries,
+            corpus,
+            config,
+            index=index,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            cache_dir=args.cache_dir,
+            dtype=_DTYPES[args.dtype],
+            show_progress=not args.no_progress,
+        ):
+            if not example.complete:
+                incomplete.append(
+                    f"{example.query.source} ({len(example.negatives)} negatives, "
+                    f"{len(example.candidates)} candidates)"
+                )
+                if args.drop_incomplete:
+                    dropped += 1
+                    continue
+            writer.write(example)
+        seconds = time.perf_counter() - start
+        meta = {
+            "retriever_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "command": " ".join(sys.argv),
+            "model": args.model,
+            "data": str(args.data),
+            "split": args.split,
+            "corpus": str(args.corpus) if args.corpus else f"default of {args.data}",
+            "corpus_size": len(corpus),
+            "mining": vars(config),
+            "index": vars(index),
+            "device": device,
+            "queries": len(queries),
+            "written": writer.count,
+            "incomplete": len(incomplete),
+            "dropped": dropped,
+            "seconds": seconds,
+            "queries_per_s": len(queries) / max(seconds, 1e-9),
+        }
+        writer.finish(meta)
+    print(
+        f"wrote {writer.count} queries to {args.output} in {seconds:.1f}s "
+        f"({meta['queries_per_s']:.1f} queries/s, corpus encoding included)"
+    )
+    if incomplete:
+        action = "left out" if args.drop_incomplete else "kept with fewer negatives"
+        print(
+            f"warning: {len(incomplete)} of {len(queries)} queries had fewer than "
+            f"{config.num_negatives} candidates in ranks {config.range_min}..{config.range_max} "
+            f"after filtering ({action}): " + "; ".join(incomplete[:_SHOW_INCOMPLETE]),
+            file=sys.stderr,
+        )
+    return 0
