@@ -111,3 +111,34 @@ def test_evaluate_ranked_equals_dict_run():
 def test_bad_k_values():
     with pytest.raises(ValueError, match="k values"):
         evaluate({"q": {"a": 1}}, {"q": {"a": 1.0}}, [0, 10])
+
+
+def test_evaluate_ranked_from_positions_equals_ids():
+    rng = np.random.default_rng(5)
+    corpus_ids = [f"doc{i}" for i in rng.permutation(300)]
+    query_ids = [f"q{i}" for i in range(12)] + ["doc7"]  # one query shares a document's id
+    positions = np.stack([rng.choice(300, 50, replace=False) for _ in query_ids])
+    positions[0, 40:] = -1  # what an approximate index returns when it finds too few
+    scores = np.round(rng.normal(size=positions.shape), 1)  # ties
+    qrels = {
+        q: {corpus_ids[j]: int(rng.integers(0, 3)) for j in positions[i, :30:3]}
+        for i, q in enumerate(query_ids)
+    }
+    qrels["doc7"]["doc7"] = 2
+    ids = np.where(positions >= 0, np.asarray(corpus_ids, dtype=object)[positions], None)
+    run = {
+        q: {d: float(s) for d, s in zip(ids[i], scores[i], strict=True) if d is not None}
+        for i, q in enumerate(query_ids)
+    }
+    for ignore in (False, True):
+        expected = evaluate(qrels, run, (1, 5, 20, 50), ignore_identical_ids=ignore)
+        got = evaluate_ranked(
+            qrels,
+            query_ids,
+            positions,
+            scores,
+            (1, 5, 20, 50),
+            corpus_ids=corpus_ids,
+            ignore_identical_ids=ignore,
+        )
+        assert got == pytest.approx(expected, abs=1e-12)

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 
 from retriever.eval.data import RetrievalTask
@@ -83,9 +82,14 @@ def evaluate_task(
     timings["search_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    ids = np.asarray(doc_ids + [None], dtype=object)[positions]  # position -1 -> None
     metrics = evaluate_ranked(
-        task.qrels, query_ids, ids, scores, ks, ignore_identical_ids=ignore_identical_ids
+        task.qrels,
+        query_ids,
+        positions,
+        scores,
+        ks,
+        corpus_ids=doc_ids,
+        ignore_identical_ids=ignore_identical_ids,
     )
     timings["evaluate_s"] = time.perf_counter() - start
     timings["total_s"] = sum(timings.values())

@@ -46,12 +46,21 @@ def evaluate(
     query_ids = [q for q in run if q in qrels]
     lengths = np.fromiter((len(run[q]) for q in query_ids), dtype=np.int64, count=len(query_ids))
     query_index = np.repeat(np.arange(len(query_ids)), lengths)
-    doc_ids = np.array([d for q in query_ids for d in run[q]], dtype=object)
+    doc_ids = np.array([str(d) for q in query_ids for d in run[q]], dtype=object)
     scores = np.fromiter(
         (s for q in query_ids for s in run[q].values()), dtype=np.float64, count=int(lengths.sum())
     )
-    return _evaluate_flat(
-        qrels, query_ids, query_index, doc_ids, scores, k_values, ignore_identical_ids, per_query
+    names, codes = np.unique(doc_ids, return_inverse=True)
+    return _evaluate_coded(
+        qrels,
+        query_ids,
+        query_index,
+        codes,
+        names,
+        scores,
+        k_values,
+        ignore_identical_ids,
+        per_query,
     )
 
 
@@ -62,28 +71,52 @@ def evaluate_ranked(
     scores: np.ndarray,
     k_values: Iterable[int] = DEFAULT_K_VALUES,
     *,
+    corpus_ids: Sequence[str] | None = None,
     ignore_identical_ids: bool = False,
     per_query: bool = False,
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, np.ndarray], list[str]]:
-    """:func:`evaluate` for search output: ``doc_ids`` and ``scores`` are [Q, K] arrays (row i
-    belongs to ``query_ids[i]``; ``None`` ids, e.g. for a short corpus, are skipped)."""
-    doc_ids = np.asarray(doc_ids, dtype=object)
+    """:func:`evaluate` for search output: ``scores`` is [Q, K] and row i belongs to
+    ``query_ids[i]``.
+
+    ``doc_ids`` is either a [Q, K] array of document ids (``None`` entries are skipped), or,
+    with ``corpus_ids``, the [Q, K] integer positions :func:`~retriever.eval.search.search`
+    returns (-1 entries are skipped); the latter avoids string work on Q*K entries.
+    """
     scores = np.asarray(scores, dtype=np.float64)
-    if doc_ids.shape != scores.shape or doc_ids.shape[0] != len(query_ids):
+    if corpus_ids is not None:
+        positions = np.asarray(doc_ids, dtype=np.int64)
+        # Code = rank of the id in sorted order, so that comparing codes compares ids.
+        names = np.array([str(d) for d in corpus_ids], dtype=object)
+        order = np.argsort(names, kind="stable")
+        if len(names) > 1 and (names[order][1:] == names[order][:-1]).any():
+            raise ValueError("corpus_ids has duplicate ids")
+        rank = np.empty(len(names), dtype=np.int64)
+        rank[order] = np.arange(len(names))
+        names = names[order]
+        valid = positions >= 0
+        codes = np.where(valid, rank[np.clip(positions, 0, None)], -1)
+    else:
+        ids = np.asarray(doc_ids, dtype=object)
+        valid = np.not_equal(ids, None)
+        names, inverse = np.unique(ids[valid].astype(str).astype(object), return_inverse=True)
+        codes = np.full(ids.shape, -1, dtype=np.int64)
+        codes[valid] = inverse
+    if codes.shape != scores.shape or codes.shape[0] != len(query_ids):
         raise ValueError(
-            f"doc_ids {doc_ids.shape}, scores {scores.shape} and {len(query_ids)} query ids "
+            f"doc_ids {codes.shape}, scores {scores.shape} and {len(query_ids)} query ids "
             "do not match"
         )
     keep_rows = np.array([q in qrels for q in query_ids], dtype=bool)
     kept_ids = [q for q, k in zip(query_ids, keep_rows, strict=True) if k]
-    doc_ids, scores = doc_ids[keep_rows], scores[keep_rows]
-    query_index = np.repeat(np.arange(len(kept_ids)), doc_ids.shape[1])
-    valid = np.not_equal(doc_ids, None).ravel()
-    return _evaluate_flat(
+    codes, scores, valid = codes[keep_rows], scores[keep_rows], valid[keep_rows]
+    query_index = np.repeat(np.arange(len(kept_ids)), codes.shape[1])
+    valid = valid.ravel()
+    return _evaluate_coded(
         qrels,
         kept_ids,
         query_index[valid],
-        doc_ids.ravel()[valid],
+        codes.ravel()[valid],
+        names,
         scores.ravel()[valid],
         k_values,
         ignore_identical_ids,
@@ -91,46 +124,68 @@ def evaluate_ranked(
     )
 
 
-def _evaluate_flat(
+def _lookup(names: np.ndarray, ids: Sequence[str]) -> np.ndarray:
+    """Code of each id in the sorted ``names`` array, -1 when absent."""
+    if len(names) == 0:
+        return np.full(len(ids), -1, dtype=np.int64)
+    wanted = np.array(list(ids), dtype=object)
+    pos = np.clip(np.searchsorted(names, wanted), 0, len(names) - 1)
+    return np.where(names[pos] == wanted, pos, -1) if len(wanted) else pos.astype(np.int64)
+
+
+def _evaluate_coded(
     qrels: Qrels,
     query_ids: list[str],
     query_index: np.ndarray,
-    doc_ids: np.ndarray,
+    codes: np.ndarray,
+    names: np.ndarray,
     scores: np.ndarray,
     k_values: Iterable[int],
     ignore_identical_ids: bool,
     per_query: bool,
 ):
+    """The metrics of a run given as flat arrays: each retrieved (query, document) pair has a
+    query index, a document code (its rank in the sorted array ``names`` of ids) and a score."""
     ks = sorted({int(k) for k in k_values})
     if not ks or ks[0] < 1:
         raise ValueError(f"k values must be positive integers, got {list(k_values)}")
     if not query_ids:
         raise ValueError("no query of the run has qrels")
-    n_queries, k_max = len(query_ids), ks[-1]
-    doc_ids = doc_ids.astype(str)
+    n_queries, k_max, n_codes = len(query_ids), ks[-1], max(len(names), 1)
 
     if ignore_identical_ids:
-        own = doc_ids == np.asarray(query_ids, dtype=str)[query_index]
-        query_index, doc_ids, scores = query_index[~own], doc_ids[~own], scores[~own]
+        own = codes == _lookup(names, [str(q) for q in query_ids])[query_index]
+        query_index, codes, scores = query_index[~own], codes[~own], scores[~own]
 
-    # Rank as trec_eval: by query, score descending, then document id descending. Sorting the
-    # ids as UTF-8 bytes gives strcmp's order.
-    id_bytes = np.char.encode(doc_ids, "utf-8")
-    _, id_rank = np.unique(id_bytes, return_inverse=True)
-    order = np.lexsort((-id_rank, -scores, query_index))
-    query_index, doc_ids = query_index[order], doc_ids[order]
+    # Rank as trec_eval: by query, score descending, then document id descending (Python's
+    # string order is strcmp's order on UTF-8 bytes, and codes follow it).
+    order = np.lexsort((-codes, -scores, query_index))
+    query_index, codes = query_index[order], codes[order]
     starts = np.searchsorted(query_index, np.arange(n_queries))
     rank = np.arange(len(query_index)) - starts[query_index]
     top = rank < k_max
-    query_index, doc_ids, rank = query_index[top], doc_ids[top], rank[top]
+    query_index, codes, rank = query_index[top], codes[top], rank[top]
 
-    # Grade of each retrieved document: look (query, document) up in the flattened qrels.
-    judged_keys, judged_grades, positive_grades = _flatten_qrels(qrels, query_ids)
-    keys = np.char.add(np.char.add(np.asarray(query_ids, dtype=str)[query_index], "\t"), doc_ids)
-    pos = np.searchsorted(judged_keys, keys)
-    pos = np.minimum(pos, max(len(judged_keys) - 1, 0))
-    found = judged_keys[pos] == keys if len(judged_keys) else np.zeros(len(keys), dtype=bool)
-    grade = np.where(found, judged_grades[pos] if len(judged_keys) else 0, 0)
+    # Grade of each retrieved document: look (query, code) up among the judged pairs.
+    judged_q, judged_doc, judged_grade, positive_grades = [], [], [], []
+    for i, q in enumerate(query_ids):
+        judged = qrels[q]
+        judged_q.extend([i] * len(judged))
+        judged_doc.extend(str(d) for d in judged)
+        judged_grade.extend(judged.values())
+        positive = np.array([g for g in judged.values() if g > 0], dtype=np.float64)
+        positive_grades.append(np.sort(positive)[::-1])
+    judged_code = _lookup(names, judged_doc)
+    known = judged_code >= 0  # a judged document never retrieved needs no lookup
+    judged_keys = np.asarray(judged_q, dtype=np.int64)[known] * n_codes + judged_code[known]
+    key_order = np.argsort(judged_keys)
+    judged_keys = judged_keys[key_order]
+    judged_grade = np.asarray(judged_grade, dtype=np.float64)[known][key_order]
+    keys = query_index * n_codes + codes
+    grade = np.zeros(len(keys))
+    if len(judged_keys):
+        pos = np.clip(np.searchsorted(judged_keys, keys), 0, len(judged_keys) - 1)
+        grade = np.where(judged_keys[pos] == keys, judged_grade[pos], 0.0)
 
     gains = np.zeros((n_queries, k_max), dtype=np.float64)
     gains[query_index, rank] = np.maximum(grade, 0)  # trec_eval: negative grades gain 0
@@ -171,20 +226,3 @@ def _evaluate_flat(
     if per_query:
         return means, results, list(query_ids)
     return means
-
-
-def _flatten_qrels(
-    qrels: Qrels, query_ids: list[str]
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Sorted "query<TAB>doc" keys with their grades, and each query's positive grades sorted
-    descending (the ideal ranking)."""
-    keys, grades, positives = [], [], []
-    for q in query_ids:
-        judged = qrels[q]
-        keys.extend(f"{q}\t{d}" for d in judged)
-        grades.extend(judged.values())
-        positive = np.array([g for g in judged.values() if g > 0], dtype=np.float64)
-        positives.append(np.sort(positive)[::-1])
-    keys_arr = np.asarray(keys, dtype=str)
-    order = np.argsort(keys_arr, kind="stable")
-    return keys_arr[order], np.asarray(grades, dtype=np.float64)[order], positives
