@@ -204,12 +204,45 @@ class EvalArguments:
     metric: str = _opt("ndcg_at_10", "Metric that picks the best checkpoint (higher is better).")
 
 
+@dataclass
+class MiningArguments:
+    dynamic: bool = _opt(
+        False,
+        "Re-mine hard negatives during training (docs/mining.md): data.train must be a file "
+        "written by `retriever mine` (it holds each example's ranked candidates) and "
+        "data.negatives > 0.",
+    )
+    remine_every: int = _opt(
+        100, "Re-score every example's hard negatives with the current model every N steps."
+    )
+    score_ratio: float = _opt(
+        1.15,
+        "A negative is no longer hard when score * score_ratio < its initial score and "
+        "|score| < max_abs_score; it is replaced by the next candidate of its ranked list.",
+    )
+    max_abs_score: float = _opt(
+        0.8, "See score_ratio: a negative with |score| >= this stays (it is still hard)."
+    )
+    refresh_every: int | None = _opt(
+        None,
+        "Every N steps also renew the ranked lists: re-encode mining.corpus and search it "
+        "with the current model; null: never.",
+    )
+    corpus: str | None = _opt(
+        None,
+        "Corpus the refresh searches (BEIR directory, corpus.jsonl or training JSONL); null: "
+        "the documents of the mined file's candidate lists (its .corpus.jsonl).",
+    )
+    batch_size: int = _opt(256, "Texts per forward pass when re-scoring negatives.")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelArguments,
     "data": DataArguments,
     "loss": LossArguments,
     "training": TrainingArguments,
     "eval": EvalArguments,
+    "mining": MiningArguments,
 }
 
 # Short flags for the options changed most often: flag -> "section.option".
@@ -242,6 +275,7 @@ class TrainConfig:
     loss: LossArguments = field(default_factory=LossArguments)
     training: TrainingArguments = field(default_factory=TrainingArguments)
     eval: EvalArguments = field(default_factory=EvalArguments)
+    mining: MiningArguments = field(default_factory=MiningArguments)
     sources: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def get(self, key: str) -> Any:
@@ -428,6 +462,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         "data.max_examples",
         "model.query_max_length",
         "model.document_max_length",
+        "mining.remine_every",
+        "mining.refresh_every",
+        "mining.batch_size",
     ]
     for key in positive:
         value = config.get(key)
@@ -450,6 +487,13 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"{config.where('loss.temperature')}: loss.temperature ({loss.temperature}) must lie "
             f"in [loss.min_temperature, loss.max_temperature] = "
             f"[{loss.min_temperature}, {loss.max_temperature}]"
+        )
+    for key in ("mining.score_ratio", "mining.max_abs_score"):
+        _check(config, key, config.get(key) > 0, "a number > 0")
+    if config.mining.dynamic and config.data.negatives == 0:
+        raise ConfigError(
+            f"{config.where('mining.dynamic')}: mining.dynamic re-mines hard negatives, but "
+            "data.negatives is 0 (in-batch negatives only); set data.negatives"
         )
     for tracker in config.training.report_to:
         if tracker not in ("tensorboard", "wandb"):
