@@ -50,7 +50,16 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 # Files and directories a run writes; --overwrite removes exactly these.
-RUN_ARTIFACTS = ("config.yaml", CHECKPOINTS, "best", "final", "logs", "log.jsonl", "eval.jsonl")
+RUN_ARTIFACTS = (
+    "config.yaml",
+    CHECKPOINTS,
+    "best",
+    "final",
+    "logs",
+    "log.jsonl",
+    "eval.jsonl",
+    "mining.jsonl",
+)
 # Options that must not change when a run is resumed: they change the model, the data order or
 # the random stream, so the continuation would not be the run that was started.
 FIXED_ON_RESUME = (
@@ -66,6 +75,7 @@ FIXED_ON_RESUME = (
     "training.seed",
     "training.sort_by_length",
     "training.mixed_precision",
+    "mining.dynamic",
 )
 
 
@@ -347,12 +357,19 @@ class Trainer:
         self.batches_per_epoch = len(first)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch))
         self.collator = Collator(self.encoder, t.chunk_size, t.sort_by_length)
+        self.miner = None
+        if config.mining.dynamic:  # keeps the hard negatives hard: retriever/mining/dynamic.py
+            from retriever.mining.dynamic import DynamicMiner
+
+            self.miner = DynamicMiner.from_train_config(config, self.train_set)
 
         optimizer = build_optimizer(config, self.encoder, self.loss_fn)
         scheduler = build_scheduler(config, optimizer, self.total_steps)
         self.model, self.optimizer, self.scheduler = acc.prepare(self.encoder, optimizer, scheduler)
         self.state = TrainState()
         acc.register_for_checkpointing(self.state, self.loss_fn)
+        if self.miner is not None:
+            acc.register_for_checkpointing(self.miner)
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
             logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
@@ -401,6 +418,19 @@ class Trainer:
             no_sync=lambda: acc.no_sync(self.model),
             devices=devices,
         )
+
+    def _remine(self) -> None:
+        """A dynamic-mining pass (every process takes part), logged to mining.jsonl."""
+        acc = self.accelerator
+        record = self.miner.run(
+            acc.unwrap_model(self.model),
+            self.state.step,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+        )
+        self._write("mining.jsonl", record)
+        acc.log({f"mining/{k}": v for k, v in record.items() if k != "step"}, step=self.state.step)
+        acc.print(self.miner.describe(record))
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
@@ -509,12 +539,16 @@ class Trainer:
                     last_loss = self._log(window, grad_norm, progress)
                     window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
                 unfinished = state.step < self.total_steps
+                # Before the checkpoint, so that a resumed run has the re-mined negatives.
+                remined = self.miner is not None and unfinished and self.miner.due(state.step)
+                if remined:
+                    self._remine()
                 if t.save_steps and state.step % t.save_steps == 0 and unfinished:
                     self.save_checkpoint()
                 if cfg.eval.steps and state.step % cfg.eval.steps == 0 and unfinished:
                     evaluations.append(self.evaluate())
-                if state.step >= self.total_steps:
-                    break
+                if state.step >= self.total_steps or remined:
+                    break  # after re-mining: a new loader, whose workers see the new negatives
             else:
                 state.epoch += 1
                 state.batch_in_epoch = 0
