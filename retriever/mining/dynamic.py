@@ -1,0 +1,445 @@
+"""Dynamic hard-negative mining during training (Conan-embedding, arXiv 2408.15710; design
+notes section 5).
+
+Every ``every`` steps the trainer calls :meth:`DynamicMiner.run`: each example's current hard
+negatives are re-scored with the current model, and a negative whose score ``s`` has fallen
+past the rule
+
+    s * score_ratio < initial_score   and   |s| < max_abs_score        (1.15 and 0.8)
+
+is no longer hard: it is replaced by the next candidate of its example's ranked list (written
+by ``retriever mine``). A replacement's initial score is its score when it comes in.
+
+Which candidates: a negative once used by an example is never used by it again. The i-th
+replacement of a full set of n negatives takes ranks ``(i-1)*n + range_min .. i*n + range_min``
+of the example's ranked list *without the negatives it has already used*; replacing fewer than
+n takes the next ones in the same order. (With ``--sampling top`` the initial negatives are
+ranks ``range_min .. range_min + n``, so the first replacement is ranks
+``range_min + n .. range_min + 2n`` of the full list, and so on.) When the list runs out, the
+stale negative stays and is counted as ``exhausted``.
+
+With ``refresh_every``, the ranked lists themselves are renewed: the corpus is re-encoded and
+searched with the current model and the miner's filters (positives, margins), and the next
+replacement starts again at ``range_min`` of the new list.
+
+Across processes each rank re-scores every ``world_size``-th example, the changes are
+exchanged with ``all_gather_object``, and every rank applies all of them, so the training sets
+stay identical. The state (current negatives, initial scores, positions in the lists) is saved
+in checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from retriever.mining.files import (
+    MiningDataError,
+    load_corpus,
+    read_candidate_corpus,
+    read_meta,
+)
+from retriever.mining.miner import Corpus, MiningConfig, MiningQuery
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DynamicMiningConfig:
+    every: int = 100
+    score_ratio: float = 1.15
+    max_abs_score: float = 0.8
+    refresh_every: int | None = None
+    batch_size: int = 256
+
+
+def stale_negatives(
+    scores: np.ndarray, initial_scores: np.ndarray, score_ratio: float, max_abs_score: float
+) -> np.ndarray:
+    """Which negatives are no longer hard: ``score * ratio < initial and |score| < max``."""
+    return (scores * score_ratio < initial_scores) & (np.abs(scores) < max_abs_score)
+
+
+@dataclass
+class ExampleState:
+    """One example's negatives (corpus ids), their initial scores (None until the first pass
+    when the mined file had none), its ranked list, the ids it has used and where the next
+    replacement search starts in the list."""
+
+    negatives: list[str]
+    initial_scores: list[float] | None
+    candidates: list[str]
+    used: list[str]
+    cursor: int
+
+    def next_candidates(self, count: int) -> tuple[list[str], int]:
+        """Up to ``count`` unused candidates from the cursor on, and the new cursor."""
+        used = set(self.used)
+        found, cursor = [], self.cursor
+        while len(found) < count and cursor < len(self.candidates):
+            candidate = self.candidates[cursor]
+            cursor += 1
+            if candidate not in used:
+                found.append(candidate)
+        return found, cursor
+
+
+class DynamicMiner:
+    """Keeps a :class:`retriever.data.TrainSet`'s hard negatives hard; see the module docstring.
+
+    Build it with :meth:`from_mined_file` (or :meth:`from_train_config`).
+    """
+
+    def __init__(
+        self,
+        train_set: Any,
+        states: list[ExampleState],
+        texts: dict[str, str],
+        config: DynamicMiningConfig,
+        mining: MiningConfig,
+        queries: list[MiningQuery],
+        refresh_corpus: Corpus | None = None,
+    ) -> None:
+        if len(states) != len(train_set.examples):
+            raise ValueError(f"{len(states)} states for {len(train_set.examples)} examples")
+        self.train_set = train_set
+        self.states = states
+        self.texts = texts
+        self.config = config
+        self.mining = mining
+        self.queries = queries
+        self.refresh_corpus = refresh_corpus
+        self.passes = 0
+
+    # -- construction
+
+    @classmethod
+    def from_mined_file(
+        cls,
+        path: str | os.PathLike,
+        train_set: Any,
+        config: DynamicMiningConfig | None = None,
+        *,
+        corpus: str | os.PathLike | None = None,
+    ) -> DynamicMiner:
+        """Read ``path`` (written by ``retriever mine``; its ``.corpus.jsonl`` and
+        ``.meta.json`` beside it) for the examples of ``train_set``, which were read from the
+        same file. ``corpus`` is searched by refreshes (default: the ``.corpus.jsonl``)."""
+        from retriever.eval.data import read_jsonl
+
+        config = config or DynamicMiningConfig()
+        meta = read_meta(path)
+        try:
+            mining = MiningConfig(**meta["mining"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MiningDataError(f"{path}: the mining settings in its .meta.json: {exc}") from None
+        candidate_corpus = read_candidate_corpus(path)
+        texts = dict(zip(candidate_corpus.ids, candidate_corpus.texts))
+        refresh_corpus = None
+        if config.refresh_every:
+            refresh_corpus = load_corpus(corpus) if corpus else candidate_corpus
+            texts.update(zip(refresh_corpus.ids, refresh_corpus.texts))
+        examples = train_set.examples
+        states, queries = [], []
+        records = read_jsonl(path)
+        for index, example in enumerate(examples):
+            line_no, record = next(records, (None, None))
+            if record is None:
+                raise MiningDataError(
+                    f"{path}: {len(examples)} training examples but only {index} lines"
+                )
+            where = f"{path}:{line_no}"
+            state = _state_from_record(record, example, texts, mining.range_min, where)
+            states.append(state)
+            positive_ids = tuple(i for i in record.get("pos_ids") or () if i is not None)
+            queries.append(MiningQuery(example.query, example.positives, positive_ids, None, where))
+        return cls(train_set, states, texts, config, mining, queries, refresh_corpus)
+
+    @classmethod
+    def from_train_config(cls, train_config: Any, train_set: Any) -> DynamicMiner:
+        """The miner a :class:`retriever.arguments.TrainConfig` asks for (``mining`` section)."""
+        from retriever.arguments import ConfigError
+
+        m = train_config.mining
+        if not str(train_config.data.train).endswith((".jsonl", ".jsonl.gz")):
+            raise ConfigError(
+                f"{train_config.where('mining.dynamic')}: mining.dynamic needs data.train to be "
+                f"a file written by `retriever mine` (with ranked candidate lists), got "
+                f"{train_config.data.train!r}"
+            )
+        config = DynamicMiningConfig(
+            every=m.remine_every,
+            score_ratio=m.score_ratio,
+            max_abs_score=m.max_abs_score,
+            refresh_every=m.refresh_every,
+            batch_size=m.batch_size,
+        )
+        try:
+            return cls.from_mined_file(train_config.data.train, train_set, config, corpus=m.corpus)
+        except MiningDataError as exc:
+            raise ConfigError(f"mining.dynamic: {exc}") from None
+
+    # -- the trainer's calls
+
+    def due(self, step: int) -> bool:
+        """Whether step ``step`` (1-based, just finished) ends with a re-mining pass."""
+        return step % self.config.every == 0 or self._refresh_due(step)
+
+    def _refresh_due(self, step: int) -> bool:
+        return bool(self.config.refresh_every) and step % self.config.refresh_every == 0
+
+    def run(self, encoder: Any, step: int, *, rank: int = 0, world_size: int = 1) -> dict:
+        """One pass over this rank's share of the examples; changes are exchanged and applied
+        on every rank. Returns the logged record (fractions, mean scores, seconds)."""
+        start = time.perf_counter()
+        refresh = self._refresh_due(step)
+        update = self.compute(encoder, range(rank, len(self.states), world_size), refresh)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * world_size
+            dist.all_gather_object(parts, update)
+            update = _merge(parts)
+        self.apply(update)
+        self.passes += 1
+        stats = update["stats"]
+        n_negatives = max(stats["negatives"], 1)
+        return {
+            "step": step,
+            "examples": stats["examples"],
+            "fraction_remined": stats["examples_remined"] / max(stats["examples"], 1),
+            "fraction_negatives_replaced": stats["replaced"] / n_negatives,
+            "negatives_replaced": stats["replaced"],
+            "exhausted": stats["exhausted"],
+            "mean_negative_score_before": stats["score_before"] / n_negatives,
+            "mean_negative_score_after": stats["score_after"] / n_negatives,
+            "refreshed": refresh,
+            "initialised": stats["initialised"],
+            "seconds": time.perf_counter() - start,
+        }
+
+    @staticmethod
+    def describe(record: dict) -> str:
+        return (
+            f"re-mined at step {record['step']}: {100 * record['fraction_remined']:.1f}% of "
+            f"{record['examples']} examples ({record['negatives_replaced']} negatives replaced, "
+            f"{record['exhausted']} left for lack of candidates), mean negative score "
+            f"{record['mean_negative_score_before']:.4f} -> "
+            f"{record['mean_negative_score_after']:.4f}"
+            f"{', lists refreshed' if record['refreshed'] else ''} in {record['seconds']:.1f}s"
+        )
+
+    # -- the work
+
+    def _encode(self, encoder: Any, texts: list[str], side: str) -> np.ndarray:
+        vectors = encoder.encode(
+            texts, side, batch_size=self.config.batch_size, show_progress=False
+        )
+        return np.asarray(vectors, dtype=np.float64)
+
+    def _score(self, encoder: Any, query_vectors: np.ndarray, ids: list[list[str]]) -> list:
+        """Scores of each row's ids against that row's query vector (each text encoded once)."""
+        unique = list(dict.fromkeys(i for row in ids for i in row))
+        if not unique:
+            return [np.zeros(0) for _ in ids]
+        vectors = self._encode(encoder, [self.texts[i] for i in unique], "document")
+        where = {doc_id: n for n, doc_id in enumerate(unique)}
+        return [
+            vectors[[where[i] for i in row]] @ query_vectors[r] if row else np.zeros(0)
+            for r, row in enumerate(ids)
+        ]
+
+    def compute(self, encoder: Any, indices: Sequence[int], refresh: bool = False) -> dict:
+        """The changes one pass makes to the examples ``indices`` (nothing is applied)."""
+        indices = list(indices)
+        states = {i: self.states[i] for i in indices}
+        new_lists = self._refresh(encoder, indices) if refresh else {}
+        if new_lists:  # work on copies: apply() makes the change
+            states = {
+                i: dataclasses.replace(s, candidates=new_lists[i], cursor=self.mining.range_min)
+                for i, s in states.items()
+            }
+        stats = dict.fromkeys(
+            (
+                "examples",
+                "examples_remined",
+                "negatives",
+                "replaced",
+                "exhausted",
+                "initialised",
+                "score_before",
+                "score_after",
+            ),
+            0,
+        )
+        stats["examples"] = len(indices)
+        if not indices:
+            return {"changes": [], "stats": stats}
+        query_vectors = self._encode(
+            encoder, [self.train_set.examples[i].query for i in indices], "query"
+        )
+        current = self._score(encoder, query_vectors, [states[i].negatives for i in indices])
+        plans = []
+        for row, i in enumerate(indices):
+            state, scores = states[i], current[row]
+            stats["negatives"] += len(scores)
+            stats["score_before"] += float(scores.sum())
+            if state.initial_scores is None:  # the file had no scores: these are the baseline
+                stats["initialised"] += 1
+                plans.append((i, [], [], scores.tolist(), state.cursor))
+                continue
+            stale = stale_negatives(
+                scores,
+                np.asarray(state.initial_scores, dtype=np.float64),
+                self.config.score_ratio,
+                self.config.max_abs_score,
+            )
+            slots = np.flatnonzero(stale).tolist()
+            found, cursor = state.next_candidates(len(slots))
+            stats["exhausted"] += len(slots) - len(found)
+            plans.append((i, slots[: len(found)], found, scores.tolist(), cursor))
+        new_scores = self._score(encoder, query_vectors, [plan[2] for plan in plans])
+        changes = []
+        for (i, slots, found, scores, cursor), added in zip(plans, new_scores):
+            state = states[i]
+            negatives = list(state.negatives)
+            initial = list(state.initial_scores) if state.initial_scores is not None else scores
+            after = list(scores)
+            for slot, doc_id, score in zip(slots, found, added.tolist()):
+                negatives[slot], initial[slot], after[slot] = doc_id, score, score
+            stats["score_after"] += sum(after)
+            stats["replaced"] += len(found)
+            stats["examples_remined"] += bool(found)
+            changes.append(
+                {
+                    "index": i,
+                    "negatives": negatives,
+                    "initial_scores": initial,
+                    "used_added": found,
+                    "cursor": cursor,
+                    "candidates": state.candidates if refresh else None,
+                }
+            )
+        return {"changes": changes, "stats": stats}
+
+    def _refresh(self, encoder: Any, indices: list[int]) -> dict[int, list[str]]:
+        """New ranked lists for ``indices``: the refresh corpus searched with this model."""
+        from retriever.eval.search import IndexConfig
+        from retriever.mining.miner import mine
+
+        assert self.refresh_corpus is not None
+        corpus = self.refresh_corpus
+        device = getattr(encoder, "device", None)
+        kind = "torch" if getattr(device, "type", "cpu") == "cuda" else "flat"
+        mined = mine(
+            encoder,
+            [self.queries[i] for i in indices],
+            corpus,
+            self.mining,
+            index=IndexConfig(kind=kind),
+            batch_size=self.config.batch_size,
+            show_progress=False,
+        )
+        return {indices[m.index]: [corpus.ids[p] for p in m.candidates] for m in mined}
+
+    def apply(self, update: dict) -> None:
+        """Apply :meth:`compute`'s changes to the states and the training set's examples."""
+        for change in update["changes"]:
+            i = change["index"]
+            state = self.states[i]
+            state.negatives = list(change["negatives"])
+            state.initial_scores = list(change["initial_scores"])
+            state.used.extend(change["used_added"])
+            state.cursor = change["cursor"]
+            if change["candidates"] is not None:
+                state.candidates = list(change["candidates"])
+            self._sync_example(i)
+
+    def _sync_example(self, i: int) -> None:
+        example = self.train_set.examples[i]
+        negatives = tuple(self.texts[d] for d in self.states[i].negatives)
+        if negatives != example.negatives:
+            self.train_set.examples[i] = dataclasses.replace(example, negatives=negatives)
+
+    # -- checkpoints (Accelerate's register_for_checkpointing)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"passes": self.passes, "states": [dataclasses.asdict(s) for s in self.states]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["states"]) != len(self.states):
+            raise ValueError(
+                f"the checkpoint's dynamic-mining state has {len(state['states'])} examples, "
+                f"the training set {len(self.states)}"
+            )
+        self.passes = state["passes"]
+        self.states = [ExampleState(**s) for s in state["states"]]
+        missing = {d for s in self.states for d in (*s.negatives, *s.candidates)} - set(self.texts)
+        if missing:
+            raise ValueError(
+                f"the checkpoint's dynamic-mining state names {len(missing)} documents the "
+                f"corpus does not have (e.g. {sorted(missing)[:3]}); was mining.corpus changed?"
+            )
+        for i in range(len(self.states)):
+            self._sync_example(i)
+
+
+def _state_from_record(
+    record: dict[str, Any], example: Any, texts: dict[str, str], range_min: int, where: str
+) -> ExampleState:
+    if record.get("query") != example.query:
+        raise MiningDataError(
+            f"{where}: 'query' differs from the training example read from the same line; "
+            "data.train must be the mined file itself"
+        )
+    for key in ("neg_ids", "candidates"):
+        value = record.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise MiningDataError(
+                f"{where}: field '{key}' must be a list of corpus ids (dynamic mining needs a "
+                "file written by `retriever mine`)"
+            )
+    negatives, candidates = record["neg_ids"], record["candidates"]
+    if len(negatives) != len(example.negatives):
+        raise MiningDataError(
+            f"{where}: 'neg_ids' has {len(negatives)} ids for {len(example.negatives)} 'neg' texts"
+        )
+    for doc_id, text in zip(negatives, example.negatives):
+        if texts.get(doc_id) != text.strip():
+            raise MiningDataError(
+                f"{where}: 'neg_ids' id {doc_id!r} is not the text in 'neg' (or is missing "
+                "from the .corpus.jsonl)"
+            )
+    missing = [c for c in candidates if c not in texts]
+    if missing:
+        raise MiningDataError(
+            f"{where}: 'candidates' names {missing[0]!r}, which the .corpus.jsonl lacks"
+        )
+    scores = record.get("neg_scores")
+    if scores is not None:
+        if (
+            not isinstance(scores, list)
+            or len(scores) != len(negatives)
+            or not all(isinstance(s, (int, float)) for s in scores)
+        ):
+            raise MiningDataError(f"{where}: 'neg_scores' must be one number per negative")
+        scores = [float(s) for s in scores]
+    return ExampleState(list(negatives), scores, list(candidates), list(negatives), range_min)
+
+
+def _merge(parts: list[dict]) -> dict:
+    stats = dict.fromkeys(parts[0]["stats"], 0)
+    for part in parts:
+        for key, value in part["stats"].items():
+            stats[key] += value
+    return {"changes": [c for part in parts for c in part["changes"]], "stats": stats}
+
+
+__all__ = ["DynamicMiner", "DynamicMiningConfig", "ExampleState", "stale_negatives"]
