@@ -68,9 +68,10 @@ class ModelArguments:
     )
     dtype: str = _opt(
         "float32",
-        "Dtype the weights are held (and trained) in. float32 with training.mixed_precision "
-        "bf16 is the usual choice; bfloat16 halves activation traffic but updates bf16 weights.",
-        choices=("float32", "bfloat16", "float16"),
+        "Dtype the network runs in. float32: fp32 weights, with training.mixed_precision "
+        "deciding autocast. bfloat16: bf16 weights and activations (faster than autocast), "
+        "with fp32 master weights for the optimizer and fp32 gradient accumulation.",
+        choices=("float32", "bfloat16"),
     )
     attn_implementation: str | None = _opt(
         "sdpa",

@@ -306,30 +306,38 @@ class Batch:
     length when sorting is on); ``query_order[i]`` is the row, in that order, of query i (so
     ``embeddings[query_order]`` is in batch order), likewise ``document_order``. Documents are
     ``[positives; first negatives; second negatives; ...]``, so query i's positive is
-    document i. ``candidate_ids`` are the documents' text ids in batch order.
+    document i. ``candidate_ids`` are the documents' text ids in batch order. Each chunk also
+    says whether it has ``no_padding`` (then the network needs no attention mask).
     """
 
-    query_chunks: list[dict[str, Tensor]]
-    document_chunks: list[dict[str, Tensor]]
+    query_chunks: list[dict[str, Any]]
+    document_chunks: list[dict[str, Any]]
     query_order: Tensor
     document_order: Tensor
     candidate_ids: Tensor
     num_queries: int
     num_tokens: int
 
-    def to(self, device: torch.device | str) -> Batch:
-        def move(chunks: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
-            return [{k: v.to(device, non_blocking=True) for k, v in c.items()} for c in chunks]
+    def _map(self, fn: Any) -> Batch:
+        def chunks(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{k: fn(v) if isinstance(v, Tensor) else v for k, v in c.items()} for c in items]
 
         return Batch(
-            move(self.query_chunks),
-            move(self.document_chunks),
-            self.query_order.to(device),
-            self.document_order.to(device),
-            self.candidate_ids.to(device),
+            chunks(self.query_chunks),
+            chunks(self.document_chunks),
+            fn(self.query_order),
+            fn(self.document_order),
+            fn(self.candidate_ids),
             self.num_queries,
             self.num_tokens,
         )
+
+    def to(self, device: torch.device | str) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can be asynchronous."""
+        return self._map(lambda t: t.pin_memory())
 
 
 class Collator:
@@ -345,10 +353,14 @@ class Collator:
             order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         else:
             order = list(range(len(texts)))
-        chunks = [
-            self.tokenizer.tokenize([texts[i] for i in order[s : s + self.chunk_size]], side)
-            for s in range(0, len(texts), self.chunk_size)
-        ]
+        chunks = []
+        for start in range(0, len(texts), self.chunk_size):
+            features: dict[str, Any] = self.tokenizer.tokenize(
+                [texts[i] for i in order[start : start + self.chunk_size]], side
+            )
+            # Known here on the host, so the forward pass needs no device sync to learn it.
+            features["no_padding"] = bool(features["attention_mask"].all())
+            chunks.append(features)
         position = torch.empty(len(texts), dtype=torch.long)
         position[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
         return chunks, position

@@ -13,8 +13,9 @@ while activation memory is that of one chunk, whatever the batch size.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,25 +26,36 @@ from retriever.loss import InfoNCELoss
 
 
 def cached_step(
-    embed: Callable[[dict[str, Tensor]], Tensor],
+    embed: Callable[[dict[str, Any]], Tensor],
     batch: Batch,
     loss_fn: InfoNCELoss,
     *,
+    device: torch.device | str = "cpu",
     group: object | None = None,
     no_sync: Callable[[], AbstractContextManager] | None = None,
-    devices: Iterable[torch.device | str] = (),
 ) -> Tensor:
     """Accumulate the gradient of ``loss_fn`` over ``batch`` into the parameters' ``.grad``.
 
     ``embed`` maps a chunk's features to [n, D] embeddings (the model, possibly DDP-wrapped);
-    ``no_sync`` is e.g. ``lambda: accelerator.no_sync(model)``. Returns this process's loss
-    (detached; the mean over processes is the global loss).
+    ``no_sync`` is e.g. ``lambda: accelerator.no_sync(model)``. The chunks may stay in (pinned)
+    host memory: each is copied to ``device`` when it is embedded, so the tokens of the whole
+    batch never occupy the GPU. Returns this process's loss (detached; the mean over processes
+    is the global loss).
     """
+    device = torch.device(device)
+
+    def embed_on_device(chunk: dict[str, Any]) -> Tensor:
+        moved = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                 for k, v in chunk.items()}  # fmt: skip
+        return embed(moved)
+
     chunks = batch.query_chunks + batch.document_chunks
-    cache, states = embed_without_grad(embed, chunks, devices)
-    queries = cache[: batch.num_queries][batch.query_order]
-    documents = cache[batch.num_queries :][batch.document_order]
-    loss = loss_fn(queries, documents, candidate_ids=batch.candidate_ids, group=group)
+    rng_devices = [device] if device.type == "cuda" else []
+    cache, states = embed_without_grad(embed_on_device, chunks, rng_devices)
+    queries = cache[: batch.num_queries][batch.query_order.to(device)]
+    documents = cache[batch.num_queries :][batch.document_order.to(device)]
+    ids = batch.candidate_ids.to(device)
+    loss = loss_fn(queries, documents, candidate_ids=ids, group=group)
     loss.backward()  # fills cache.grad (and a learnable temperature's gradient)
-    backward_from_cached_grads(embed, chunks, states, cache.grad, no_sync=no_sync)
+    backward_from_cached_grads(embed_on_device, chunks, states, cache.grad, no_sync=no_sync)
     return loss.detach()

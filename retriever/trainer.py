@@ -26,6 +26,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -209,12 +210,13 @@ def build_loss(config: TrainConfig) -> InfoNCELoss:
 
 
 def build_optimizer(
-    config: TrainConfig, encoder: Encoder, loss_fn: InfoNCELoss
+    config: TrainConfig, params: Iterable[torch.nn.Parameter], loss_fn: InfoNCELoss
 ) -> torch.optim.Optimizer:
-    """AdamW; biases, norms and the temperature get no weight decay."""
+    """AdamW over the network's ``params`` and a learnable temperature; biases, norms and the
+    temperature get no weight decay."""
     t = config.training
     decay, no_decay = [], []
-    for param in encoder.parameters():
+    for param in params:
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     no_decay += [p for p in loss_fn.parameters() if p.requires_grad]
@@ -363,13 +365,30 @@ class Trainer:
 
             self.miner = DynamicMiner.from_train_config(config, self.train_set)
 
-        optimizer = build_optimizer(config, self.encoder, self.loss_fn)
-        scheduler = build_scheduler(config, optimizer, self.total_steps)
-        self.model, self.optimizer, self.scheduler = acc.prepare(self.encoder, optimizer, scheduler)
+        self.master = None
+        if config.model.dtype == "bfloat16":
+            # bf16 network, fp32 master weights and gradients (retriever/precision.py). The
+            # master gradients are averaged by hand, so the model is not wrapped in DDP.
+            from retriever.precision import MasterWeights
+
+            self.encoder.to(acc.device)
+            self.master = MasterWeights(self.encoder.parameters())
+            optimizer = build_optimizer(config, self.master.master, self.loss_fn)
+            scheduler = build_scheduler(config, optimizer, self.total_steps)
+            self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
+            self.model = self.encoder
+        else:
+            optimizer = build_optimizer(config, self.encoder.parameters(), self.loss_fn)
+            scheduler = build_scheduler(config, optimizer, self.total_steps)
+            self.model, self.optimizer, self.scheduler = acc.prepare(
+                self.encoder, optimizer, scheduler
+            )
         self.state = TrainState()
         acc.register_for_checkpointing(self.state, self.loss_fn)
         if self.miner is not None:
             acc.register_for_checkpointing(self.miner)
+        if self.master is not None:
+            acc.register_for_checkpointing(self.master)
         if self.resume_from is not None:
             acc.load_state(str(self.resume_from))
             logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
@@ -407,17 +426,19 @@ class Trainer:
 
     def _step(self, batch: Any) -> torch.Tensor:
         acc = self.accelerator
-        devices = [acc.device] if acc.device.type == "cuda" else []
         # A learnable temperature lives outside DDP; the ring gives every rank the gradient of
         # the global loss for it, so it needs no all-reduce.
-        return cached_step(
+        loss = cached_step(
             self.model,
-            batch.to(acc.device),
+            batch,
             self.loss_fn,
+            device=acc.device,
             group=self.group,
-            no_sync=lambda: acc.no_sync(self.model),
-            devices=devices,
+            no_sync=None if self.master is not None else lambda: acc.no_sync(self.model),
         )
+        if self.master is not None and acc.num_processes > 1:
+            self.master.all_reduce()
+        return loss
 
     def _remine(self) -> None:
         """A dynamic-mining pass (every process takes part), logged to mining.jsonl."""
@@ -527,6 +548,8 @@ class Trainer:
                 if t.max_grad_norm is not None:
                     grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
                 self.optimizer.step()
+                if self.master is not None:
+                    self.master.copy_to_model()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 state.step += 1
@@ -557,7 +580,11 @@ class Trainer:
         if self.task is not None and not (evaluations and evaluations[-1]["step"] == state.step):
             evaluations.append(self.evaluate())
         if acc.is_main_process:
-            acc.unwrap_model(self.model).save(self.output_dir / "final")
+            encoder = acc.unwrap_model(self.model)
+            if self.master is not None:  # save the fp32 master weights, not their bf16 copy
+                encoder.float()
+                self.master.copy_to_model()
+            encoder.save(self.output_dir / "final")
         acc.wait_for_everyone()
         acc.end_training()
         summary = {

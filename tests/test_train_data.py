@@ -197,5 +197,14 @@ def test_collator_chunks_by_length_and_keeps_batch_order(tmp_path):
     assert batch.num_tokens == sum(
         int(c["attention_mask"].sum()) for c in batch.query_chunks + batch.document_chunks
     )
+    # Chunks without padding say so; the network then runs without a mask, to the same result.
+    chunks = batch.query_chunks + batch.document_chunks
+    flags = [c["no_padding"] for c in chunks]
+    assert flags == [bool(c["attention_mask"].all()) for c in chunks]
+    assert any(flags) and not all(flags)
+    encoder.eval()
+    for chunk in batch.document_chunks:
+        if chunk["no_padding"]:
+            torch.testing.assert_close(encoder(chunk), encoder({**chunk, "no_padding": False}))
     unsorted = Collator(encoder, chunk_size=3, sort_by_length=False)(groups)
     assert torch.equal(unsorted.query_order, torch.arange(7))

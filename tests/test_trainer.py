@@ -106,12 +106,13 @@ def test_cached_step_equals_the_direct_full_batch_gradient(tmp_path):
     assert max((a - b).abs().max().item() for a, b in zip(want, other_dropout)) > 1e-4
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Run A: 6 steps with a checkpoint every 3 and evaluation on a small task."""
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def trained(request, tmp_path_factory):
+    """Run A: 6 steps with a checkpoint every 3 and evaluation on a small task, with fp32
+    weights or with bf16 weights and fp32 master weights."""
     from accelerate.state import AcceleratorState
 
-    root = tmp_path_factory.mktemp("trainer")
+    root = tmp_path_factory.mktemp(f"trainer-{request.param}")
     model = make_tiny_model(root / "model", dropout=0.1)
     data = write_examples(root / "train.jsonl", n=96, negatives=3)
     task = write_beir(root / "task", data, n=24)
@@ -119,7 +120,7 @@ def trained(tmp_path_factory):
         model,
         data,
         root / "run_a",
-        model={"query_prefix": "query: "},
+        model={"query_prefix": "query: ", "dtype": request.param},
         training={"save_steps": 3, "save_total_limit": None},
         eval={"data": task, "steps": 3, "batch_size": 16},
     )
@@ -132,6 +133,7 @@ def trained(tmp_path_factory):
 
 def test_loss_decreases_and_run_directory_is_complete(trained):
     run_dir = trained["root"] / "run_a"
+    assert all(t.dtype == torch.float32 for t in load_weights(run_dir / "final").values())
     losses = [r["loss"] for r in read_log(run_dir)]
     assert len(losses) == 6
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
@@ -216,3 +218,30 @@ def test_command_line_reports_bad_data_with_its_line(tmp_path, capsys):
     )  # fmt: skip
     assert run(args) == 2
     assert f"{data}:2: missing field 'pos'" in capsys.readouterr().err
+
+
+def test_master_weights_accumulate_chunk_gradients_in_fp32():
+    from retriever.precision import MasterWeights
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 16).to(torch.bfloat16)
+    master = MasterWeights(layer.parameters())
+    want = [torch.zeros_like(m, dtype=torch.float64) for m in master.master]
+    for _ in range(300):  # like 300 chunks backpropagated one after the other
+        x = torch.randn(4, 16, dtype=torch.bfloat16)
+        grads = torch.autograd.grad(layer(x).float().square().sum(), list(layer.parameters()))
+        want = [w + g.double() for w, g in zip(want, grads)]
+        layer(x).float().square().sum().backward()
+    for m, p, w in zip(master.master, master.params, want):
+        assert p.grad is None  # nothing accumulated in bf16
+        torch.testing.assert_close(m.grad.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+    naive = torch.zeros_like(want[0], dtype=torch.bfloat16)
+    for _ in range(300):  # the same sum in bf16 is visibly off: what the master copy avoids
+        naive += (want[0] / 300).to(torch.bfloat16)
+    assert (naive.double() - want[0]).abs().max() > 1e-3 * want[0].abs().max()
+
+    optimizer = torch.optim.SGD(master.master, lr=1e-3)
+    optimizer.step()
+    master.copy_to_model()
+    for m, p in zip(master.master, master.params):
+        assert torch.equal(p, m.to(torch.bfloat16))

@@ -28,17 +28,29 @@ def _one_thread():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
+# bf16: the network's rounding depends on a chunk's shape, which differs between the runs
+# unless each chunk is one text; what remains are ulp-level differences that Adam's first steps
+# (about sign(gradient) * lr for small gradients) can turn into parameter differences of a few
+# 1e-4. fp32 must agree to float noise.
+@pytest.mark.parametrize("dtype, chunk_size, atol", [("float32", 3, 1e-5), ("bfloat16", 1, 1.5e-3)])
+def test_two_processes_match_one_process_on_the_concatenated_batch(
+    tmp_path, dtype, chunk_size, atol
+):
     # No dropout: the processes draw their masks from their own RNG streams.
     model = make_tiny_model(tmp_path / "model", dropout=0.0)
     data = write_examples(tmp_path / "train.jsonl", n=64, negatives=2)
     config = {
-        "model": {"name_or_path": model, "query_max_length": 16, "document_max_length": 24},
+        "model": {
+            "name_or_path": model,
+            "query_max_length": 16,
+            "document_max_length": 24,
+            "dtype": dtype,
+        },
         "data": {"train": data, "negatives": 2, "num_workers": 0},
         "loss": {"learnable_temperature": True},
         "training": {
             "batch_size": 8,
-            "chunk_size": 3,
+            "chunk_size": chunk_size,
             "max_steps": 3,
             "learning_rate": 1e-3,
             "warmup_steps": 0,
@@ -64,9 +76,9 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
     want, got = load_weights(tmp_path / "one" / "final"), load_weights(tmp_path / "two" / "final")
     assert want.keys() == got.keys()
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=name)
     logs = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     for a, b in zip(*logs):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert b["temperature"] == pytest.approx(a["temperature"], rel=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=100 * atol)
+        assert b["temperature"] == pytest.approx(a["temperature"], rel=atol)
     assert logs[0][-1]["temperature"] != pytest.approx(0.05, rel=1e-4)  # it did learn
