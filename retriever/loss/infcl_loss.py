@@ -219,13 +219,15 @@ class InfCLLoss(nn.Module):
     def calculate_loss(
         self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward: bool = False
     ) -> Tensor:
-        """The loss from cached embeddings, one list of mini-batch tensors per column (the
-        contract of sentence-transformers' cached losses, which ``MatryoshkaLoss`` wraps).
+        """The loss from cached embeddings given as lists of mini-batch tensors (the contract of
+        sentence-transformers' cached losses, which ``MatryoshkaLoss`` wraps): ``reps[0]`` holds
+        the anchors, ``reps[1:]`` the candidates, in order (positives first).
 
         With `with_backward`, backpropagate into `reps` and return the detached loss.
         """
-        columns = [r[0] if len(r) == 1 else torch.cat(r) for r in reps]
-        loss = self.compute_loss_from_embeddings(columns)
+        anchors = reps[0][0] if len(reps[0]) == 1 else torch.cat(reps[0])
+        candidates = [t for column in reps[1:] for t in column]
+        loss = self.compute_loss_from_embeddings([anchors, *candidates])
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -248,44 +250,52 @@ class InfCLLoss(nn.Module):
         return self._forward_cached(features, labels)
 
     def _forward_cached(self, features: list[dict[str, Any]], labels: Tensor | None) -> Tensor:
-        chunks, states, rows, sort_index = [], [], [], []
-        leaf = None
+        # Two leaves in batch order: the anchors, and every candidate column back to back (the
+        # loss's candidate layout, so nothing is concatenated or sliced in the autograd graph).
+        chunks, states, orders = [], [], []
+        leaves: list[Tensor] = []
         for column, column_features in enumerate(features):
             column_chunks, order = self._plan(column_features, column)
             embedded, column_states = embed_without_grad(
                 self._embed, column_chunks, _devices(column_features)
             )
-            if leaf is None:
-                batch = embedded.shape[0]
-                leaf = embedded.new_empty((batch * len(features), embedded.shape[1]))
+            if not leaves:
+                batch, dim = embedded.shape
+                leaves = [
+                    embedded.new_empty((batch, dim)),
+                    embedded.new_empty((batch * (len(features) - 1), dim)),
+                ]
             if embedded.shape[0] != batch:
                 raise ValueError(
                     f"column {column} has {embedded.shape[0]} rows but column 0 has {batch}"
                 )
-            start = column * batch
+            rows = _column_rows(leaves, column, batch)
             if order is None:
-                leaf[start : start + batch] = embedded.detach()
+                rows.copy_(embedded.detach())
             else:
-                # Back to batch order: sorted row k is the column's row order[k].
-                leaf[start + order] = embedded.detach()
-                sort_index.append(start + order)
+                rows[order] = embedded.detach()  # sorted row k is the column's row order[k]
             del embedded
             chunks += column_chunks
             states += column_states
-            rows.append((start, start + batch))
-        leaf.requires_grad_()
-        reps = [[leaf[begin:end]] for begin, end in rows]
+            orders.append(order)
+        anchors, candidates = (leaf.requires_grad_() for leaf in leaves)
+        reps = [[anchors], [candidates]]
 
         if not torch.is_grad_enabled():  # evaluation: nothing to cache
             return self.calculate_loss(reps, labels)
 
         # `self.calculate_loss`, not the method: MatryoshkaLoss replaces it on the instance.
         loss = self.calculate_loss(reps, labels, with_backward=True)
-        if leaf.grad is None:
+        if anchors.grad is None or candidates.grad is None:
             raise RuntimeError("the loss did not reach the embeddings: no gradient to cache")
-        # Cached gradients in chunk order (the order the re-embedding produces rows in).
-        cached = leaf.grad[torch.cat(sort_index)] if sort_index else leaf.grad
-        del leaf, reps
+        # The cached gradients in chunk order, the order the re-embedding produces rows in.
+        grads = [anchors.grad, candidates.grad]
+        del anchors, candidates, reps, leaves
+        cached = grads[0].new_empty((batch * len(features), grads[0].shape[1]))
+        for column, order in enumerate(orders):
+            rows = _column_rows(grads, column, batch)
+            cached[column * batch : (column + 1) * batch] = rows if order is None else rows[order]
+        del grads
         loss = loss.detach().requires_grad_()
         loss.register_hook(partial(self._replay, chunks=chunks, states=states, cached=[cached]))
         return loss
@@ -366,6 +376,14 @@ def _embed_columns(model: nn.Module, features: list[dict[str, Any]]) -> list[Ten
     except ImportError:  # sentence-transformers < 6: one forward per column
         return [model(f)["sentence_embedding"] for f in features]
     return embed_columns(model, features)
+
+
+def _column_rows(leaves: list[Tensor], column: int, batch: int) -> Tensor:
+    """Column `column`'s rows in the (anchors, candidates) pair: anchors, then candidate columns
+    back to back."""
+    if column == 0:
+        return leaves[0]
+    return leaves[1][(column - 1) * batch : column * batch]
 
 
 def _is_ddp(model: nn.Module) -> bool:
