@@ -10,13 +10,14 @@ past the rule
 is no longer hard: it is replaced by the next candidate of its example's ranked list (written
 by ``retriever mine``). A replacement's initial score is its score when it comes in.
 
-Which candidates: a negative once used by an example is never used by it again. The i-th
-replacement of a full set of n negatives takes ranks ``(i-1)*n + range_min .. i*n + range_min``
-of the example's ranked list *without the negatives it has already used*; replacing fewer than
-n takes the next ones in the same order. (With ``--sampling top`` the initial negatives are
-ranks ``range_min .. range_min + n``, so the first replacement is ranks
-``range_min + n .. range_min + 2n`` of the full list, and so on.) When the list runs out, the
-stale negative stays and is counted as ``exhausted``.
+Which candidates: replacements are the example's next candidates in rank order, from rank
+``range_min`` of its list on, skipping every document it has already used as a negative (none
+is used twice). So the i-th replacement of a full set of n negatives takes ranks
+``(i-1)*n + range_min .. i*n + range_min`` of the list without its initial negatives (Conan's
+rule; with ``--sampling top`` the initial negatives are ranks ``range_min .. range_min + n``, so
+the first replacement is ranks ``range_min + n .. range_min + 2n`` of the full list); replacing
+fewer than n takes the next ones in the same order. When the list runs out, the stale negative
+stays and is counted as ``exhausted``.
 
 With ``refresh_every``, the ranked lists themselves are renewed: the corpus is re-encoded and
 searched with the current model and the miner's filters (positives, margins), and the next
