@@ -199,6 +199,7 @@ class Encoder(nn.Module):
         mean pooling, normalisation, no prefixes and max lengths 128 (query) / 256 (document).
         ``model_kwargs`` go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``).
         """
+        import transformers
         from transformers import AutoModel, AutoTokenizer
 
         st = read_sentence_transformers_dir(name_or_path) if os.path.isdir(name_or_path) else None
@@ -220,7 +221,9 @@ class Encoder(nn.Module):
 
         model_path = str(st.get("transformer_path", name_or_path))
         if torch_dtype is not None:
-            model_kwargs["dtype"] = torch_dtype
+            # transformers >= 4.56 calls it `dtype`; older versions only know `torch_dtype`.
+            new_name = _version_tuple(transformers.__version__) >= (4, 56)
+            model_kwargs["dtype" if new_name else "torch_dtype"] = torch_dtype
         model = AutoModel.from_pretrained(model_path, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if gradient_checkpointing:
@@ -411,6 +414,10 @@ class Encoder(nn.Module):
 
 # Tokenizer outputs a Hugging Face encoder accepts (others, e.g. `length`, are dropped).
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit())
 
 
 def _write_json(path: Path, obj: Any) -> None:
