@@ -3,6 +3,7 @@ sentence-transformers reload, run-directory safety."""
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -156,7 +157,7 @@ def test_resume_continues_exactly(trained):
         root / "run_a" / "checkpoints" / "step-00000003", run_b / "checkpoints" / "step-00000003"
     )
     shutil.copy(root / "run_a" / "config.yaml", run_b / "config.yaml")
-    config = trained["config"]
+    config = copy.deepcopy(trained["config"])
     config.training.output_dir = str(run_b)
     config.eval.data = None
     Trainer(config, resume=True).train()
@@ -183,7 +184,7 @@ def test_saved_model_reloads_in_sentence_transformers(trained):
 
 
 def test_existing_run_is_never_overwritten_silently(tmp_path, trained):
-    config = trained["config"]
+    config = copy.deepcopy(trained["config"])
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / "step-00000002").mkdir(parents=True)
     (run_dir / "notes.txt").write_text("mine")
@@ -197,12 +198,11 @@ def test_existing_run_is_never_overwritten_silently(tmp_path, trained):
 
 
 def test_resume_refuses_a_changed_batch(trained):
-    config = trained["config"]
+    config = copy.deepcopy(trained["config"])
     config.training.output_dir = str(trained["root"] / "run_a")
     config.training.batch_size = 16
     with pytest.raises(RunError, match=r"training\.batch_size differ"):
         plan_run_directory(config, resume=True, overwrite=False)
-    config.training.batch_size = 8
 
 
 def test_command_line_reports_bad_data_with_its_line(tmp_path, capsys):
