@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     incomplete: list[str] = []
-    dropped = 0
+    dropped = none = 0
     with MinedWriter(args.output, corpus, overwrite=args.overwrite) as writer:
         for example in mine(
             encoder,
@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
             show_progress=not args.no_progress,
         ):
             if not example.complete:
+                none += not example.negatives
                 incomplete.append(
                     f"{example.query.source} ({len(example.negatives)} negatives, "
                     f"{len(example.candidates)} candidates)"
@@ -192,4 +193,11 @@ def run(args: argparse.Namespace) -> int:
             f"after filtering ({action}): " + "; ".join(incomplete[:_SHOW_INCOMPLETE]),
             file=sys.stderr,
         )
+        if none and not args.drop_incomplete:
+            print(
+                f"warning: {none} queries got no negative at all; `retriever train` with "
+                "data.negatives > 0 refuses such examples: pass --drop-incomplete, or loosen "
+                "the margins or the rank range",
+                file=sys.stderr,
+            )
     return 0

@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 from retriever.eval.search import IndexConfig, SearchIndex, encode_corpus
 
 SAMPLING = ("top", "random")
+# How deep a short query's search may go (results per query) before it is reported short.
+_MAX_SEARCH_DEPTH = 16384
 
 
 @dataclass
@@ -239,11 +241,12 @@ class HardNegativeMiner:
             positive_scores.append(scores)
             limits.append(config.score_limit(min(scores)))
             excluded.append(self.positive_positions(query))
-        # Positives and repeated texts use up search results: ask for a little more than the
-        # list, and search again deeper for the queries that came up short.
+        # Positives, repeated texts and margins use up search results: ask for a little more
+        # than the list, and search again deeper (doubling, up to the whole corpus or 16k
+        # results) for the queries that came up short.
         most_positives = max(len(e) for e in excluded)
         k = min(n_docs, config.range_max + most_positives + 8)
-        max_k = min(n_docs, 8 * k)
+        max_k = min(n_docs, max(8 * k, _MAX_SEARCH_DEPTH))
         ranked: list[tuple[list[int], list[float]] | None] = [None] * len(queries)
         todo = np.arange(len(queries))
         while len(todo):
