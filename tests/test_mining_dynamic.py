@@ -183,6 +183,31 @@ def test_sharded_passes_equal_one_pass(tmp_path):
     assert two.train_set.examples == one.train_set.examples
 
 
+def _gloo_worker(rank, root, world_size):
+    import torch.distributed as dist
+
+    init = f"file://{root / 'rendezvous'}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    try:
+        miner = make_miner(root / "mined.jsonl")
+        record = miner.run(current_encoder(), step=1, rank=rank, world_size=world_size)
+        state = {"negatives": _ids(miner), "record": {**record, "seconds": 0}}
+        (root / f"rank{rank}.json").write_text(json.dumps(state))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_exchange_their_changes(tmp_path):
+    """Over gloo, each rank re-scores half the examples; both end with one process's result."""
+    one = make_miner(write_mined(tmp_path))
+    record = one.run(current_encoder(), step=1)
+    torch.multiprocessing.spawn(_gloo_worker, args=(tmp_path, 2), nprocs=2)
+    for rank in range(2):
+        state = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert state["negatives"] == _ids(one)
+        assert state["record"] == pytest.approx({**record, "seconds": 0})
+
+
 def test_state_survives_a_checkpoint(tmp_path):
     miner = make_miner(write_mined(tmp_path))
     miner.run(current_encoder(), step=1)
