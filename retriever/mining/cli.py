@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from retriever.mining.miner import mine
 
     # Refuse early: before minutes of encoding, not after.
+    if str(args.output).endswith(".gz"):
+        return _error(f"--output {args.output}: write a plain .jsonl file (gzip it afterwards)")
     existing = [str(p) for p in output_paths(args.output) if p.exists()]
     if existing and not args.overwrite:
         return _error(f"{', '.join(existing)} exist(s); pass --overwrite to replace")

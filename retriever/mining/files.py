@@ -190,6 +190,8 @@ class MinedWriter:
     files appear under their names only when the block ends without an error."""
 
     def __init__(self, output: str | os.PathLike, corpus: Corpus, *, overwrite: bool = False):
+        if str(output).endswith(".gz"):
+            raise ValueError(f"--output {output}: write a plain .jsonl file (gzip it afterwards)")
         self.paths = output_paths(output)
         existing = [str(p) for p in self.paths if p.exists()]
         if existing and not overwrite:
