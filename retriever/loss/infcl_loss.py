@@ -312,7 +312,8 @@ class InfCLLoss(nn.Module):
             )
         grads = cached.pop()
         grads.mul_(grad_output.to(grads.dtype))
-        no_sync = self.model.no_sync if _is_ddp(self.model) else None
+        model = getattr(self.model, "_orig_mod", self.model)  # under torch.compile
+        no_sync = model.no_sync if _is_ddp(model) else None
         with torch.enable_grad():
             backward_from_cached_grads(self._embed, chunks, states, grads, no_sync=no_sync)
 
