@@ -15,7 +15,8 @@ GPU), each writing JSON:
         --inputs mine.json inbatch.json static.json dynamic.json
 
 ``mine`` writes ``WORKDIR/scifact-train-mined.jsonl`` (7 negatives from ranks 10..100,
-relative margin 0.05), which ``static`` and ``dynamic`` train on; ``dynamic`` re-mines every
+relative margin 0.05), which ``static`` and ``dynamic`` train on (they mine it first when it is
+missing, e.g. on a fresh machine); ``dynamic`` re-mines every
 ``--remine-every`` steps (default 10: six passes in 60 steps would be none at the default 100).
 Runs go to ``WORKDIR/<stage>`` (default ``runs/mining``) and are replaced when run again.
 """
@@ -80,6 +81,7 @@ def stage_train(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     from retriever.cli import main
 
     run_dir = args.workdir / mode
+    mine_result = None
     command = ["train", str(CONFIG), "--model", args.model, "--output-dir", str(run_dir)]
     command += ["--eval-data", str(args.data), "--overwrite", "--training.logging_steps", "1"]
     command += ["--training.save_steps", "null", "--training.report_to", "[]"]
@@ -87,8 +89,8 @@ def stage_train(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         command += ["--data", str(args.data), "--negatives", "0"]
     else:
         mined = args.workdir / MINED
-        if not mined.is_file():
-            raise SystemExit(f"{mined} is missing: run the 'mine' stage first")
+        if not mined.is_file():  # a fresh machine: mine first (about a minute on a GPU)
+            mine_result = stage_mine(args)
         command += ["--data", str(mined), "--negatives", "7"]
     if mode == "dynamic":
         command += ["--mining.dynamic", "true", "--mining.remine_every", str(args.remine_every)]
@@ -113,6 +115,7 @@ def stage_train(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "eval_curve": [(e["step"], e["ndcg_at_10"]) for e in evals],
         "final_loss": logs[-1]["loss"] if logs else None,
         "median_step_s": step_s,
+        "mined_first": mine_result,
     }
     if mining:
         remine_s = statistics.fmean(r["seconds"] for r in mining)
