@@ -398,6 +398,9 @@ def test_bad_inputs():
     flat = {"input_ids": torch.ones(1, 6, dtype=torch.long), "cu_seq_lens_q": torch.tensor([0, 6])}
     with pytest.raises(ValueError, match="column 0: mini_batch_size does not support flattened"):
         loss_fn([flat, flat], None)
+    pixels = {"input_ids": torch.ones(2, 3, dtype=torch.long), "pixel_values": torch.ones(5, 4)}
+    with pytest.raises(ValueError, match="column 0: mini_batch_size cannot split .*pixel_values"):
+        loss_fn([pixels, pixels], None)
     bag = {"input_ids": torch.ones(6, dtype=torch.long), "offsets": torch.tensor([0, 3])}
     with pytest.raises(ValueError, match="column 0: mini_batch_size needs padded token features"):
         loss_fn([bag, bag], None)

@@ -324,6 +324,13 @@ class InfCLLoss(nn.Module):
         # Values not indexed by row (prompt length, router task, modality) go to every chunk.
         rows = {k: v for k, v in features.items() if _is_row_tensor(v, batch)}
         extras = {k: v for k, v in features.items() if k not in rows}
+        for key, value in extras.items():
+            if isinstance(value, Tensor) and value.numel() > 1:
+                # e.g. a VLM's flattened pixel values: no row slicing would be right for them.
+                raise ValueError(
+                    f"column {column}: mini_batch_size cannot split feature {key!r} of shape "
+                    f"{tuple(value.shape)} (the batch has {batch} rows); use mini_batch_size=None"
+                )
         order = None
         mask = rows.get("attention_mask")
         if self.sort_by_length and mask is not None and mask.dim() == 2:
