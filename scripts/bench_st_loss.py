@@ -114,7 +114,7 @@ def make_loss(name: str, model, mini_batch_size: int):
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def train_one_step(args, loss_name: str, dataset, device: torch.device) -> dict:
