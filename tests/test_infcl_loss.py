@@ -503,3 +503,27 @@ def test_cuda_all_minilm_matches_cmnrl(loss_dtype):
     tolerance = 1e-2 if loss_dtype is None else 5e-2
     assert abs(loss - ref_loss) <= tolerance * abs(ref_loss)
     assert float((grad - ref_grad).norm() / ref_grad.norm()) <= tolerance
+
+
+def test_mini_batches_are_trimmed_to_their_longest_row_only():
+    from retriever.loss.infcl_loss import _chunk_ends, _trim_padding
+
+    lengths = [5, 5, 3, 2, 1, 0]  # sorted longest first, as the cache plans them; one empty row
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+    ids = torch.arange(36).view(6, 6)
+    ends = _chunk_ends(mask, 2, 3)
+    assert ends == [5, 3, 1]
+    chunks = [{"input_ids": ids[i : i + 2], "attention_mask": mask[i : i + 2]} for i in (0, 2, 4)]
+    trimmed = [_trim_padding(c, e) for c, e in zip(chunks, ends)]
+    assert [c["input_ids"].shape[1] for c in trimmed] == [5, 3, 1]
+    for before, after in zip(chunks, trimmed):
+        width = after["attention_mask"].shape[1]
+        # Only all-padding columns go; what remains is the original prefix, token for token.
+        assert torch.equal(after["input_ids"], before["input_ids"][:, :width])
+        assert before["attention_mask"][:, width:].sum() == 0
+    # Left padding (the last column attended) and all-empty chunks are left as they are.
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert _chunk_ends(left, 2, 1) == [3]
+    assert _trim_padding({"attention_mask": left}, 3)["attention_mask"] is left
+    assert _chunk_ends(torch.zeros(2, 3, dtype=torch.long), 2, 1) == [0]
+    assert _chunk_ends(None, 2, 2) == [None, None]

@@ -336,10 +336,9 @@ class InfCLLoss(nn.Module):
         if self.sort_by_length and mask is not None and mask.dim() == 2:
             order = torch.argsort(mask.sum(dim=1), descending=True, stable=True)
             rows = {k: v[order] for k, v in rows.items()}
-        chunks = [
-            {**_trim_padding(chunk), **extras}
-            for chunk in split_features(rows, self.mini_batch_size)
-        ]
+        pieces = split_features(rows, self.mini_batch_size)
+        ends = _chunk_ends(rows.get("attention_mask"), self.mini_batch_size, len(pieces))
+        chunks = [{**_trim_padding(piece, end), **extras} for piece, end in zip(pieces, ends)]
         return chunks, order
 
     # -- sentence-transformers bookkeeping ----------------------------------------------------
@@ -423,22 +422,31 @@ def _batch_size(features: Mapping[str, Any], column: int) -> int:
     )
 
 
-def _trim_padding(chunk: dict[str, Any]) -> dict[str, Any]:
-    """Drop the trailing token columns that are padding in every row of the chunk.
+def _chunk_ends(mask: Any, chunk_size: int, n_chunks: int) -> list[int | None]:
+    """For each chunk of `chunk_size` rows, one past the last token column any of its rows
+    attends to (None: nothing to trim).
+
+    One read of the whole column's mask back to the host, instead of one per mini-batch: each
+    such read waits for the GPU, so per-chunk reads would keep the CPU from queueing the next
+    mini-batch while the GPU runs the current one.
+    """
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] == 0:
+        return [None] * n_chunks
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    last = (mask.bool() * positions).amax(dim=1).tolist()  # per row; 0 for an empty row
+    return [max(last[start : start + chunk_size]) for start in range(0, len(last), chunk_size)]
+
+
+def _trim_padding(chunk: dict[str, Any], end: int | None) -> dict[str, Any]:
+    """Drop the trailing token columns (from `end` on) that are padding in every row of the chunk.
 
     Only trailing (right) padding is dropped, so positions are unchanged; the model sees the same
     tokens with the same mask, as sentence-transformers' cached losses do for their mini-batches.
     """
     mask = chunk.get("attention_mask")
-    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] == 0:
+    if end is None or not end or not isinstance(mask, Tensor) or end >= mask.shape[1]:
         return chunk
     width = mask.shape[1]
-    active = mask.bool().any(dim=0).nonzero()
-    if active.numel() == 0:
-        return chunk
-    end = int(active.max()) + 1
-    if end == width:
-        return chunk
     return {
         k: v[:, :end] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == width else v
         for k, v in chunk.items()
