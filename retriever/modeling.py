@@ -228,7 +228,7 @@ class Encoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        return cls(
+        encoder = cls(
             model,
             tokenizer,
             pooling=pooling,
@@ -239,6 +239,10 @@ class Encoder(nn.Module):
             document_max_length=int(document_max_length),
             do_lower_case=bool(st.get("do_lower_case", False)),
         )
+        # Like transformers' from_pretrained, return the whole module in eval mode: the network
+        # already is, and a wrapper left claiming training mode would hide that dropout is off.
+        # Training code calls .train().
+        return encoder.eval()
 
     @property
     def device(self) -> torch.device:

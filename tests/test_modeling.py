@@ -157,3 +157,11 @@ def test_encode_empty_and_bad_side(tiny_dir):
     assert encoder.encode([], "query", show_progress=False).shape == (0, 32)
     with pytest.raises(ValueError, match="side"):
         encoder.encode(["a"], "passage")
+
+
+def test_from_pretrained_mode_is_consistent(tmp_path):
+    encoder = Encoder.from_pretrained(str(save_tiny_bert(tmp_path / "bert")))
+    # The wrapper and every submodule agree: eval after loading, train after .train().
+    assert not encoder.training and not any(m.training for m in encoder.modules())
+    encoder.train()
+    assert all(m.training for m in encoder.modules())
