@@ -187,6 +187,25 @@ def bench_synthetic(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def run_header(args: argparse.Namespace) -> dict:
+    """The machine, library versions and arguments a search or mining benchmark ran with."""
+    import faiss
+
+    return {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "faiss_version": faiss.__version__,
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "faiss_gpu": faiss_has_gpu(),
+        "torch_version": torch.__version__,
+        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -214,20 +233,7 @@ def main() -> None:
     if args.output.exists() and not args.overwrite:
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
 
-    import faiss
-
-    report = {
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "faiss_version": faiss.__version__,
-        "faiss_gpu": faiss_has_gpu(),
-        "torch_version": torch.__version__,
-        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
+    report = run_header(args)
     parts = args.parts.split(",")
     if "scifact" in parts:
         report["scifact"] = bench_scifact(args)

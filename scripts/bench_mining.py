@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,9 +29,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eval import synthetic_vectors  # noqa: E402
+from bench_eval import run_header, synthetic_vectors  # noqa: E402
 
-from retriever.eval.search import IndexConfig, faiss_has_gpu  # noqa: E402
+from retriever.eval.search import IndexConfig  # noqa: E402
 from retriever.mining.miner import (  # noqa: E402
     Corpus,
     HardNegativeMiner,
@@ -176,21 +174,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --indexes {sorted(unknown)}")
 
-    import faiss
-
-    report = {
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "faiss_version": faiss.__version__,
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "faiss_gpu": faiss_has_gpu(),
-        "torch_version": torch.__version__,
-        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": bench(args),
-    }
+    report = {**run_header(args), "results": bench(args)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.output}")
