@@ -46,6 +46,8 @@ LN2 = 0.6931471805599453
 SPLIT_ALIGN = 256
 ROW_SLAB = 16384
 COL_SLAB = 16384
+# Largest number of elements the kernels may address in one input (32-bit offsets).
+MAX_BLOCK_ELEMENTS = 2**31 - 1
 
 
 def interpreting() -> bool:
@@ -249,6 +251,41 @@ def forward_block(
     col_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Row logsumexp over this candidate block and the positive logit; both fp32 [Bq]."""
+    # The kernel forms element offsets (row * D + k) in 32-bit integers, so it only ever sees
+    # blocks of fewer than 2^31 elements: 1M candidates x 7 negatives x D = 768 is 6.4e9.
+    # Larger inputs run block by block; column blocks merge like the column splits.
+    max_rows = max(1, MAX_BLOCK_ELEMENTS // q.shape[1])
+    if q.shape[0] <= max_rows and c.shape[0] <= max_rows:
+        return _forward_block(q, c, scale, labels, row_pos_ids, col_ids)
+    lse_parts, pos = [], torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+    for c0 in range(0, c.shape[0], max_rows):
+        c_block = slice(c0, c0 + max_rows)
+        lse_rows = []
+        for r0 in range(0, q.shape[0], max_rows):
+            rows = slice(r0, r0 + max_rows)
+            lse, pos_part = _forward_block(
+                q[rows],
+                c[c_block],
+                scale,
+                labels[rows] - c0,
+                None if row_pos_ids is None else row_pos_ids[rows],
+                None if col_ids is None else col_ids[c_block],
+            )
+            lse_rows.append(lse)
+            pos[rows] += pos_part
+        lse_parts.append(torch.cat(lse_rows))
+    return torch.logsumexp(torch.stack(lse_parts), dim=0), pos
+
+
+def _forward_block(
+    q: Tensor,
+    c: Tensor,
+    scale: Tensor,
+    labels: Tensor,
+    row_pos_ids: Tensor | None,
+    col_ids: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """forward_block for inputs of fewer than 2^31 elements each."""
     n_rows, dim = q.shape
     n_cols = c.shape[0]
     meta = _config(_FORWARD_CONFIGS, q.dtype)
