@@ -80,6 +80,11 @@ class ModelArguments:
     gradient_checkpointing: bool = _opt(
         False, "Recompute activations in the backward pass (saves memory per chunk, costs time)."
     )
+    cudnn_attention: bool = _opt(
+        False,
+        "Let SDPA use cuDNN attention. Off: on H100-class GPUs cuDNN builds a plan for every new "
+        "(chunk, length) shape, about 1 s each, and length-sorted chunks have many shapes.",
+    )
 
 
 @dataclass

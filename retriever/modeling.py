@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from retriever.sdpa import attention_backends
+
 POOLING_MODES = ("cls", "mean", "last")
 SIDES = ("query", "document")
 
@@ -159,6 +161,7 @@ class Encoder(nn.Module):
         query_max_length: int = 128,
         document_max_length: int = 256,
         do_lower_case: bool = False,
+        cudnn_attention: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in POOLING_MODES:
@@ -172,6 +175,8 @@ class Encoder(nn.Module):
         self.query_max_length = query_max_length
         self.document_max_length = document_max_length
         self.do_lower_case = do_lower_case
+        # Off: length-sorted chunks have many shapes, and cuDNN plans each one (retriever.sdpa).
+        self.cudnn_attention = cudnn_attention
         if self.tokenizer.pad_token is None:
             # Decoder tokenizers often have no pad token; any token works under the mask.
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -189,6 +194,7 @@ class Encoder(nn.Module):
         document_max_length: int | None = None,
         torch_dtype: torch.dtype | None = None,
         gradient_checkpointing: bool = False,
+        cudnn_attention: bool = False,
         **model_kwargs: Any,
     ) -> Encoder:
         """Load a Hugging Face model (a local directory or Hub id) as an Encoder.
@@ -197,6 +203,7 @@ class Encoder(nn.Module):
         is one (Pooling mode, Normalize module, ``prompts["query"]`` / ``["document"]``,
         ``query_length`` / ``document_length`` / ``max_seq_length``); otherwise they default to
         mean pooling, normalisation, no prefixes and max lengths 128 (query) / 256 (document).
+        ``cudnn_attention`` lets SDPA use cuDNN attention (see `retriever.sdpa`).
         ``model_kwargs`` go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``).
         """
         import transformers
@@ -238,6 +245,7 @@ class Encoder(nn.Module):
             query_max_length=int(query_max_length),
             document_max_length=int(document_max_length),
             do_lower_case=bool(st.get("do_lower_case", False)),
+            cudnn_attention=cudnn_attention,
         )
         # Like transformers' from_pretrained, return the whole module in eval mode: the network
         # already is, and a wrapper left claiming training mode would hide that dropout is off.
@@ -286,7 +294,8 @@ class Encoder(nn.Module):
             # The caller knows on the host that no token is padding: without a mask SDPA can use
             # its flash kernel, and transformers does not read the mask back from the device.
             inputs.pop("attention_mask", None)
-        hidden = self.model(**inputs).last_hidden_state
+        with attention_backends(cudnn=self.cudnn_attention):
+            hidden = self.model(**inputs).last_hidden_state
         embeddings = pool(hidden, features["attention_mask"], self.pooling)
         if self.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)

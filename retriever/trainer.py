@@ -193,6 +193,7 @@ def build_encoder(config: TrainConfig) -> Encoder:
         document_max_length=m.document_max_length,
         torch_dtype=getattr(torch, m.dtype),
         gradient_checkpointing=m.gradient_checkpointing,
+        cudnn_attention=m.cudnn_attention,
         **kwargs,
     )
 

@@ -9,10 +9,15 @@ sentence-transformers' trainer, per loss, global batch and number of hard negati
   infcl       InfCLLoss(scale=20, mini_batch_size=M): GradCache with length-sorted, trimmed
               mini-batches and the tiled loss (fused Triton kernels; fp32 inputs use TF32)
   infcl-bf16  the same with loss_dtype=bfloat16 (the cached embeddings and the loss in bf16)
+  infcl-cudnn infcl with cudnn_attention=True (ablation: SDPA may use cuDNN attention, which
+              plans every new mini-batch shape; sentence-transformers' losses leave it on)
 
 Each measured step is one trainer step (forward, backward, optimizer) timed from the trainer's
 `on_step_begin` to `on_step_end` with the device synchronised, after one warm-up step on a
-batch of at most --warmup-batch rows (kernels compiled, allocator warm). Peak memory is the most
+batch of at most --warmup-batch rows (kernels compiled, allocator warm). One trainer runs
+--repeats steps over the same batch (one per epoch); every step's time is kept and the fastest
+gives the rate, since the first also pays for shapes not seen before (cuDNN attention plans,
+allocator growth). Peak memory is the most
 allocated during the step, including the tokenized batch (already on the device), the model and
 the optimizer state. An out-of-memory error is recorded, and larger batches of that loss are
 then skipped. Results go to --output (JSON) after every case, so a run cut short keeps them.
@@ -25,6 +30,9 @@ million-row batch fast.
     python scripts/bench_st_loss.py --batches 4k 16k 64k --negatives 0 7 --output st_small.json
     python scripts/bench_st_loss.py --losses infcl cmnrl --batches 256k --output st_256k.json
     python scripts/bench_st_loss.py --device cpu --quick --output /tmp/st_quick.json  # smoke run
+
+--profile DIR adds one profiled step per case (not timed) and writes its top GPU and CPU
+operators to DIR/LOSS-BATCH-NEGATIVES.txt.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-LOSSES = ("mnrl", "cmnrl", "infcl", "infcl-bf16")
+LOSSES = ("mnrl", "cmnrl", "infcl", "infcl-bf16", "infcl-cudnn")
 SCALE = 20.0
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -106,6 +114,8 @@ def make_loss(name: str, model, mini_batch_size: int):
         )
     if name == "infcl":
         return InfCLLoss(model, scale=SCALE, mini_batch_size=mini_batch_size)
+    if name == "infcl-cudnn":
+        return InfCLLoss(model, scale=SCALE, mini_batch_size=mini_batch_size, cudnn_attention=True)
     if name == "infcl-bf16":
         return InfCLLoss(
             model, scale=SCALE, mini_batch_size=mini_batch_size, loss_dtype=torch.bfloat16
@@ -117,8 +127,17 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def train_one_step(args, loss_name: str, dataset, device: torch.device) -> dict:
-    """One SentenceTransformerTrainer step on `dataset` (exactly one batch); time and memory."""
+def train_steps(
+    args,
+    loss_name: str,
+    dataset,
+    device: torch.device,
+    repeats: int = 1,
+    profile_path: Path | None = None,
+) -> dict:
+    """`repeats` SentenceTransformerTrainer steps on `dataset` (one batch, one step per epoch);
+    every step's time and the largest peak memory. With `profile_path`, one more (untimed) step
+    runs under torch.profiler and its operator tables are written there."""
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
@@ -133,8 +152,20 @@ def train_one_step(args, loss_name: str, dataset, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
 
     class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.peak_bytes = self.start_bytes = 0
+            self.profiler = None
+
         def on_step_begin(self, *_, **__):
             sync()
+            if len(self.seconds) == repeats:  # the extra, profiled step
+                from torch.profiler import ProfilerActivity, profile
+
+                activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+                self.profiler = profile(activities=activities)
+                self.profiler.__enter__()
+                return
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
                 self.start_bytes = torch.cuda.memory_allocated(device)
@@ -142,9 +173,14 @@ def train_one_step(args, loss_name: str, dataset, device: torch.device) -> dict:
 
         def on_step_end(self, *_, **__):
             sync()
-            self.seconds = time.perf_counter() - self.t0
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                write_profile(self.profiler, profile_path)
+                self.profiler = None
+                return
+            self.seconds.append(time.perf_counter() - self.t0)
             if cuda:
-                self.peak_bytes = torch.cuda.max_memory_allocated(device)
+                self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(device))
 
     class Trainer(SentenceTransformerTrainer):
         def compute_loss(self, *a, **k):
@@ -159,7 +195,7 @@ def train_one_step(args, loss_name: str, dataset, device: torch.device) -> dict:
         training_args = SentenceTransformerTrainingArguments(
             output_dir=out,
             per_device_train_batch_size=len(dataset),
-            max_steps=1,
+            max_steps=repeats + (profile_path is not None),
             learning_rate=1e-5,
             bf16=args.precision == "bf16",
             seed=0,
@@ -179,10 +215,23 @@ def train_one_step(args, loss_name: str, dataset, device: torch.device) -> dict:
         )
         trainer.train()
         record = {"step_s": timer.seconds, "loss_value": float(trainer.loss_value)}
+        if len(timer.seconds) != repeats:
+            raise RuntimeError(f"timed {len(timer.seconds)} steps, expected {repeats}")
     if cuda:
         record["peak_gib"] = timer.peak_bytes / 2**30
         record["start_gib"] = timer.start_bytes / 2**30
     return record
+
+
+def write_profile(profiler, path: Path) -> None:
+    table = profiler.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        table.table(sort_by="self_device_time_total", row_limit=40)
+        + "\n\n"
+        + table.table(sort_by="self_cpu_time_total", row_limit=25)
+        + "\n"
+    )
 
 
 def free_memory(device: torch.device) -> None:
@@ -250,6 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="smoke run: batches 16 32, mini-batch 8, warm-up 8, 16 tokens",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed steps per case, on the same batch (default 2; the fastest gives the rate)",
+    )
+    p.add_argument(
+        "--profile", type=Path, default=None, help="write one profiled step per case here"
+    )
     p.add_argument("--output", type=Path, required=True, help="write the results here (JSON)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = p.parse_args(argv)
@@ -288,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_seq_length": args.max_seq_length,
         "mini_batch_size": args.mini_batch_size,
         "warmup_batch": args.warmup_batch,
+        "repeats": args.repeats,
         "scale": SCALE,
         "runs": [],
     }
@@ -317,16 +376,25 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 try:
                     warm = min(batch, args.warmup_batch)
-                    train_one_step(
+                    train_steps(
                         args, loss_name, make_dataset(queries, positives, warm, negatives), device
                     )
                     free_memory(device)
                     if dataset is None:
                         dataset = make_dataset(queries, positives, batch, negatives)
-                    run.update(train_one_step(args, loss_name, dataset, device), status="ok")
-                    run["texts_per_s"] = run["texts"] / run["step_s"]
+                    profile_path = (
+                        None
+                        if args.profile is None
+                        else args.profile / f"{loss_name}-{batch}-{negatives}.txt"
+                    )
+                    run.update(
+                        train_steps(args, loss_name, dataset, device, args.repeats, profile_path),
+                        status="ok",
+                    )
+                    run["texts_per_s"] = run["texts"] / min(run["step_s"])
                     print(
-                        f"{run['step_s']:.2f} s, peak {run.get('peak_gib', 0):.1f} GiB, "
+                        f"{min(run['step_s']):.2f} s (first {run['step_s'][0]:.2f} s), "
+                        f"peak {run.get('peak_gib', 0):.1f} GiB, "
                         f"loss {run['loss_value']:.4f}",
                         flush=True,
                     )

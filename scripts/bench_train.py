@@ -9,13 +9,18 @@ abstracts), cycled to fill batches larger than the corpus. Peers, measured in th
   retriever-bf16     the same with model.dtype: bfloat16 (bf16 network, fp32 master gradients
                      accumulated by hooks, as the trainer does)
   retriever-unsorted retriever without length sorting (ablation)
+  retriever-bf16-cudnn
+                     retriever-bf16 with SDPA allowed to use cuDNN attention (ablation: cuDNN
+                     builds a plan for every new chunk shape; retriever.sdpa)
   cmnrl              CMNRL (mini_batch_size = --chunk-size) under bf16 autocast (what
                      SentenceTransformerTrainer does with bf16=True); features padded per column
                      as its collator does
   cmnrl-fp32         CMNRL without autocast
 
 Tokenisation is done once, outside the timed region, for every peer. Step time is wall time
-between two device synchronisations; peak memory is torch.cuda.max_memory_allocated during the
+between two device synchronisations; every case runs --repeats steps on the same batch and keeps
+each one's time (the first includes one-off costs: kernel compilation, cuDNN plans, allocator
+growth; the rates use the fastest); peak memory is torch.cuda.max_memory_allocated during the
 step (CMNRL's features live on the GPU, as in its trainer; retriever's stay in pinned host
 memory and are copied chunk by chunk). From the peaks, the script projects the largest batch
 that fits the GPU (linear in the batch; labelled as a projection).
@@ -26,6 +31,9 @@ that fits the GPU (linear in the batch; labelled as a projection).
         --peers retriever-bf16 --repeats 1 --output bench_train_1m.json
     python scripts/bench_train.py --device cpu --model TINY_MODEL_DIR --batches 32 \\
         --chunk-size 8 --negatives 0 1 --precision fp32 --repeats 1     # a smoke run
+
+--profile DIR adds one profiled step per case and writes its top GPU and CPU operators to
+DIR/PEER-BATCH-NEGATIVES.txt.
 """
 
 from __future__ import annotations
@@ -49,7 +57,14 @@ from retriever.loss import InfoNCELoss
 from retriever.modeling import Encoder
 from retriever.step import cached_step
 
-PEERS = ("retriever", "retriever-bf16", "retriever-unsorted", "cmnrl", "cmnrl-fp32")
+PEERS = (
+    "retriever",
+    "retriever-bf16",
+    "retriever-unsorted",
+    "retriever-bf16-cudnn",
+    "cmnrl",
+    "cmnrl-fp32",
+)
 SCALE = 20.0
 
 
@@ -190,7 +205,9 @@ def autocast_forward(encoder: Encoder, device: str, enabled: bool):
 
 
 class RetrieverPeer:
-    def __init__(self, model_path: str, args, bf16_weights: bool, sort: bool) -> None:
+    def __init__(
+        self, model_path: str, args, bf16_weights: bool, sort: bool, cudnn: bool = False
+    ) -> None:
         dtype = torch.bfloat16 if bf16_weights else torch.float32
         self.encoder = Encoder.from_pretrained(
             model_path,
@@ -198,6 +215,7 @@ class RetrieverPeer:
             document_max_length=args.max_length,
             torch_dtype=dtype,
             attn_implementation="sdpa",
+            cudnn_attention=cudnn,
         ).to(args.device)
         self.encoder.train()
         self.master = None
@@ -271,6 +289,8 @@ def make_peer(name: str, model_path: str, args):
         return RetrieverPeer(model_path, args, bf16_weights=True, sort=True)
     if name == "retriever-unsorted":
         return RetrieverPeer(model_path, args, bf16_weights=False, sort=False)
+    if name == "retriever-bf16-cudnn":
+        return RetrieverPeer(model_path, args, bf16_weights=True, sort=True, cudnn=True)
     if name == "cmnrl":
         return CMNRLPeer(model_path, args, autocast=args.precision == "bf16")
     if name == "cmnrl-fp32":
@@ -292,7 +312,37 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(peer, texts: Texts, batch: int, negatives: int, repeats: int, device: str) -> dict:
+def profile_step(peer, inputs, path: Path) -> None:
+    """One more step under torch.profiler; its operator tables go to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    peer.zero_grad()
+    with profile(activities=activities) as prof:
+        peer.step(inputs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        table.table(sort_by="self_device_time_total", row_limit=40)
+        + "\n\n"
+        + table.table(sort_by="self_cpu_time_total", row_limit=25)
+        + "\n"
+    )
+
+
+def measure(
+    peer,
+    texts: Texts,
+    batch: int,
+    negatives: int,
+    repeats: int,
+    device: str,
+    profile_path: Path | None = None,
+) -> dict:
     rows, negs = groups_of(len(texts.titles), batch, negatives)
     start = time.perf_counter()
     inputs = peer.prepare(texts, rows, negs)
@@ -319,6 +369,8 @@ def measure(peer, texts: Texts, batch: int, negatives: int, repeats: int, device
             if is_cuda:
                 record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 record["step_memory_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        if profile_path is not None:
+            profile_step(peer, inputs, profile_path)
     except torch.cuda.OutOfMemoryError:
         record["status"] = "out of memory"
         del inputs
@@ -367,18 +419,20 @@ def project_max_batch(records: list[dict], total_gb: float) -> dict[str, Any]:
 
 def markdown(records: list[dict]) -> str:
     lines = [
-        "| peer | batch | negatives | step | queries/s | peak memory | padded / real tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| peer | batch | negatives | step | first step | queries/s | peak memory "
+        "| padded / real tokens |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if r.get("status") != "ok":
             lines.append(
-                f"| {r['peer']} | {r['batch']:,} | {r['negatives']} | {r.get('status')} | | | |"
+                f"| {r['peer']} | {r['batch']:,} | {r['negatives']} | {r.get('status')} | | | | |"
             )
             continue
         memory = f"{r['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in r else "-"
         lines.append(
             f"| {r['peer']} | {r['batch']:,} | {r['negatives']} | {min(r['step_s']):.2f} s | "
+            f"{r['step_s'][0]:.2f} s | "
             f"{r['queries_per_s']:,.0f} | {memory} | "
             f"{r['padded_tokens'] / r['real_tokens']:.2f} |"
         )
@@ -426,6 +480,8 @@ def main() -> int:
                         "seconds")  # fmt: skip
     parser.add_argument("--limit-docs", type=int, default=None, help="use the first N documents")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write one profiled step per case to this directory")  # fmt: skip
     args = parser.parse_args()
     started = time.perf_counter()
     model_path = resolve_model_path(args.model)
@@ -439,9 +495,31 @@ def main() -> int:
     print(f"{len(texts.titles)} title/abstract pairs; max length {args.max_length}", flush=True)
 
     records: list[dict] = []
+
+    def write_results() -> dict[str, Any]:
+        """The results so far, written after every case so a run cut short keeps them."""
+        result: dict[str, Any] = {
+            "command": " ".join(sys.argv),
+            "device": torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "results": records,
+        }
+        if args.device.startswith("cuda"):
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            result["gpu_memory_gb"] = total
+            result["projection"] = project_max_batch(records, total)
+        if args.output:
+            args.output.write_text(json.dumps(result, indent=2) + "\n")
+            args.output.with_suffix(".md").write_text(markdown(records) + "\n")
+        return result
+
     for name in args.peers:
         peer = make_peer(name, model_path, args)
-        measure(peer, texts, min(args.chunk_size * 2, 256), 1, 1, args.device)  # warm-up
+        # Warm-up: large enough (2,048 x 4,096 logits) for the tiled loss's kernels to compile.
+        measure(peer, texts, min(args.chunk_size * 4, 2048), 1, 1, args.device)
         rate = None  # queries/s at the last size, for the time estimate
         for negatives in args.negatives:
             for batch in sorted(args.batches):
@@ -455,34 +533,28 @@ def main() -> int:
                 if estimate is not None and estimate > left:
                     record["status"] = f"skipped (estimated {estimate:.0f} s, {left:.0f} s left)"
                 else:
-                    record.update(measure(peer, texts, batch, negatives, args.repeats, args.device))
+                    profile_path = (
+                        None
+                        if args.profile is None
+                        else args.profile / f"{name}-{batch}-{negatives}.txt"
+                    )
+                    record.update(
+                        measure(
+                            peer, texts, batch, negatives, args.repeats, args.device, profile_path
+                        )
+                    )
                     if record.get("status") == "ok":
                         rate = record["queries_per_s"] * (2 + negatives) / 2
                 records.append(record)
                 print(json.dumps(record), flush=True)
+                write_results()
         del peer
         free(args.device)
 
-    result: dict[str, Any] = {
-        "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "results": records,
-    }
-    if args.device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(0).total_memory / 2**30
-        result["gpu_memory_gb"] = total
-        result["projection"] = project_max_batch(records, total)
-    table = markdown(records)
-    print(table)
+    result = write_results()
+    print(markdown(records))
     if result.get("projection"):
         print(json.dumps(result["projection"], indent=2))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-        args.output.with_suffix(".md").write_text(table + "\n")
     return 0
 
 

@@ -391,6 +391,21 @@ def test_bad_inputs():
         loss_fn([bag, bag], None)
 
 
+@pytest.mark.parametrize("mini_batch_size", [None, 2])
+def test_embeds_without_cudnn_attention_unless_asked(tiny_bert, mini_batch_size):
+    model = _model(tiny_bert, dropout=0.0)
+    seen: list[bool] = []
+    model[0].register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+    )
+    features = [model.tokenize(["a b c", "d e", "f g h i"]) for _ in range(2)]
+    for cudnn in (False, True):
+        seen.clear()
+        loss_fn = InfCLLoss(model, mini_batch_size=mini_batch_size, cudnn_attention=cudnn)
+        loss_fn(features, None).backward()
+        assert seen and set(seen) == {cudnn and torch.backends.cuda.cudnn_sdp_enabled()}
+
+
 def test_config_and_citation(tiny_bert):
     model = _model(tiny_bert, dropout=0.0)
     loss_fn = InfCLLoss(model, scale=50.0, mini_batch_size=64, loss_dtype=torch.bfloat16)
@@ -404,6 +419,7 @@ def test_config_and_citation(tiny_bert):
         "sort_by_length": True,
         "loss_dtype": "torch.bfloat16",
         "impl": "auto",
+        "cudnn_attention": False,
     }
     assert loss_fn.temperature == pytest.approx(0.02)
     assert "2410.17243" in loss_fn.citation and "2101.06983" in loss_fn.citation

@@ -165,3 +165,23 @@ def test_from_pretrained_mode_is_consistent(tmp_path):
     assert not encoder.training and not any(m.training for m in encoder.modules())
     encoder.train()
     assert all(m.training for m in encoder.modules())
+
+
+def _cudnn_flags_seen_by(module: torch.nn.Module) -> list[bool]:
+    """Record, on every call of `module`, whether SDPA may pick cuDNN attention."""
+    seen: list[bool] = []
+    module.register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+    )
+    return seen
+
+
+@pytest.mark.parametrize("cudnn", [False, True])
+def test_forward_chooses_cudnn_attention_and_restores_it(tiny_dir, cudnn):
+    encoder = Encoder.from_pretrained(tiny_dir, cudnn_attention=cudnn)
+    seen = _cudnn_flags_seen_by(encoder.model)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    encoder(encoder.tokenize(TEXTS[:2], "query"))
+    encoder.encode(TEXTS[:2], "document", show_progress=False)
+    assert seen == [cudnn and before] * 2
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

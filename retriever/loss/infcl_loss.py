@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from retriever.gradcache import backward_from_cached_grads, embed_without_grad, split_features
 from retriever.loss.functional import IMPLS, contrastive_loss
+from retriever.sdpa import attention_backends
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -99,6 +100,10 @@ class InfCLLoss(nn.Module):
             accumulation are float32 whatever this is.
         impl: the loss implementation (see :func:`retriever.loss.contrastive_loss`): ``"auto"``
             picks the fused Triton kernels on CUDA for large batches.
+        cudnn_attention: let the model's SDPA attention use cuDNN while this loss embeds. Off by
+            default: on H100-class GPUs cuDNN builds an execution plan for every new (mini-batch,
+            length) shape, about a second each, and trimmed mini-batches have many shapes
+            (``retriever.sdpa``). The flash and memory-efficient kernels need no plan.
 
     Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples;
     no labels. Use ``BatchSamplers.NO_DUPLICATES`` so that no in-batch negative is a copy of an
@@ -136,6 +141,7 @@ class InfCLLoss(nn.Module):
         sort_by_length: bool = True,
         loss_dtype: torch.dtype | str | None = None,
         impl: str = "auto",
+        cudnn_attention: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
@@ -144,6 +150,7 @@ class InfCLLoss(nn.Module):
             ("symmetric", symmetric),
             ("gather_across_devices", gather_across_devices),
             ("sort_by_length", sort_by_length),
+            ("cudnn_attention", cudnn_attention),
         ):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
@@ -168,6 +175,7 @@ class InfCLLoss(nn.Module):
         self.sort_by_length = sort_by_length
         self.loss_dtype = _resolve_dtype(loss_dtype)
         self.impl = impl
+        self.cudnn_attention = cudnn_attention
         # MatryoshkaLoss reads this (sentence_transformers' `uses_gradient_cache`): a caching loss
         # back-propagates from a hook, so Matryoshka wraps `calculate_loss` instead of the model.
         self.uses_gradient_cache = mini_batch_size is not None
@@ -187,7 +195,8 @@ class InfCLLoss(nn.Module):
         return embeddings
 
     def _embed(self, features: dict[str, Any]) -> Tensor:
-        return self._finish(self.model(features)["sentence_embedding"])
+        with attention_backends(cudnn=self.cudnn_attention):
+            return self._finish(self.model(features)["sentence_embedding"])
 
     def _group(self) -> Any:
         """The trainer's process group for the ring loss, or None for a single process."""
@@ -244,9 +253,9 @@ class InfCLLoss(nn.Module):
                 f"InfCLLoss needs (anchor, positive[, negatives...]) columns, got {len(features)}"
             )
         if self.mini_batch_size is None:
-            return self.compute_loss_from_embeddings(
-                [self._finish(e) for e in _embed_columns(self.model, features)]
-            )
+            with attention_backends(cudnn=self.cudnn_attention):
+                embeddings = _embed_columns(self.model, features)
+            return self.compute_loss_from_embeddings([self._finish(e) for e in embeddings])
         return self._forward_cached(features, labels)
 
     def _forward_cached(self, features: list[dict[str, Any]], labels: Tensor | None) -> Tensor:
@@ -353,6 +362,7 @@ class InfCLLoss(nn.Module):
             "sort_by_length": self.sort_by_length,
             "loss_dtype": None if self.loss_dtype is None else str(self.loss_dtype),
             "impl": self.impl,
+            "cudnn_attention": self.cudnn_attention,
         }
 
     @property
