@@ -42,11 +42,10 @@ class MasterWeights:
     @staticmethod
     def _accumulate(master: Tensor):
         def hook(param: Tensor) -> None:
-            grad = param.grad.float()
             if master.grad is None:
-                master.grad = grad
+                master.grad = param.grad.float()
             else:
-                master.grad += grad
+                master.grad.add_(param.grad)  # fp32 += bf16 in one kernel, no fp32 copy
             param.grad = None  # the bf16 gradient never accumulates
 
         return hook

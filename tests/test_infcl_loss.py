@@ -406,6 +406,18 @@ def test_embeds_without_cudnn_attention_unless_asked(tiny_bert, mini_batch_size)
         assert seen and set(seen) == {cudnn and torch.backends.cuda.cudnn_sdp_enabled()}
 
 
+def test_cached_mini_batches_do_not_keep_model_outputs(tiny_bert):
+    # SentenceTransformer.forward writes token embeddings into the dict it is given; a cached
+    # mini-batch lives until the replay, so those would hold the whole batch's activations.
+    model = _model(tiny_bert, dropout=0.0)
+    loss_fn = InfCLLoss(model, mini_batch_size=2)
+    features = model.tokenize(["a b c", "d e", "f g h i"])
+    chunks, _ = loss_fn._plan(features, column=0)
+    with torch.no_grad():
+        loss_fn._embed(chunks[0])
+    assert set(chunks[0]) == set(features)
+
+
 def test_config_and_citation(tiny_bert):
     model = _model(tiny_bert, dropout=0.0)
     loss_fn = InfCLLoss(model, scale=50.0, mini_batch_size=64, loss_dtype=torch.bfloat16)

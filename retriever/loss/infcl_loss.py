@@ -195,8 +195,11 @@ class InfCLLoss(nn.Module):
         return embeddings
 
     def _embed(self, features: dict[str, Any]) -> Tensor:
+        # A copy: SentenceTransformer.forward adds its outputs (token embeddings) to the dict it
+        # is given, and the cached mini-batches live until the replay, so the whole batch's token
+        # embeddings would stay in memory.
         with attention_backends(cudnn=self.cudnn_attention):
-            return self._finish(self.model(features)["sentence_embedding"])
+            return self._finish(self.model(dict(features))["sentence_embedding"])
 
     def _group(self) -> Any:
         """The trainer's process group for the ring loss, or None for a single process."""
