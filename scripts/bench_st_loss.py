@@ -224,6 +224,7 @@ def train_steps(
 
 
 def write_profile(profiler, path: Path) -> None:
+    """A finished torch.profiler run's top operators, by GPU and by CPU time, to `path`."""
     table = profiler.key_averages()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(

@@ -57,6 +57,9 @@ from retriever.loss import InfoNCELoss
 from retriever.modeling import Encoder
 from retriever.step import cached_step
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_st_loss import write_profile  # noqa: E402
+
 PEERS = (
     "retriever",
     "retriever-bf16",
@@ -324,14 +327,7 @@ def profile_step(peer, inputs, path: Path) -> None:
         peer.step(inputs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    table = prof.key_averages()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        table.table(sort_by="self_device_time_total", row_limit=40)
-        + "\n\n"
-        + table.table(sort_by="self_cpu_time_total", row_limit=25)
-        + "\n"
-    )
+    write_profile(prof, path)
 
 
 def measure(
