@@ -83,7 +83,7 @@ class ModelArguments:
     cudnn_attention: bool = _opt(
         False,
         "Let SDPA use cuDNN attention. Off: on H100-class GPUs cuDNN builds a plan for every new "
-        "(chunk, length) shape, about 1 s each, and length-sorted chunks have many shapes.",
+        "(chunk, length) shape, and length-sorted chunks have many shapes.",
     )
 
 

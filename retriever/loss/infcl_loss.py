@@ -102,7 +102,7 @@ class InfCLLoss(nn.Module):
             picks the fused Triton kernels on CUDA for large batches.
         cudnn_attention: let the model's SDPA attention use cuDNN while this loss embeds. Off by
             default: on H100-class GPUs cuDNN builds an execution plan for every new (mini-batch,
-            length) shape, about a second each, and trimmed mini-batches have many shapes
+            length) shape, and trimmed mini-batches have many shapes
             (``retriever.sdpa``). The flash and memory-efficient kernels need no plan.
 
     Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples;
