@@ -24,8 +24,9 @@ then skipped. Results go to --output (JSON) after every case, so a run cut short
 
 Texts: the 52k (query, positive) pairs of ../shared/data/train_pairs, cycled to fill the batch;
 the negatives of row i are other rows' positives. Texts are cut to 8 characters per token of
---max-seq-length before tokenizing (the model truncates there anyway), which keeps tokenizing a
-million-row batch fast.
+--max-seq-length before tokenizing (the model truncates there anyway), and the trainer's collator
+tokenizes each distinct text of a column once and copies its row (a million-row batch holds each
+text ~20 times): the tensors are the ones it would build, the collation (not timed) is faster.
 
     python scripts/bench_st_loss.py --batches 4k 16k 64k --negatives 0 7 --output st_small.json
     python scripts/bench_st_loss.py --losses infcl cmnrl --batches 256k --output st_256k.json
@@ -213,6 +214,7 @@ def train_steps(
             loss=make_loss(loss_name, model, args.mini_batch_size),
             callbacks=[timer],
         )
+        tokenize_distinct_texts_once(trainer.data_collator)
         trainer.train()
         record = {"step_s": timer.seconds, "loss_value": float(trainer.loss_value)}
         if len(timer.seconds) != repeats:
@@ -221,6 +223,33 @@ def train_steps(
         record["peak_gib"] = timer.peak_bytes / 2**30
         record["start_gib"] = timer.start_bytes / 2**30
     return record
+
+
+def tokenize_distinct_texts_once(collator) -> None:
+    """Make `collator` tokenize each distinct text of a column once and gather the rows.
+
+    The result is what the collator's own tokenizer call returns (every row padded to the
+    longest text, and the longest distinct text is the longest row), only built from fewer
+    tokenizer calls. sentence-transformers names the collator's tokenizer `preprocess_fn`
+    (>= 6.1) or `tokenize_fn` (older versions)."""
+    name = next((n for n in ("preprocess_fn", "tokenize_fn") if hasattr(collator, n)), None)
+    if name is None:
+        raise RuntimeError(
+            f"{type(collator).__name__} has neither preprocess_fn nor tokenize_fn: this "
+            "sentence-transformers version is not supported by tokenize_distinct_texts_once"
+        )
+    tokenize = getattr(collator, name)
+
+    def tokenize_distinct(texts, *args, **kwargs):
+        position: dict = {}
+        rows = torch.tensor([position.setdefault(t, len(position)) for t in texts])
+        distinct = tokenize(list(position), *args, **kwargs)
+        return {
+            k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and len(v) == len(position) else v
+            for k, v in distinct.items()
+        }
+
+    setattr(collator, name, tokenize_distinct)
 
 
 def write_profile(profiler, path: Path) -> None:
