@@ -85,11 +85,6 @@ class ModelArguments:
         "Let SDPA use cuDNN attention. Off: on H100-class GPUs cuDNN builds a plan for every new "
         "(chunk, length) shape, and length-sorted chunks have many shapes.",
     )
-    compile: bool = _opt(
-        False,
-        "Compile the network with torch.compile (dynamic shapes): fuses its elementwise "
-        "operations (layer norms, activations, dropout). The first steps pay for compilation.",
-    )
 
 
 @dataclass

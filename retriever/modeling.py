@@ -195,7 +195,6 @@ class Encoder(nn.Module):
         torch_dtype: torch.dtype | None = None,
         gradient_checkpointing: bool = False,
         cudnn_attention: bool = False,
-        compile: bool = False,
         **model_kwargs: Any,
     ) -> Encoder:
         """Load a Hugging Face model (a local directory or Hub id) as an Encoder.
@@ -205,9 +204,6 @@ class Encoder(nn.Module):
         ``query_length`` / ``document_length`` / ``max_seq_length``); otherwise they default to
         mean pooling, normalisation, no prefixes and max lengths 128 (query) / 256 (document).
         ``cudnn_attention`` lets SDPA use cuDNN attention (see `retriever.sdpa`).
-        ``compile`` compiles the network in place with ``torch.compile`` (dynamic shapes, so
-        chunks of any size and length share one compiled graph per mode); parameter names and
-        ``save`` are unchanged.
         ``model_kwargs`` go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``).
         """
         import transformers
@@ -239,11 +235,6 @@ class Encoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        if compile:
-            # In place (nn.Module.compile), unlike torch.compile(model): the state dict keeps its
-            # names, so checkpoints and save() do not see an `_orig_mod.` prefix. Dynamic shapes
-            # because length-sorted chunks have a new (rows, length) shape nearly every time.
-            model.compile(dynamic=True)
         encoder = cls(
             model,
             tokenizer,

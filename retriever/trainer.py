@@ -194,7 +194,6 @@ def build_encoder(config: TrainConfig) -> Encoder:
         torch_dtype=getattr(torch, m.dtype),
         gradient_checkpointing=m.gradient_checkpointing,
         cudnn_attention=m.cudnn_attention,
-        compile=m.compile,
         **kwargs,
     )
 

@@ -12,9 +12,6 @@ abstracts), cycled to fill batches larger than the corpus. Peers, measured in th
   retriever-bf16-cudnn
                      retriever-bf16 with SDPA allowed to use cuDNN attention (ablation: cuDNN
                      builds a plan for every new chunk shape; retriever.sdpa)
-  retriever-bf16-compile
-                     retriever-bf16 with model.compile: true (torch.compile, dynamic shapes;
-                     compiled during the warm-up step)
   cmnrl              CMNRL (mini_batch_size = --chunk-size) under bf16 autocast (what
                      SentenceTransformerTrainer does with bf16=True); features padded per column
                      as its collator does
@@ -68,7 +65,6 @@ PEERS = (
     "retriever-bf16",
     "retriever-unsorted",
     "retriever-bf16-cudnn",
-    "retriever-bf16-compile",
     "cmnrl",
     "cmnrl-fp32",
 )
@@ -213,13 +209,7 @@ def autocast_forward(encoder: Encoder, device: str, enabled: bool):
 
 class RetrieverPeer:
     def __init__(
-        self,
-        model_path: str,
-        args,
-        bf16_weights: bool,
-        sort: bool,
-        cudnn: bool = False,
-        compile: bool = False,
+        self, model_path: str, args, bf16_weights: bool, sort: bool, cudnn: bool = False
     ) -> None:
         dtype = torch.bfloat16 if bf16_weights else torch.float32
         self.encoder = Encoder.from_pretrained(
@@ -229,7 +219,6 @@ class RetrieverPeer:
             torch_dtype=dtype,
             attn_implementation="sdpa",
             cudnn_attention=cudnn,
-            compile=compile,
         ).to(args.device)
         self.encoder.train()
         self.master = None
@@ -305,8 +294,6 @@ def make_peer(name: str, model_path: str, args):
         return RetrieverPeer(model_path, args, bf16_weights=False, sort=False)
     if name == "retriever-bf16-cudnn":
         return RetrieverPeer(model_path, args, bf16_weights=True, sort=True, cudnn=True)
-    if name == "retriever-bf16-compile":
-        return RetrieverPeer(model_path, args, bf16_weights=True, sort=True, compile=True)
     if name == "cmnrl":
         return CMNRLPeer(model_path, args, autocast=args.precision == "bf16")
     if name == "cmnrl-fp32":

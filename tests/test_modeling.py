@@ -185,22 +185,3 @@ def test_forward_chooses_cudnn_attention_and_restores_it(tiny_dir, cudnn):
     encoder.encode(TEXTS[:2], "document", show_progress=False)
     assert seen == [cudnn and before] * 2
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
-
-
-def test_compile_compiles_in_place_and_keeps_parameter_names(tiny_dir):
-    plain = Encoder.from_pretrained(tiny_dir)
-    compiled = Encoder.from_pretrained(tiny_dir, compile=True)
-    assert plain.model._compiled_call_impl is None
-    assert compiled.model._compiled_call_impl is not None
-    # Checkpoints and save() must not see torch.compile's `_orig_mod.` prefix.
-    assert list(compiled.state_dict()) == list(plain.state_dict())
-
-
-@pytest.mark.slow
-def test_compiled_encoder_gives_the_same_embeddings(tiny_dir):
-    plain = Encoder.from_pretrained(tiny_dir, document_max_length=64)
-    compiled = Encoder.from_pretrained(tiny_dir, document_max_length=64, compile=True)
-    for side in ("query", "document"):
-        want = plain.encode(TEXTS, side, batch_size=4, show_progress=False)
-        got = compiled.encode(TEXTS, side, batch_size=4, show_progress=False)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,6 @@ from retriever.arguments import (
     ConfigError,
     add_config_arguments,
     config_from_args,
-    config_from_dict,
     load_config,
     options,
     resolve_model_path,
@@ -136,21 +135,3 @@ def test_every_option_is_documented():
     documented = set(re.findall(r"^\| `(\w+)` \|", docs, flags=re.M))
     missing = [f"{s}.{f.name}" for s in SECTIONS for f in options(s) if f.name not in documented]
     assert not missing, f"options missing from docs/training.md: {missing}"
-
-
-def test_model_compile_option_reaches_the_encoder(tmp_path):
-    from tiny_encoder import save_tiny_bert
-
-    from retriever.trainer import build_encoder
-
-    model = str(save_tiny_bert(tmp_path / "tiny"))
-    for compile in (False, True):
-        config = config_from_dict(
-            {
-                "model": {"name_or_path": model, "compile": compile},
-                "data": {"train": "x.jsonl"},
-                "training": {"output_dir": str(tmp_path / "run")},
-            }
-        )
-        encoder = build_encoder(config)
-        assert (encoder.model._compiled_call_impl is not None) is compile
