@@ -330,10 +330,6 @@ class Trainer:
                 f"must be divisible by the number of processes ({acc.num_processes})"
             )
         self.resume_from = plan_run_directory(config, resume, overwrite)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            prepare_run_directory(config, self.resume_from is not None, overwrite)
-        acc.wait_for_everyone()
 
         from accelerate.utils import set_seed
 
@@ -365,6 +361,12 @@ class Trainer:
             from retriever.mining.dynamic import DynamicMiner
 
             self.miner = DynamicMiner.from_train_config(config, self.train_set)
+        # Only now that the model and data have loaded: a start that fails on bad input must not
+        # leave a config.yaml behind, which would make the next start ask for --overwrite.
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            prepare_run_directory(config, self.resume_from is not None, overwrite)
+        acc.wait_for_everyone()
 
         self.master = None
         if config.model.dtype == "bfloat16":

@@ -212,12 +212,16 @@ def test_command_line_reports_bad_data_with_its_line(tmp_path, capsys):
     data.write_text('{"query": "q", "pos": "p"}\n{"query": "q2"}\n')
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(
-        ["--model", make_tiny_model(tmp_path / "model"), "--data", str(data), "--output-dir",
-         str(tmp_path / "run"), "--training.report_to", "[]", "--training.cpu", "true"]
-    )  # fmt: skip
-    assert run(args) == 2
+    argv = ["--model", make_tiny_model(tmp_path / "model"), "--data", str(data), "--output-dir",
+            str(tmp_path / "run"), "--training.report_to", "[]", "--training.cpu", "true",
+            "--max-steps", "1", "--batch-size", "2"]  # fmt: skip
+    assert run(parser.parse_args(argv)) == 2
     assert f"{data}:2: missing field 'pos'" in capsys.readouterr().err
+    # A start that failed on its input leaves nothing that would block the corrected start.
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    data.write_text('{"query": "q", "pos": "p"}\n{"query": "q2", "pos": "p2"}\n')
+    assert run(parser.parse_args(argv)) == 0
+    assert (tmp_path / "run" / "final").is_dir()
 
 
 def test_master_weights_accumulate_chunk_gradients_in_fp32():
