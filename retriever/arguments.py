@@ -85,6 +85,11 @@ class ModelArguments:
         "Let SDPA use cuDNN attention. Off: on H100-class GPUs cuDNN builds a plan for every new "
         "(chunk, length) shape, and length-sorted chunks have many shapes.",
     )
+    fused_layer_norm: bool | None = _opt(
+        None,
+        "Run the model's LayerNorms with retriever's Triton kernels (forward and backward "
+        "fused; same parameters and results); null: on when a CUDA GPU is present.",
+    )
 
 
 @dataclass

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from retriever.layer_norm import use_fused_layer_norm
 from retriever.sdpa import attention_backends
 
 POOLING_MODES = ("cls", "mean", "last")
@@ -195,6 +196,7 @@ class Encoder(nn.Module):
         torch_dtype: torch.dtype | None = None,
         gradient_checkpointing: bool = False,
         cudnn_attention: bool = False,
+        fused_layer_norm: bool = False,
         **model_kwargs: Any,
     ) -> Encoder:
         """Load a Hugging Face model (a local directory or Hub id) as an Encoder.
@@ -204,6 +206,8 @@ class Encoder(nn.Module):
         ``query_length`` / ``document_length`` / ``max_seq_length``); otherwise they default to
         mean pooling, normalisation, no prefixes and max lengths 128 (query) / 256 (document).
         ``cudnn_attention`` lets SDPA use cuDNN attention (see `retriever.sdpa`).
+        ``fused_layer_norm`` runs the model's LayerNorms on CUDA tensors with the Triton kernels
+        of `retriever.layer_norm` (same parameters; other tensors use PyTorch's).
         ``model_kwargs`` go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``).
         """
         import transformers
@@ -235,6 +239,8 @@ class Encoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if fused_layer_norm:
+            use_fused_layer_norm(model)
         encoder = cls(
             model,
             tokenizer,

@@ -194,6 +194,9 @@ def build_encoder(config: TrainConfig) -> Encoder:
         torch_dtype=getattr(torch, m.dtype),
         gradient_checkpointing=m.gradient_checkpointing,
         cudnn_attention=m.cudnn_attention,
+        fused_layer_norm=torch.cuda.is_available()
+        if m.fused_layer_norm is None
+        else m.fused_layer_norm,
         **kwargs,
     )
 

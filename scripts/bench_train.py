@@ -5,18 +5,17 @@ Data: SciFact titles as queries and their abstracts as positives (hard negatives
 abstracts), cycled to fill batches larger than the corpus. Peers, measured in the same run:
 
   retriever          the trainer's step (retriever.step.cached_step): fp32 weights under bf16
-                     autocast as Accelerate applies it, length-sorted chunks, tiled loss
+                     autocast as Accelerate applies it, length-sorted chunks, tiled loss, the
+                     model's LayerNorms on retriever's Triton kernels (the trainer's default on
+                     a GPU; retriever.layer_norm)
   retriever-bf16     the same with model.dtype: bfloat16 (bf16 network, fp32 master gradients
                      accumulated by hooks, as the trainer does)
   retriever-unsorted retriever without length sorting (ablation)
   retriever-bf16-cudnn
                      retriever-bf16 with SDPA allowed to use cuDNN attention (ablation: cuDNN
                      builds a plan for every new chunk shape; retriever.sdpa)
-  retriever-bf16-compile-ffn
-                     retriever-bf16 with torch.compile on the blocks between attention calls of
-                     a BERT-like encoder (feed-forward, dropout, residual + LayerNorm), attention
-                     left eager (ablation: compiling the whole encoder replaced SDPA's flash
-                     kernel by explicit attention and was 1.77x slower)
+  retriever-bf16-torch-ln
+                     retriever-bf16 with PyTorch's LayerNorm (ablation)
   cmnrl              CMNRL (mini_batch_size = --chunk-size) under bf16 autocast (what
                      SentenceTransformerTrainer does with bf16=True); features padded per column
                      as its collator does
@@ -70,7 +69,7 @@ PEERS = (
     "retriever-bf16",
     "retriever-unsorted",
     "retriever-bf16-cudnn",
-    "retriever-bf16-compile-ffn",
+    "retriever-bf16-torch-ln",
     "cmnrl",
     "cmnrl-fp32",
 )
@@ -202,17 +201,6 @@ def cmnrl_padded_tokens(features: list[dict[str, torch.Tensor]], mini_batch: int
 # --- peers --------------------------------------------------------------------------------
 
 
-def compile_between_attention(model: torch.nn.Module) -> None:
-    """torch.compile, in place, each BERT-style layer's feed-forward (intermediate, output) and
-    attention-output block (dense, dropout, residual + LayerNorm); the attention stays eager."""
-    layers = getattr(getattr(model, "encoder", None), "layer", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no encoder.layer: not a BERT-like encoder")
-    for layer in layers:
-        for block in (layer.intermediate, layer.output, layer.attention.output):
-            block.compile(dynamic=True)
-
-
 def autocast_forward(encoder: Encoder, device: str, enabled: bool):
     """encoder.forward under bf16 autocast with fp32 outputs, as Accelerate's prepare() wraps
     it when mixed_precision is bf16."""
@@ -232,7 +220,7 @@ class RetrieverPeer:
         bf16_weights: bool,
         sort: bool,
         cudnn: bool = False,
-        compile_ffn: bool = False,
+        fused_layer_norm: bool = True,
     ) -> None:
         dtype = torch.bfloat16 if bf16_weights else torch.float32
         self.encoder = Encoder.from_pretrained(
@@ -242,9 +230,8 @@ class RetrieverPeer:
             torch_dtype=dtype,
             attn_implementation="sdpa",
             cudnn_attention=cudnn,
+            fused_layer_norm=fused_layer_norm and torch.device(args.device).type == "cuda",
         ).to(args.device)
-        if compile_ffn:
-            compile_between_attention(self.encoder.model)
         self.encoder.train()
         self.master = None
         if bf16_weights:
@@ -319,8 +306,8 @@ def make_peer(name: str, model_path: str, args):
         return RetrieverPeer(model_path, args, bf16_weights=False, sort=False)
     if name == "retriever-bf16-cudnn":
         return RetrieverPeer(model_path, args, bf16_weights=True, sort=True, cudnn=True)
-    if name == "retriever-bf16-compile-ffn":
-        return RetrieverPeer(model_path, args, bf16_weights=True, sort=True, compile_ffn=True)
+    if name == "retriever-bf16-torch-ln":
+        return RetrieverPeer(model_path, args, bf16_weights=True, sort=True, fused_layer_norm=False)
     if name == "cmnrl":
         return CMNRLPeer(model_path, args, autocast=args.precision == "bf16")
     if name == "cmnrl-fp32":

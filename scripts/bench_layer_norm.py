@@ -1,0 +1,125 @@
+"""Time retriever's Triton LayerNorm (retriever.layer_norm) against PyTorch's on one GPU.
+
+For each shape and dtype: forward time, and forward + backward time (weight and bias gradients
+included), each the median of triton.testing.do_bench, plus the largest difference from a float64
+reference. The shapes are a training chunk of all-MiniLM-L6-v2 (512 rows x 128 tokens, hidden 384)
+and of BERT-base / large sized encoders. --sweep also times other tile sizes and backward program
+counts (the module constants) so the defaults can be checked.
+
+    python scripts/bench_layer_norm.py --output bench_layer_norm.json
+    python scripts/bench_layer_norm.py --sweep --shapes 65536x384
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+import retriever.layer_norm as fused
+
+SETTINGS = ("FORWARD_TILE", "BACKWARD_TILE", "BACKWARD_PROGRAMS_PER_SM", "NUM_WARPS")
+
+
+def inputs(m: int, n: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(m, n, device="cuda", generator=g, dtype=torch.float32) * 2 + 0.5
+    w = 1 + 0.1 * torch.randn(n, device="cuda", generator=g)
+    b = 0.1 * torch.randn(n, device="cuda", generator=g)
+    dy = torch.randn(m, n, device="cuda", generator=g)
+    x, w, b, dy = (t.to(dtype) for t in (x, w, b, dy))
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), dy
+
+
+def time_impl(layer_norm, x, w, b, dy) -> dict[str, float]:
+    def forward():
+        with torch.no_grad():
+            layer_norm(x, w, b)
+
+    def forward_backward():
+        x.grad = w.grad = b.grad = None
+        layer_norm(x, w, b).backward(dy)
+
+    return {"forward_ms": do_bench(forward), "forward_backward_ms": do_bench(forward_backward)}
+
+
+def max_errors(x, w, b, dy) -> dict[str, float]:
+    """Largest |ours - float64 reference| of y and of each gradient."""
+    ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y_ref = F.layer_norm(ref[0], ref[0].shape[-1:], ref[1], ref[2], 1e-5)
+    y_ref.backward(dy.double())
+    for t in (x, w, b):
+        t.grad = None
+    y = fused.layer_norm(x, w, b, 1e-5)
+    y.backward(dy)
+    out = {"y": (y.double() - y_ref).abs().max().item()}
+    for name, t, r in zip(("dx", "dw", "db"), (x, w, b), ref):
+        out[name] = (t.grad.double() - r.grad).abs().max().item()
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=["65536x384", "65536x768", "32768x1024"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--sweep", action="store_true", help="also time other kernel settings")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_layer_norm.py needs a CUDA GPU")
+
+    def ours(x, w, b):
+        return fused.layer_norm(x, w, b, 1e-5)
+
+    def torch_ln(x, w, b):
+        return F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
+
+    defaults = {k: getattr(fused, k) for k in SETTINGS}
+    results = []
+    for shape, dtype_name in itertools.product(args.shapes, args.dtypes):
+        m, n = (int(v) for v in shape.split("x"))
+        x, w, b, dy = inputs(m, n, getattr(torch, dtype_name))
+        row = {"shape": [m, n], "dtype": dtype_name, "errors": max_errors(x, w, b, dy)}
+        row["torch"] = time_impl(torch_ln, x, w, b, dy)
+        row["retriever"] = time_impl(ours, x, w, b, dy)
+        for key in ("forward_ms", "forward_backward_ms"):
+            row[f"speedup_{key[:-3]}"] = row["torch"][key] / row["retriever"][key]
+        if args.sweep:
+            row["sweep"] = []
+            for tile, programs, warps in itertools.product(
+                (1024, 2048, 4096, 8192), (1, 2, 4, 8), (4, 8)
+            ):
+                settings = dict(
+                    FORWARD_TILE=tile,
+                    BACKWARD_TILE=tile,
+                    BACKWARD_PROGRAMS_PER_SM=programs,
+                    NUM_WARPS=warps,
+                )
+                for k, v in settings.items():
+                    setattr(fused, k, v)
+                row["sweep"].append({**settings, **time_impl(ours, x, w, b, dy)})
+            for k, v in defaults.items():
+                setattr(fused, k, v)
+        print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
+        results.append(row)
+
+    result = {
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "defaults": defaults,
+        "results": results,
+    }
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
