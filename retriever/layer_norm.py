@@ -20,9 +20,11 @@ Backward, `_backward_kernel`: with xhat = (x - mean) * rstd and g = w * dy,
     dx = rstd * (g - mean_N(g) - xhat * mean_N(g * xhat))
     dw = sum over rows of dy * xhat,  db = sum over rows of dy
 
-dw and db sum over all M rows. Each of P programs walks the row blocks pid, pid + P, ...,
-accumulating its partial sums in fp32 registers, and writes one row of a [P, N] buffer; a torch
-sum over P finishes them. Which program sums which rows is fixed, so results are deterministic.
+dw and db sum over all M rows. Each of P programs walks BLOCKS_PER_PROGRAM row blocks (pid,
+pid + P, ...), accumulating its partial sums in fp32 registers, and writes one row of a [P, N]
+buffer; a torch sum over P finishes them. Which program sums which rows is fixed, so results are
+deterministic. A program per block or two keeps many loads in flight: walking 16 blocks each
+(4 programs per SM, as flash-attention's LayerNorm does) made the backward slower than PyTorch's.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ from torch.nn import functional as F
 
 from retriever.loss.triton_tiles import interpreting
 
-# Elements per [BLOCK_M, BLOCK_N] tile, and programs per SM in the backward: a sweep on an H100
-# with N = 384 (scripts/bench_layer_norm.py; docs/benchmarks.md).
+# Elements per [BLOCK_M, BLOCK_N] tile, warps per program, and row blocks per backward program:
+# from a sweep on an H100 with N = 384 (scripts/bench_layer_norm.py --sweep; docs/benchmarks.md).
 FORWARD_TILE = 4096
+FORWARD_WARPS = 4
 BACKWARD_TILE = 4096
-BACKWARD_PROGRAMS_PER_SM = 4
-NUM_WARPS = 8
+BACKWARD_WARPS = 8
+BLOCKS_PER_PROGRAM = 1
 
 
 @triton.jit
@@ -156,7 +159,7 @@ class LayerNormFunction(torch.autograd.Function):
         _forward_kernel[(triton.cdiv(m, block_m),)](
             x2, y, weight, bias, mean, rstd, m, n, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=FORWARD_WARPS,
         )  # fmt: skip
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias = bias is not None
@@ -172,19 +175,17 @@ class LayerNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x2)
         block_n = triton.next_power_of_2(n)
         block_m = _block_m(BACKWARD_TILE, block_n)
-        blocks = triton.cdiv(m, block_m)
-        if x2.is_cuda:
-            sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-            programs = min(blocks, sms * BACKWARD_PROGRAMS_PER_SM)
-        else:  # the interpreter: a few programs, so the strided walk over blocks is exercised
-            programs = min(blocks, 3)
+        per_program = BLOCKS_PER_PROGRAM
+        if not x2.is_cuda:  # the interpreter: small blocks, several per program, so that tests
+            block_m, per_program = 4, 3  # walk partial blocks and several blocks per program
+        programs = triton.cdiv(triton.cdiv(m, block_m), per_program)
         has_weight = weight is not None
         dw_partial = torch.empty(programs, n, dtype=torch.float32, device=x2.device)
         db_partial = torch.empty_like(dw_partial)
         _backward_kernel[(programs,)](
             x2, dy2, dx, weight, mean, rstd, dw_partial, db_partial, m, n,
             HAS_WEIGHT=has_weight, HAS_BIAS=ctx.has_bias,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=BACKWARD_WARPS,
         )  # fmt: skip
         dw = dw_partial.sum(0).to(weight.dtype) if has_weight else None
         db = db_partial.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
