@@ -58,6 +58,24 @@ def time_impl(layer_norm, x, w, b, dy) -> dict[str, float]:
     return {"forward_ms": bench(forward), "forward_backward_ms": bench(forward_backward)}
 
 
+def print_kernels(impls: dict, x, w, b, dy) -> None:
+    """Per implementation, the CUDA kernels of 20 forward + backward calls (kernel time only,
+    without the host-side launch cost that do_bench's timings include)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, layer_norm in impls.items():
+        for _ in range(3):
+            layer_norm(x, w, b).backward(dy)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                x.grad = w.grad = b.grad = None
+                layer_norm(x, w, b).backward(dy)
+            torch.cuda.synchronize()
+        print(f"--- {name}")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
+
+
 def max_errors(x, w, b, dy) -> dict[str, float]:
     """Largest |ours - float64 reference| of y and of each gradient."""
     ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
@@ -78,6 +96,9 @@ def main() -> int:
     parser.add_argument("--shapes", nargs="+", default=["65536x384", "65536x768", "32768x1024"])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--sweep", action="store_true", help="also time other kernel settings")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the kernels of 20 forward + backward calls"
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -99,6 +120,8 @@ def main() -> int:
         row["retriever"] = time_impl(ours, x, w, b, dy)
         for key in ("forward_ms", "forward_backward_ms"):
             row[f"speedup_{key[:-3]}"] = row["torch"][key] / row["retriever"][key]
+        if args.profile:
+            print_kernels({"torch": torch_ln, "retriever": ours}, x, w, b, dy)
         if args.sweep:
             row["sweep"] = []
             # Forward settings timed with the default backward, then backward settings with
