@@ -28,7 +28,7 @@ SETTINGS = (
     "FORWARD_WARPS",
     "BACKWARD_TILE",
     "BACKWARD_WARPS",
-    "BLOCKS_PER_PROGRAM",
+    "BACKWARD_PROGRAMS_PER_SM",
 )
 
 
@@ -130,8 +130,10 @@ def main() -> int:
                 dict(FORWARD_TILE=tile, FORWARD_WARPS=warps)
                 for tile, warps in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8))
             ] + [
-                dict(BACKWARD_TILE=tile, BACKWARD_WARPS=warps, BLOCKS_PER_PROGRAM=blocks)
-                for tile, warps, blocks in itertools.product((2048, 4096, 8192), (4, 8), (1, 2, 4))
+                dict(BACKWARD_TILE=tile, BACKWARD_WARPS=warps, BACKWARD_PROGRAMS_PER_SM=programs)
+                for tile, warps, programs in itertools.product(
+                    (1024, 2048, 4096, 8192), (1, 2, 4), (2, 4, 8)
+                )
             ]
             for settings in grid:
                 for k, v in {**defaults, **settings}.items():
