@@ -8,8 +8,11 @@ activation is), while this module keeps what makes training sound in fp32:
 * the master weights the optimizer updates (a bf16 weight cannot take an update smaller than
   2^-8 of itself, which is most of them at fine-tuning learning rates);
 * the gradient accumulation: the embedding cache backpropagates one chunk at a time, and
-  summing hundreds of chunk gradients in bf16 would lose most of their bits. A hook moves each
-  parameter's bf16 gradient into its fp32 master gradient as soon as a chunk produced it.
+  summing hundreds of chunk gradients in bf16 would lose most of their bits. At the end of every
+  backward call the bf16 gradients are added into the fp32 master gradients (one foreach add)
+  and dropped. A small model's step is bound by host time, so this is one callback per backward
+  rather than a Python hook with its own kernel per parameter (14,500 per step of 8,192 queries
+  with 7 hard negatives).
 
 Across processes the master gradients are averaged with one all-reduce per step (what DDP does
 for fp32 models), so the model is not wrapped in DDP in this mode.
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd import Variable
 
 
 class MasterWeights:
@@ -34,21 +38,32 @@ class MasterWeights:
     def __init__(self, params: Iterable[nn.Parameter]) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.master = [nn.Parameter(p.detach().float().clone()) for p in self.params]
-        self._hooks = [
-            p.register_post_accumulate_grad_hook(self._accumulate(m))
-            for p, m in zip(self.params, self.master)
-        ]
+        self._flush_queued = False
+        self._hooks = [p.register_post_accumulate_grad_hook(self._queue_flush) for p in self.params]
 
-    @staticmethod
-    def _accumulate(master: Tensor):
-        def hook(param: Tensor) -> None:
-            if master.grad is None:
-                master.grad = param.grad.float()
+    def _queue_flush(self, param: Tensor) -> None:
+        # The first gradient of a backward call queues one flush for the end of that call.
+        if not self._flush_queued:
+            self._flush_queued = True
+            Variable._execution_engine.queue_callback(self.flush)
+
+    def flush(self) -> None:
+        """Add the parameters' (bf16) gradients into the fp32 master gradients and drop them."""
+        self._flush_queued = False
+        new, add_to, add_from = [], [], []
+        for p, m in zip(self.params, self.master):
+            if p.grad is None:
+                continue
+            if m.grad is None:
+                new.append((m, p.grad))
             else:
-                master.grad.add_(param.grad)  # fp32 += bf16 in one kernel, no fp32 copy
-            param.grad = None  # the bf16 gradient never accumulates
-
-        return hook
+                add_to.append(m.grad)
+                add_from.append(p.grad)
+            p.grad = None  # the bf16 gradient never accumulates
+        for m, g in new:
+            m.grad = g.float()
+        if add_to:
+            torch._foreach_add_(add_to, add_from)  # fp32 += bf16, no fp32 copies
 
     def all_reduce(self, group: Any = None) -> None:
         """Average the master gradients over the processes of ``group`` (one flat all-reduce)."""
