@@ -4,7 +4,9 @@ bf16 weights, pinned-memory transfers, resume on a GPU). Writes a JSON report.
 1. The cached step's gradient against the direct full-batch gradient (one graph), with the real
    all-MiniLM-L6-v2, dropout on, on CUDA: fp32 (no autocast), bf16 autocast, bf16 weights (the
    cached side accumulates in fp32 through MasterWeights as the trainer does; the direct side
-   accumulates in bf16 inside autograd, so expect bf16-level differences there).
+   accumulates in bf16 inside autograd, so expect bf16-level differences there). The model's
+   LayerNorms run retriever.layer_norm's Triton kernels, as the trainer's do on a GPU
+   (--torch-layer-norm: PyTorch's).
 2. Trainer runs on SciFact train: 4 steps with a checkpoint at 2, then a resume from step 2 in a
    fresh directory; the largest parameter difference between the two final models (GPU kernels
    such as SDPA's backward use atomics, so exact equality is not expected there), for fp32
@@ -43,10 +45,16 @@ def reference_loss(q, d, ids, scale):
     return (torch.logsumexp(logits, 1) - logits[rows, rows]).mean()
 
 
-def gradient_check(model_path: str, data: str, mode: str, device: str) -> dict:
+def gradient_check(
+    model_path: str, data: str, mode: str, device: str, fused_layer_norm: bool
+) -> dict:
     dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
     encoder = Encoder.from_pretrained(
-        model_path, document_max_length=128, torch_dtype=dtype, attn_implementation="sdpa"
+        model_path,
+        document_max_length=128,
+        torch_dtype=dtype,
+        attn_implementation="sdpa",
+        fused_layer_norm=fused_layer_norm,
     ).to(device)
     encoder.train()
     examples = load_examples(data, split="train")[:48]
@@ -93,6 +101,7 @@ def gradient_check(model_path: str, data: str, mode: str, device: str) -> dict:
     error = max((g - w).abs().max().item() for g, w in zip(got, want)) / scale
     return {
         "mode": mode,
+        "fused_layer_norm": fused_layer_norm,
         "direct_loss": direct_loss.item(),
         "cached_loss": float(cached_loss),
         "max_gradient_error_relative_to_largest_entry": error,
@@ -158,6 +167,12 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument(
+        "--torch-layer-norm",
+        action="store_true",
+        help="gradient checks with PyTorch's LayerNorm (default: retriever.layer_norm, as the "
+        "trainer on a GPU)",
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     model_path = resolve_model_path(args.model)
@@ -167,7 +182,7 @@ def main() -> int:
         "torch": torch.__version__,
     }
     report["gradients"] = [
-        gradient_check(model_path, args.data, mode, args.device)
+        gradient_check(model_path, args.data, mode, args.device, not args.torch_layer_norm)
         for mode in ("fp32", "bf16-autocast", "bf16-weights")
     ]
     print(json.dumps(report["gradients"], indent=2), flush=True)
