@@ -40,8 +40,8 @@ from torch.nn import functional as F
 
 from retriever.loss.triton_tiles import interpreting
 
-# Elements per [BLOCK_M, BLOCK_N] tile, warps per program, and row blocks per backward program:
-# from a sweep on an H100 with N = 384 (scripts/bench_layer_norm.py --sweep; docs/benchmarks.md).
+# Elements per [BLOCK_M, BLOCK_N] tile, warps per program, and backward programs per SM: from
+# a sweep on an H100 with N = 384 (scripts/bench_layer_norm.py --sweep; docs/benchmarks.md).
 FORWARD_TILE = 4096
 FORWARD_WARPS = 4
 BACKWARD_TILE = 4096

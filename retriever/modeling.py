@@ -206,8 +206,8 @@ class Encoder(nn.Module):
         ``query_length`` / ``document_length`` / ``max_seq_length``); otherwise they default to
         mean pooling, normalisation, no prefixes and max lengths 128 (query) / 256 (document).
         ``cudnn_attention`` lets SDPA use cuDNN attention (see `retriever.sdpa`).
-        ``fused_layer_norm`` runs the model's LayerNorms on CUDA tensors with the Triton kernels
-        of `retriever.layer_norm` (same parameters; other tensors use PyTorch's).
+        ``fused_layer_norm`` runs the model's LayerNorms on large CUDA inputs with the Triton
+        kernels of `retriever.layer_norm` (same parameters; other inputs use PyTorch's).
         ``model_kwargs`` go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``).
         """
         import transformers
