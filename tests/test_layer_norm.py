@@ -124,3 +124,21 @@ def test_encoder_with_fused_layer_norm_gives_the_same_embeddings_and_gradients(t
     assert g_plain.keys() == g_fused.keys()
     for name in g_plain:
         torch.testing.assert_close(g_fused[name], g_plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("option", [None, True, False])
+def test_trainer_option_chooses_the_layer_norm(tiny_dir, tmp_path, monkeypatch, option):
+    """model.fused_layer_norm: null follows the GPU's presence; true and false are obeyed."""
+    from train_helpers import tiny_config
+
+    from retriever.trainer import build_encoder
+
+    def layer_norm_types() -> set[type]:
+        modules = build_encoder(config).model.modules()
+        return {type(m) for m in modules if isinstance(m, nn.LayerNorm)}
+
+    config = tiny_config(tiny_dir, "unused.jsonl", tmp_path, model={"fused_layer_norm": option})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert layer_norm_types() == ({FusedLayerNorm} if option else {nn.LayerNorm})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert layer_norm_types() == ({nn.LayerNorm} if option is False else {FusedLayerNorm})
