@@ -91,10 +91,28 @@ def max_errors(x, w, b, dy) -> dict[str, float]:
     return out
 
 
+def shape(text: str) -> tuple[int, int]:
+    """'ROWSxWIDTH', e.g. 65536x384."""
+    try:
+        rows, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ROWSxWIDTH (e.g. 65536x384)") from None
+    if rows < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: rows and width must be positive")
+    return rows, width
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=["65536x384", "65536x768", "32768x1024"])
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument(
+        "--shapes", nargs="+", type=shape, default=[(65536, 384), (65536, 768), (32768, 1024)]
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["bfloat16", "float16", "float32"],
+        default=["bfloat16", "float32"],
+    )
     parser.add_argument("--sweep", action="store_true", help="also time other kernel settings")
     parser.add_argument(
         "--profile", action="store_true", help="print the kernels of 20 forward + backward calls"
@@ -112,8 +130,7 @@ def main() -> int:
 
     defaults = {k: getattr(fused, k) for k in SETTINGS}
     results = []
-    for shape, dtype_name in itertools.product(args.shapes, args.dtypes):
-        m, n = (int(v) for v in shape.split("x"))
+    for (m, n), dtype_name in itertools.product(args.shapes, args.dtypes):
         x, w, b, dy = inputs(m, n, getattr(torch, dtype_name))
         row = {"shape": [m, n], "dtype": dtype_name, "errors": max_errors(x, w, b, dy)}
         row["torch"] = time_impl(torch_ln, x, w, b, dy)
