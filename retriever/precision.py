@@ -50,18 +50,16 @@ class MasterWeights:
     def flush(self) -> None:
         """Add the parameters' (bf16) gradients into the fp32 master gradients and drop them."""
         self._flush_queued = False
-        new, add_to, add_from = [], [], []
+        add_to, add_from = [], []
         for p, m in zip(self.params, self.master):
             if p.grad is None:
                 continue
             if m.grad is None:
-                new.append((m, p.grad))
+                m.grad = p.grad.float()
             else:
                 add_to.append(m.grad)
                 add_from.append(p.grad)
             p.grad = None  # the bf16 gradient never accumulates
-        for m, g in new:
-            m.grad = g.float()
         if add_to:
             torch._foreach_add_(add_to, add_from)  # fp32 += bf16, no fp32 copies
 
