@@ -13,6 +13,8 @@ from torch import nn
 
 from retriever.loss import InfoNCELoss, contrastive_loss, torch_tiles
 
+# The DDP comparison below runs three SGD steps: each parameter moves by lr * gradient, so its
+# error is lr * (sum of the steps' gradient errors, each far below 1e-6 for these sizes).
 TOL = 1e-5
 
 
@@ -27,8 +29,8 @@ def _cases(world: int) -> list[Case]:
 
 
 def _assert_small(errors: dict[str, float], what: str) -> None:
-    bad = {k: v for k, v in errors.items() if not v <= TOL}
-    assert not bad, f"{what}: relative errors above {TOL}: {bad}"
+    bad = {k: v for k, v in errors.items() if not v <= 1.0}
+    assert not bad, f"{what}: errors above the error model's bound (as fractions of it): {bad}"
 
 
 def _reference_worker(rank: int, world: int, impl: str) -> None:
@@ -75,10 +77,8 @@ def test_ring_with_triton_kernels(tmp_path):
 
 def _triton_worker(rank: int, world: int, device: str) -> None:
     case = Case(seed=5, world=world, symmetric=True, ids=True, learnable_scale=True, max_queries=3)
-    # TF32 on a GPU: the bound of the fp32 tests does not apply there.
-    tol = TOL if device == "cpu" else 1e-2
-    errors = run_case(case, dist.group.WORLD, device=device, impl="triton")
-    assert max(errors.values()) <= tol, f"rank {rank} triton on {device}: {errors}"
+    # On a GPU the kernels multiply fp32 in TF32; run_case's error model knows.
+    _assert_small(run_case(case, dist.group.WORLD, device=device, impl="triton"), f"rank {rank}")
 
 
 def _local_inputs(rank: int, dim: int = 4, n: int = 3):
