@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib
 import os
 import types
 import typing
@@ -454,6 +453,18 @@ def _check(config: TrainConfig, key: str, ok: bool, expected: str) -> None:
         )
 
 
+def _check_metric(config: TrainConfig) -> None:
+    from retriever.eval.metrics import metric_names
+
+    names = ["main_score", *metric_names()]
+    metric = config.eval.metric
+    if metric not in names:
+        raise ConfigError(
+            f"{config.where('eval.metric')}: eval.metric: {metric!r} is not a metric the "
+            f"evaluator reports{_suggest(metric, names)} (e.g. ndcg_at_10, recall_at_100)"
+        )
+
+
 def validate(config: TrainConfig) -> TrainConfig:
     """Cross-field checks that single values cannot make; errors name where each value was set."""
     for key, flag in REQUIRED.items():
@@ -501,6 +512,13 @@ def validate(config: TrainConfig) -> TrainConfig:
         )
     for key in ("mining.score_ratio", "mining.max_abs_score"):
         _check(config, key, config.get(key) > 0, "a number > 0")
+    if config.training.batch_size == 1 and config.data.negatives == 0:
+        raise ConfigError(
+            f"{config.where('training.batch_size')}: training.batch_size 1 with data.negatives 0 "
+            "gives each query its positive as its only candidate: the loss is 0 and nothing is "
+            "learned; use a larger batch or hard negatives"
+        )
+    _check_metric(config)
     if config.mining.dynamic and config.data.negatives == 0:
         raise ConfigError(
             f"{config.where('mining.dynamic')}: mining.dynamic re-mines hard negatives, but "
@@ -513,23 +531,6 @@ def validate(config: TrainConfig) -> TrainConfig:
                 f"{tracker!r} (tensorboard, wandb)"
             )
     return config
-
-
-def resolve_model_path(spec: str) -> str:
-    """``pkg:PACKAGE`` -> ``PACKAGE.get_model_path()``; anything else is returned unchanged."""
-    if not spec.startswith("pkg:"):
-        return spec
-    package = spec[len("pkg:") :]
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise ConfigError(
-            f"model.name_or_path: {spec}: no installed package {package!r} (pip install it, or "
-            "give a model directory or Hub id)"
-        ) from None
-    if not callable(getattr(module, "get_model_path", None)):
-        raise ConfigError(f"model.name_or_path: {spec}: {package} has no get_model_path()")
-    return str(module.get_model_path())
 
 
 # --- command line -------------------------------------------------------------------------

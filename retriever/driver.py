@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="replace the run already in training.output_dir (its config, checkpoints, models "
-        "and logs are deleted)",
+        "and logs); the old run is kept aside until the new one saves its first checkpoint, "
+        "and put back if the new one fails before that",
     )
     parser.add_argument(
         "--print-config",
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     )
     logging.getLogger("retriever").setLevel(logging.INFO)
     from retriever.data import DataError
-    from retriever.trainer import RunError
+    from retriever.run_directory import RunError
 
     try:
         config = config_from_args(args)
@@ -62,4 +63,11 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, RunError) as exc:
         print(f"retriever train: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "retriever train: interrupted; the run directory keeps its last complete checkpoint "
+            "(continue with --resume)",
+            file=sys.stderr,
+        )
+        return 130
     return 0

@@ -2,15 +2,18 @@
 
     result = train(load_config("configs/scifact-minilm.yaml"))
 
-Run directory (``training.output_dir``)::
+Run directory (``training.output_dir``; written and replaced as `retriever.run_directory` says)::
 
     config.yaml               the effective configuration
     checkpoints/step-000100/  resumable state: model, optimizer, scheduler, RNG of every
-                              process, temperature, data position and step
+                              process, temperature, data position and step; manifest.json
     best/                     sentence-transformers model with the best eval.metric so far
     final/                    sentence-transformers model at the end of training
     log.jsonl, eval.jsonl     every logged record / evaluation, one JSON object a line
     logs/                     TensorBoard (and other trackers') files
+
+Everything a run needs (model, data, evaluation task, options) is loaded and checked before the
+directory is touched, so a start that fails changes nothing there.
 
 One optimizer step is one global batch (``training.batch_size`` queries over all processes),
 computed by :func:`retriever.step.cached_step`. Across processes the loss is the ring over
@@ -35,32 +38,27 @@ import torch.distributed as dist
 import yaml
 from tqdm.auto import tqdm
 
-from retriever.arguments import (
-    ConfigError,
-    TrainConfig,
-    apply_mapping,
-    differing_options,
-    resolve_model_path,
-)
+from retriever.arguments import ConfigError, TrainConfig, apply_mapping, differing_options
 from retriever.data import Collator, TrainSet, epoch_batches, load_examples
 from retriever.loss import InfoNCELoss
-from retriever.modeling import Encoder
+from retriever.modeling import Encoder, ModelNotFoundError
+from retriever.run_directory import (
+    RunDirectory,
+    RunError,
+    atomic_directory,
+    checkpoint_dir,
+    list_checkpoints,
+    newest_valid_checkpoint,
+    partial_path,
+    publish,
+    truncate_logs,
+    verify_checkpoint,
+    write_manifest,
+)
 from retriever.step import cached_step
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-# Files and directories a run writes; --overwrite removes exactly these.
-RUN_ARTIFACTS = (
-    "config.yaml",
-    CHECKPOINTS,
-    "best",
-    "final",
-    "logs",
-    "log.jsonl",
-    "eval.jsonl",
-    "mining.jsonl",
-)
 # Options that must not change when a run is resumed: they change the model, the data order or
 # the random stream, so the continuation would not be the run that was started.
 FIXED_ON_RESUME = (
@@ -80,10 +78,6 @@ FIXED_ON_RESUME = (
 )
 
 
-class RunError(RuntimeError):
-    """The run directory cannot be used as asked (exists, nothing to resume, ...)."""
-
-
 @dataclasses.dataclass
 class TrainState:
     """Where training is: saved in every checkpoint (Accelerate custom state)."""
@@ -93,6 +87,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already trained on
     best_metric: float | None = None
     best_step: int | None = None
+    evaluated_step: int | None = None  # the step of the last evaluation
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -105,74 +100,57 @@ class TrainState:
 # --- run directory ------------------------------------------------------------------------
 
 
-def checkpoint_dir(output_dir: Path, step: int) -> Path:
-    return output_dir / CHECKPOINTS / f"step-{step:08d}"
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    root = output_dir / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def _holds_run(output_dir: Path) -> list[str]:
-    return [name for name in RUN_ARTIFACTS if (output_dir / name).exists()]
-
-
-def read_run_config(output_dir: Path) -> TrainConfig:
-    path = output_dir / "config.yaml"
+def read_run_config(path: Path) -> TrainConfig:
+    """The config saved in a run directory or checkpoint (``path`` holds config.yaml)."""
+    path = Path(path) / "config.yaml"
     config = TrainConfig()
     apply_mapping(config, yaml.compose(path.read_text(encoding="utf-8")), str(path))
     return config
 
 
+def _check_unchanged(config: TrainConfig, checkpoint: Path, output_dir: Path) -> None:
+    """A resumed run must keep what shapes the model, the data order and the random stream."""
+    saved_in = checkpoint if (checkpoint / "config.yaml").is_file() else output_dir
+    if not (saved_in / "config.yaml").is_file():
+        return
+    changed = [
+        key
+        for key in differing_options(read_run_config(saved_in), config)
+        if key.startswith(FIXED_ON_RESUME)
+    ]
+    if changed:
+        raise RunError(
+            f"--resume: {', '.join(changed)} differ from {saved_in / 'config.yaml'}; "
+            "a resumed run must keep the model, data, loss, batch and seed"
+        )
+
+
 def plan_run_directory(
     config: TrainConfig, resume: bool | str | None, overwrite: bool
 ) -> Path | None:
-    """Check the run directory (read-only); return the checkpoint to resume from, if any."""
+    """Check the run directory (read-only); return the verified checkpoint to resume from."""
     output_dir = Path(config.training.output_dir)
-    existing = _holds_run(output_dir)
     if resume:
         if overwrite:
             raise RunError("--resume and --overwrite contradict each other; pick one")
         if resume is True:
-            checkpoints = list_checkpoints(output_dir)
-            if not checkpoints:
-                raise RunError(f"--resume: {output_dir} holds no checkpoint to resume from")
-            checkpoint = checkpoints[-1]
+            checkpoint, skipped = newest_valid_checkpoint(output_dir)
+            for reason in skipped:
+                logger.warning("--resume: skipped %s", reason)
         else:
             checkpoint = Path(resume)
             if not checkpoint.is_dir():
                 raise RunError(f"--resume: {checkpoint}: no such checkpoint directory")
-        if (output_dir / "config.yaml").is_file():
-            changed = [
-                key
-                for key in differing_options(read_run_config(output_dir), config)
-                if key.startswith(FIXED_ON_RESUME)
-            ]
-            if changed:
-                raise RunError(
-                    f"--resume: {', '.join(changed)} differ from {output_dir / 'config.yaml'}; "
-                    "a resumed run must keep the model, data, loss, batch and seed"
-                )
+            verify_checkpoint(checkpoint)
+        _check_unchanged(config, checkpoint, output_dir)
         return checkpoint
+    existing = RunDirectory(output_dir).artifacts()
     if existing and not overwrite:
         raise RunError(
             f"{output_dir} already holds a run ({', '.join(existing)}); pass --resume to "
             "continue it or --overwrite to replace it"
         )
     return None
-
-
-def prepare_run_directory(config: TrainConfig, resuming: bool, overwrite: bool) -> None:
-    """Main process only: clear a replaced run, write the effective config."""
-    output_dir = Path(config.training.output_dir)
-    if overwrite and not resuming:
-        for name in _holds_run(output_dir):
-            path = output_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
 
 
 # --- building blocks ----------------------------------------------------------------------
@@ -183,8 +161,16 @@ def build_encoder(config: TrainConfig) -> Encoder:
     kwargs: dict[str, Any] = {}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
+    try:
+        return _load_encoder(m, kwargs)
+    except (ModelNotFoundError, NotImplementedError, OSError, ValueError) as exc:
+        where = config.where("model.name_or_path")
+        raise ConfigError(f"{where}: model.name_or_path: {exc}") from None
+
+
+def _load_encoder(m: Any, kwargs: dict[str, Any]) -> Encoder:
     return Encoder.from_pretrained(
-        resolve_model_path(m.name_or_path),
+        m.name_or_path,
         pooling=m.pooling,
         normalize=m.normalize,
         query_prefix=m.query_prefix,
@@ -274,6 +260,53 @@ def shrink_task(task: Any, max_queries: int | None, max_documents: int | None) -
     )
 
 
+def _build_accelerator(config: TrainConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    t = config.training
+    cpu = t.cpu or not torch.cuda.is_available()
+    mixed = t.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    for tracker in t.report_to:
+        module = "tensorboard" if tracker == "tensorboard" else tracker
+        if importlib.util.find_spec(module) is None and not (
+            tracker == "tensorboard" and importlib.util.find_spec("tensorboardX")
+        ):
+            raise ConfigError(
+                f"{config.where('training.report_to')}: training.report_to: {tracker} is "
+                f"not installed (pip install {tracker})"
+            )
+    output_dir = Path(t.output_dir)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed,
+        log_with=list(t.report_to) or None,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        step_scheduler_with_optimizer=False,  # one scheduler step per global batch
+        kwargs_handlers=[
+            # The pooler of BERT-like models gets no gradient; buffers never change.
+            DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+        ],
+    )
+
+
+def load_eval_task(config: TrainConfig) -> Any:
+    """The (shrunk) evaluation task of ``eval.data``, or None; errors name the option."""
+    if not config.eval.data:
+        return None
+    from retriever.eval.data import load_task
+
+    try:
+        task = load_task(config.eval.data, config.eval.split)
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ConfigError(f"{config.where('eval.data')}: eval.data: {exc}") from None
+    return shrink_task(task, config.eval.max_queries, config.eval.max_documents)
+
+
 def _flat_hparams(config: TrainConfig) -> dict[str, Any]:
     """The config as the scalar dict trackers accept."""
     out = {}
@@ -294,44 +327,22 @@ class Trainer:
     def __init__(
         self, config: TrainConfig, *, resume: bool | str | None = None, overwrite: bool = False
     ) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
         self.config = config
-        t = config.training
-        self.output_dir = Path(t.output_dir)
-        cpu = t.cpu or not torch.cuda.is_available()
-        mixed = t.mixed_precision
-        if mixed == "auto":
-            mixed = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-        for tracker in t.report_to:
-            module = "tensorboard" if tracker == "tensorboard" else tracker
-            if importlib.util.find_spec(module) is None and not (
-                tracker == "tensorboard" and importlib.util.find_spec("tensorboardX")
-            ):
-                raise ConfigError(
-                    f"{config.where('training.report_to')}: training.report_to: {tracker} is "
-                    f"not installed (pip install {tracker})"
-                )
-        self.accelerator = Accelerator(
-            cpu=cpu,
-            mixed_precision=mixed,
-            log_with=list(t.report_to) or None,
-            project_config=ProjectConfiguration(
-                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
-            ),
-            step_scheduler_with_optimizer=False,  # one scheduler step per global batch
-            kwargs_handlers=[
-                # The pooler of BERT-like models gets no gradient; buffers never change.
-                DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
-            ],
-        )
+        self.output_dir = Path(config.training.output_dir)
+        self.run_dir = RunDirectory(self.output_dir)
+        self.accelerator = _build_accelerator(config)
         acc = self.accelerator
+        t = config.training
         if t.batch_size % acc.num_processes:
             raise ConfigError(
                 f"{config.where('training.batch_size')}: training.batch_size ({t.batch_size}) "
                 f"must be divisible by the number of processes ({acc.num_processes})"
             )
+        if acc.is_main_process:
+            repaired = self.run_dir.recover()  # what an interrupted --overwrite left
+            if repaired:
+                logger.warning(repaired)
+        acc.wait_for_everyone()
         self.resume_from = plan_run_directory(config, resume, overwrite)
 
         from accelerate.utils import set_seed
@@ -340,6 +351,23 @@ class Trainer:
         self.encoder = build_encoder(config)
         self.encoder.train()  # from_pretrained leaves the network in eval mode: no dropout
         self.loss_fn = build_loss(config).to(acc.device)
+        self._load_data()
+        self.task = load_eval_task(config)
+        self._prepare_optimization()
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+        self.group = dist.group.WORLD if acc.num_processes > 1 else None
+
+        # Only now that everything has loaded: a start that fails changes nothing on disk.
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self._prepare_run_directory(overwrite)
+        acc.wait_for_everyone()
+        if t.report_to:
+            acc.init_trackers(t.run_name, config=_flat_hparams(config))
+
+    def _load_data(self) -> None:
+        config, t = self.config, self.config.training
         examples = load_examples(
             config.data.train,
             format=config.data.format,
@@ -364,13 +392,11 @@ class Trainer:
             from retriever.mining.dynamic import DynamicMiner
 
             self.miner = DynamicMiner.from_train_config(config, self.train_set)
-        # Only now that the model and data have loaded: a start that fails on bad input must not
-        # leave a config.yaml behind, which would make the next start ask for --overwrite.
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            prepare_run_directory(config, self.resume_from is not None, overwrite)
-        acc.wait_for_everyone()
 
+    def _prepare_optimization(self) -> None:
+        """Optimizer and schedule (on fp32 master weights for a bf16 network), and what a
+        checkpoint holds."""
+        acc, config = self.accelerator, self.config
         self.master = None
         if config.model.dtype == "bfloat16":
             # bf16 network, fp32 master weights and gradients (retriever/precision.py). The
@@ -395,19 +421,22 @@ class Trainer:
             acc.register_for_checkpointing(self.miner)
         if self.master is not None:
             acc.register_for_checkpointing(self.master)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as exc:  # verified files that still do not fit this model or run
+            raise RunError(f"--resume: {path} could not be loaded: {exc}") from None
+        logger.info("resumed from %s at step %d", path, self.state.step)
+
+    def _prepare_run_directory(self, overwrite: bool) -> None:
+        """Main process: set a replaced run aside (restored if this one fails before its first
+        checkpoint), drop logs past the resumed step, write the effective config."""
+        if overwrite:
+            self.run_dir.set_aside()
         if self.resume_from is not None:
-            acc.load_state(str(self.resume_from))
-            logger.info("resumed from %s at step %d", self.resume_from, self.state.step)
-
-        self.group = dist.group.WORLD if acc.num_processes > 1 else None
-        self.task = None
-        if config.eval.data:
-            from retriever.eval.data import load_task
-
-            task = load_task(config.eval.data, config.eval.split)
-            self.task = shrink_task(task, config.eval.max_queries, config.eval.max_documents)
-        if t.report_to:
-            acc.init_trackers(t.run_name, config=_flat_hparams(config))
+            truncate_logs(self.output_dir, self.state.step)
+        self.run_dir.write_config(self.config.to_yaml())
 
     # -- pieces of the loop --
 
@@ -460,16 +489,25 @@ class Trainer:
         acc.print(self.miner.describe(record))
 
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` under a temporary name, its manifest last, then rename:
+        a run killed while saving leaves the previous checkpoints, never a half-written one."""
         acc = self.accelerator
         path = checkpoint_dir(self.output_dir, self.state.step)
-        acc.save_state(str(path))
+        partial = partial_path(path)
+        if acc.is_main_process and partial.exists():
+            shutil.rmtree(partial)
+        acc.wait_for_everyone()
+        acc.save_state(str(partial))
+        acc.wait_for_everyone()  # every process's files (RNG states) are on disk
         if acc.is_main_process:
-            (path / "trainer_state.json").write_text(
-                json.dumps(self.state.state_dict(), indent=2) + "\n", encoding="utf-8"
-            )
+            state = json.dumps(self.state.state_dict(), indent=2) + "\n"
+            (partial / "trainer_state.json").write_text(state, encoding="utf-8")
+            (partial / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
+            write_manifest(partial, self.state.step)
+            publish(partial, path)
+            self.run_dir.discard_replaced()  # the new run now stands on its own
             limit = self.config.training.save_total_limit
-            old = list_checkpoints(self.output_dir)
-            for stale in old[:-limit] if limit else []:
+            for stale in list_checkpoints(self.output_dir)[:-limit] if limit else []:
                 shutil.rmtree(stale)
         acc.wait_for_everyone()
         return path
@@ -479,10 +517,8 @@ class Trainer:
             with open(self.output_dir / name, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def evaluate(self) -> dict[str, Any] | None:
+    def evaluate(self) -> dict[str, Any]:
         """Evaluate on eval.data (main process); keep best/ when eval.metric improves."""
-        if self.task is None:
-            return None
         from accelerate.utils import broadcast_object_list
 
         from retriever.eval.evaluator import evaluate_task
@@ -494,23 +530,20 @@ class Trainer:
             scores = evaluate_task(
                 encoder, self.task, batch_size=self.config.eval.batch_size, show_progress=False
             )
-            if metric not in scores:
-                raise ConfigError(
-                    f"{self.config.where('eval.metric')}: eval.metric: {metric!r} is not a "
-                    f"metric the evaluator reports (e.g. ndcg_at_10, recall_at_100)"
-                )
             result = [{k: v for k, v in scores.items() if isinstance(v, (int, float))}]
-            value = result[0][metric]
-            if self.state.best_metric is None or value > self.state.best_metric:
-                encoder.save(self.output_dir / "best")
-                best = {"step": self.state.step, **scores}
-                (self.output_dir / "best" / "eval.json").write_text(
-                    json.dumps(best, indent=2, default=str) + "\n", encoding="utf-8"
-                )
+            if self.state.best_metric is None or result[0][metric] > self.state.best_metric:
+                with atomic_directory(self.output_dir / "best") as best:
+                    encoder.save(best)
+                    (best / "eval.json").write_text(
+                        json.dumps({"step": self.state.step, **scores}, indent=2, default=str)
+                        + "\n",
+                        encoding="utf-8",
+                    )
         result = broadcast_object_list(result) if acc.num_processes > 1 else result
         scores = result[0]
         if self.state.best_metric is None or scores[metric] > self.state.best_metric:
             self.state.best_metric, self.state.best_step = scores[metric], self.state.step
+        self.state.evaluated_step = self.state.step
         record = {"step": self.state.step, **scores}
         self._write("eval.jsonl", record)
         acc.log({f"eval/{k}": v for k, v in scores.items()}, step=self.state.step)
@@ -523,6 +556,16 @@ class Trainer:
     # -- the loop --
 
     def train(self) -> dict[str, Any]:
+        """Run to the end; a failure before this run's first checkpoint puts back the run that
+        ``--overwrite`` was replacing."""
+        try:
+            return self._train()
+        except BaseException:
+            if self.accelerator.is_main_process:
+                self.run_dir.restore_replaced()
+            raise
+
+    def _train(self) -> dict[str, Any]:
         acc, cfg, state = self.accelerator, self.config, self.state
         t = cfg.training
         evaluations = []
@@ -549,18 +592,10 @@ class Trainer:
         while state.step < self.total_steps:
             loader = self._loader(state.epoch, state.batch_in_epoch)
             for batch in loader:
-                loss = self._step(batch)
-                grad_norm = None
-                if t.max_grad_norm is not None:
-                    grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
-                self.optimizer.step()
-                if self.master is not None:
-                    self.master.copy_to_model()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                loss, grad_norm = self._optimizer_step(batch, params)
                 state.step += 1
                 state.batch_in_epoch += 1
-                window["loss"] += float(loss)
+                window["loss"] += loss
                 window["steps"] += 1
                 window["tokens"] += batch.num_tokens
                 progress.update(1)
@@ -572,25 +607,65 @@ class Trainer:
                 remined = self.miner is not None and unfinished and self.miner.due(state.step)
                 if remined:
                     self._remine()
+                # Evaluate before the checkpoint, so that it holds the best metric so far.
+                evaluate = self.task is not None and cfg.eval.steps
+                if evaluate and state.step % cfg.eval.steps == 0 and unfinished:
+                    evaluations.append(self.evaluate())
                 if t.save_steps and state.step % t.save_steps == 0 and unfinished:
                     self.save_checkpoint()
-                if cfg.eval.steps and state.step % cfg.eval.steps == 0 and unfinished:
-                    evaluations.append(self.evaluate())
                 if state.step >= self.total_steps or remined:
                     break  # after re-mining: a new loader, whose workers see the new negatives
             else:
                 state.epoch += 1
                 state.batch_in_epoch = 0
         progress.close()
-        self.save_checkpoint()
-        if self.task is not None and not (evaluations and evaluations[-1]["step"] == state.step):
+        return self._finish(evaluations, last_loss)
+
+    def _optimizer_step(self, batch: Any, params: list[torch.nn.Parameter]) -> tuple[float, Any]:
+        """One global batch: gradient, clipping, the update; returns (loss, gradient norm)."""
+        acc, t = self.accelerator, self.config.training
+        loss = float(self._step(batch))
+        grad_norm = None
+        if t.max_grad_norm is not None:
+            grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
+        self._stop_unless_finite(loss, grad_norm)
+        self.optimizer.step()
+        if self.master is not None:
+            self.master.copy_to_model()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
+
+    def _stop_unless_finite(self, loss: float, grad_norm: Any) -> None:
+        """A NaN or inf loss or gradient stops the run before the update reaches the model."""
+        acc = self.accelerator
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        bad = torch.tensor(float(not (math.isfinite(loss) and math.isfinite(norm))))
+        if acc.num_processes > 1:  # every rank must stop together
+            bad = acc.reduce(bad.to(acc.device), reduction="sum").cpu()
+        if not bad.item():
+            return
+        checkpoints = list_checkpoints(self.output_dir)
+        newest = f"the newest checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint"
+        raise RunError(
+            f"step {self.state.step + 1}: the loss is {loss}"
+            + (f" and the gradient norm {norm}" if grad_norm is not None else "")
+            + f"; the model was not updated and training stopped ({newest}). Lower "
+            "training.learning_rate or set training.max_grad_norm, then --resume"
+        )
+
+    def _finish(self, evaluations: list[dict[str, Any]], last_loss: float | None) -> dict:
+        acc, cfg, state = self.accelerator, self.config, self.state
+        if self.task is not None and state.evaluated_step != state.step:
             evaluations.append(self.evaluate())
+        self.save_checkpoint()
         if acc.is_main_process:
             encoder = acc.unwrap_model(self.model)
             if self.master is not None:  # save the fp32 master weights, not their bf16 copy
                 encoder.float()
                 self.master.copy_to_model()
-            encoder.save(self.output_dir / "final")
+            with atomic_directory(self.output_dir / "final") as final:
+                encoder.save(final)
         acc.wait_for_everyone()
         acc.end_training()
         summary = {

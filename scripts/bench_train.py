@@ -55,10 +55,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from retriever.arguments import resolve_model_path
 from retriever.data import Batch, Collator, text_id
 from retriever.loss import InfoNCELoss
-from retriever.modeling import Encoder
+from retriever.modeling import Encoder, locate_model
 from retriever.step import cached_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -494,7 +493,7 @@ def main() -> int:
                         help="write one profiled step per case to this directory")  # fmt: skip
     args = parser.parse_args()
     started = time.perf_counter()
-    model_path = resolve_model_path(args.model)
+    model_path = locate_model(args.model)
 
     tokenizer_view = Encoder.from_pretrained(
         model_path, query_max_length=args.max_length, document_max_length=args.max_length

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from retriever.arguments import config_from_dict, resolve_model_path
+from retriever.arguments import config_from_dict
 from retriever.data import Collator, TrainSet, load_examples
 from retriever.loss import InfoNCELoss
-from retriever.modeling import Encoder
+from retriever.modeling import Encoder, locate_model
 from retriever.step import cached_step
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
@@ -175,7 +175,7 @@ def main() -> int:
     )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    model_path = resolve_model_path(args.model)
+    model_path = locate_model(args.model)
     on_gpu = torch.device(args.device).type == "cuda"
     report: dict = {
         "device": torch.cuda.get_device_name() if on_gpu else "cpu",

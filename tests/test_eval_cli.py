@@ -115,3 +115,45 @@ def test_cli_reports_bad_data_without_a_traceback(model_dir, tmp_path, capsys):
     argv = ["eval", "--model", model_dir, "--data", str(root), "--no-progress"]
     assert main(argv) == 2
     assert "corpus.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--model", "/no/such/dir"], r"--model /no/such/dir: no such directory"),
+        (["--model", "EMPTY"], r"not a model directory \(no config.json"),
+        (["--model", "pkg:no_such_package"], r"no installed package 'no_such_package'"),
+        (["--index", "hnsw", "--hnsw-m", "0"], r"--hnsw-m: expected a positive integer"),
+        (["--index", "hnsw", "--hnsw-m", "1"], r"hnsw_m must be an integer >= 2"),
+        (["--index", "ivf", "--nprobe", "0"], r"--nprobe: expected a positive integer"),
+        (["--index", "ivf", "--nlist", "0"], r"--nlist: expected a positive integer"),
+        (["--index", "ivf", "--nlist", "61"], r"nlist=61: .* more cells than .* documents \(60\)"),
+        (["--batch-size", "0"], r"--batch-size: expected a positive integer"),
+        (["--output", "OUTDIR"], r"--output .* is a directory"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(model_dir, tmp_path, capsys, options, message):
+    import re
+
+    root = _random_task(tmp_path / "task", seed=3)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "outdir").mkdir()
+    where = {"EMPTY": str(tmp_path / "empty"), "OUTDIR": str(tmp_path / "outdir")}
+    options = [where.get(o, o) for o in options]
+    argv = ["eval", "--model", model_dir, "--data", str(root), "--no-progress", *options]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err), err
+    assert "Traceback" not in err
+
+
+def test_a_corpus_line_without_text_is_an_error(model_dir, tmp_path, capsys):
+    root = _random_task(tmp_path / "task", seed=4)
+    lines = (root / "corpus.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"_id": "doc2", "title": "only a title"})
+    (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["eval", "--model", model_dir, "--data", str(root), "--no-progress"]) == 2
+    assert "corpus.jsonl:3: document 'doc2' has no 'text'" in capsys.readouterr().err

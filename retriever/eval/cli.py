@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,31 @@ def _k_values(text: str) -> list[int]:
     return ks
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def check_output_file(path: Path | None, overwrite: bool) -> str | None:
+    """Why ``path`` cannot take the results, checked before any work; None if it can."""
+    if path is None:
+        return None
+    if path.is_dir():
+        return f"--output {path} is a directory; name a file"
+    if path.exists() and not overwrite:
+        return f"{path} exists; pass --overwrite to replace it"
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is not None and not (parent.is_dir() and os.access(parent, os.W_OK)):
+        return f"--output {path}: cannot create it under {parent}"
+    return None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model`` and the encoder settings (shared with ``retriever mine``)."""
     model = parser.add_argument_group("model")
@@ -56,16 +82,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
     model.add_argument("--query-prefix", help="default: the model's 'query' prompt, else none")
     model.add_argument("--document-prefix", help="default: the model's 'document' prompt")
-    model.add_argument("--query-max-length", type=int, help="default: from the model, else 128")
-    model.add_argument("--document-max-length", type=int, help="default: from the model, else 256")
+    model.add_argument(
+        "--query-max-length", type=positive_int, help="default: from the model, else 128"
+    )
+    model.add_argument(
+        "--document-max-length", type=positive_int, help="default: from the model, else 256"
+    )
 
 
 def load_encoder(args: argparse.Namespace) -> Encoder:
     """The Encoder that :func:`add_model_arguments`' options describe."""
-    from retriever.modeling import Encoder
+    from retriever.modeling import Encoder, ModelNotFoundError, locate_model
 
+    try:
+        model = locate_model(args.model)
+    except ModelNotFoundError as exc:
+        raise ValueError(f"--model {exc}") from None
     return Encoder.from_pretrained(
-        args.model,
+        model,
         pooling=args.pooling,
         normalize=False if args.no_normalize else None,
         query_prefix=args.query_prefix,
@@ -79,10 +113,10 @@ def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     """``--index`` and its knobs (shared with ``retriever mine``)."""
     index = parser.add_argument_group("index")
     index.add_argument("--index", choices=INDEX_KINDS, default="flat", help="default: exact")
-    index.add_argument("--hnsw-m", type=int, default=32)
-    index.add_argument("--ef-search", type=int, default=256)
-    index.add_argument("--nlist", type=int, help="IVF cells (default 4*sqrt(N))")
-    index.add_argument("--nprobe", type=int, default=32)
+    index.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW links (>= 2)")
+    index.add_argument("--ef-search", type=positive_int, default=256)
+    index.add_argument("--nlist", type=positive_int, help="IVF cells (default 4*sqrt(N))")
+    index.add_argument("--nprobe", type=positive_int, default=32)
 
 
 def index_config(args: argparse.Namespace) -> IndexConfig:
@@ -115,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     run.add_argument("--dtype", choices=list(_DTYPES), default="auto", help="autocast on GPU")
-    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--batch-size", type=positive_int, default=64)
     run.add_argument("--cache-dir", type=Path, help="cache corpus embeddings here")
     run.add_argument("--k-values", type=_k_values, default=list(DEFAULT_K_VALUES))
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -150,22 +184,25 @@ def run(args: argparse.Namespace) -> int:
     # Our own messages (dropped qrels, cache hits) at INFO; other libraries' only when serious.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("retriever").setLevel(logging.INFO)
-    if args.output is not None and args.output.exists() and not args.overwrite:
-        print(f"error: {args.output} exists; pass --overwrite to replace it", file=sys.stderr)
+    problem = check_output_file(args.output, args.overwrite)
+    if problem:
+        print(f"retriever eval: error: {problem}", file=sys.stderr)
         return 2
     from retriever.eval.data import load_task
     from retriever.eval.evaluator import evaluate_task
 
     # Load every task first: a bad path fails in seconds, not after the first task's encoding.
     try:
+        index = index_config(args)
         tasks = [load_task(spec, args.split) for spec in args.data]
+        for task in tasks:
+            index.check_corpus_size(len(task.corpus))
         encoder = load_encoder(args)
     except (FileNotFoundError, ValueError, NotImplementedError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"retriever eval: error: {exc}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder.to(device)
-    index = index_config(args)
     results = []
     for task in tasks:
         result = evaluate_task(

@@ -129,8 +129,8 @@ def load_corpus(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     first_line: dict[str, int] = {}
     for line_no, obj in read_jsonl(path):
         doc_id = _require_id(obj, path, line_no)
-        if "text" not in obj and "title" not in obj:
-            raise ValueError(f"{path}:{line_no}: document {doc_id!r} has no 'text' or 'title'")
+        if "text" not in obj:
+            raise ValueError(f"{path}:{line_no}: document {doc_id!r} has no 'text'")
         if doc_id in corpus:
             raise ValueError(
                 f"{path}:{line_no}: duplicate document id {doc_id!r} (first on line "

@@ -25,6 +25,13 @@ DEFAULT_K_VALUES = (1, 3, 5, 10, 100, 1000)
 METRICS = ("ndcg", "mrr", "recall", "map", "precision")
 
 Qrels = Mapping[str, Mapping[str, int]]
+
+
+def metric_names(k_values: Iterable[int] = DEFAULT_K_VALUES) -> list[str]:
+    """The keys :func:`evaluate` reports: ``ndcg_at_10``, ``recall_at_100``, ..."""
+    return [f"{metric}_at_{k}" for metric in METRICS for k in sorted(set(k_values))]
+
+
 Run = Mapping[str, Mapping[str, float]]
 
 

@@ -63,6 +63,25 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index kind must be one of {INDEX_KINDS}, got {self.kind!r}")
+        # faiss aborts the whole process (not an exception) on some of these, e.g. hnsw_m = 0.
+        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "query_chunk_size"):
+            _require_positive(name, getattr(self, name), minimum=2 if name == "hnsw_m" else 1)
+        for name in ("nlist", "train_size"):
+            if getattr(self, name) is not None:
+                _require_positive(name, getattr(self, name))
+
+    def check_corpus_size(self, n_documents: int) -> None:
+        """Raise before any encoding if this index cannot be built over ``n_documents``."""
+        if self.kind == "ivf" and self.nlist is not None and self.nlist > n_documents:
+            raise ValueError(
+                f"nlist={self.nlist}: an IVF index cannot have more cells than the corpus has "
+                f"documents ({n_documents})"
+            )
+
+
+def _require_positive(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def faiss_has_gpu() -> bool:
@@ -104,9 +123,8 @@ class SearchIndex:
             index.hnsw.efSearch = config.ef_search
         else:  # ivf
             # faiss wants >= 39 training points per cell; 4 * sqrt(N) is its usual guidance.
+            config.check_corpus_size(n)
             nlist = config.nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-            if nlist > n:
-                raise ValueError(f"IVF nlist={nlist} exceeds the corpus size {n}")
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
             train_size = min(n, config.train_size or 256 * nlist)
             rng = np.random.default_rng(0)

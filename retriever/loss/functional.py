@@ -104,9 +104,14 @@ def _scale_tensor(scale: float | Tensor, device: torch.device) -> Tensor:
             raise ValueError(
                 f"scale must be a float or a 0-dim tensor, got shape {tuple(scale.shape)}"
             )
+        # A CPU value is checked at no cost; reading a GPU one back would stall the stream.
+        if scale.device.type == "cpu" and not bool(scale.detach() > 0):
+            raise ValueError(f"scale must be > 0 (it is 1 / temperature), got {float(scale)}")
         return scale.to(device=device, dtype=torch.float32)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"scale must be a float or a 0-dim tensor, got {type(scale).__name__}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0 (it is 1 / temperature), got {scale}")
     return torch.tensor(float(scale), dtype=torch.float32, device=device)
 
 

@@ -17,9 +17,11 @@ class InfoNCELoss(nn.Module):
         L = \frac{1}{B_q} \sum_i \Big( \log \sum_j e^{s \langle q_i, d_j \rangle}
             - s \langle q_i, d_{y_i} \rangle \Big)
 
-    The scale is stored as log(s), so a learnable scale stays positive, and it is clamped to
-    [min_scale, max_scale] when used (CLIP clamps at 100 for the same reason: a runaway
-    temperature makes the loss degenerate).
+    The scale is stored as log(s), so a learnable scale stays positive, and kept in
+    [min_scale, max_scale] (CLIP clamps at 100 for the same reason: a runaway temperature makes
+    the loss degenerate). The parameter itself is clamped, in place, each time the loss is
+    computed, not only the value it yields: a clamp of the value alone has zero gradient outside
+    the range, so a parameter that an optimizer step pushed out could never come back.
 
     Args:
         scale: initial s = 1 / temperature (20 is temperature 0.05).
@@ -61,7 +63,12 @@ class InfoNCELoss(nn.Module):
 
     @property
     def scale(self) -> Tensor:
-        return self.log_scale.exp().clamp(self.min_scale, self.max_scale)
+        return self.log_scale.clamp(math.log(self.min_scale), math.log(self.max_scale)).exp()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Put log(s) back into [log min_scale, log max_scale] (after an optimizer step)."""
+        self.log_scale.clamp_(math.log(self.min_scale), math.log(self.max_scale))
 
     def forward(
         self,
@@ -71,6 +78,7 @@ class InfoNCELoss(nn.Module):
         candidate_ids: Tensor | None = None,
         group: object | None = None,
     ) -> Tensor:
+        self.clamp_()  # the gradient below is then that of s itself, also at the range's ends
         return contrastive_loss(
             queries,
             candidates,

@@ -27,6 +27,7 @@ from retriever.eval.cli import (
     add_model_arguments,
     index_config,
     load_encoder,
+    positive_int,
 )
 from retriever.mining.miner import SAMPLING, MiningConfig
 
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     mining = parser.add_argument_group("mining")
-    mining.add_argument("--num-negatives", type=int, default=7, help="negatives per query")
+    mining.add_argument("--num-negatives", type=positive_int, default=7, help="negatives per query")
     mining.add_argument(
         "--range-min", type=int, default=10, help="skip the first ranks (default 10)"
     )
@@ -81,8 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     run.add_argument("--dtype", choices=list(_DTYPES), default="auto", help="autocast on GPU")
-    run.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
-    run.add_argument("--chunk-size", type=int, default=4096, help="queries mined per search")
+    run.add_argument("--batch-size", type=positive_int, default=64, help="texts per forward pass")
+    run.add_argument(
+        "--chunk-size", type=positive_int, default=4096, help="queries mined per search"
+    )
     run.add_argument("--cache-dir", type=Path, help="cache corpus embeddings here")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_index_arguments(parser)
@@ -109,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     # Refuse early: before minutes of encoding, not after.
     if str(args.output).endswith(".gz"):
         return _error(f"--output {args.output}: write a plain .jsonl file (gzip it afterwards)")
+    if args.output.is_dir():
+        return _error(f"--output {args.output} is a directory; name a .jsonl file")
     existing = [str(p) for p in output_paths(args.output) if p.exists()]
     if existing and not args.overwrite:
         return _error(f"{', '.join(existing)} exist(s); pass --overwrite to replace")
@@ -126,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         index = index_config(args)
         queries = load_queries(args.data, args.split)
         corpus = load_corpus(args.corpus) if args.corpus else default_corpus(args.data)
+        index.check_corpus_size(len(corpus))
         encoder = load_encoder(args)
     except (MiningDataError, ValueError, FileNotFoundError, NotImplementedError, OSError) as exc:
         return _error(str(exc))

@@ -1,0 +1,318 @@
+"""The run directory: what a run writes, checkpoints that are whole or absent, and an
+``--overwrite`` that cannot destroy a run.
+
+Layout (``training.output_dir``)::
+
+    config.yaml               the effective configuration
+    checkpoints/step-000100/  resumable state, with manifest.json (sizes and hashes) written last
+    best/  final/             sentence-transformers models
+    log.jsonl eval.jsonl mining.jsonl logs/
+
+Every directory the run publishes (a checkpoint, ``best/``, ``final/``) is written under a hidden
+``.NAME.partial`` name and renamed into place once complete, so a run killed at any moment
+leaves either the old version or the new one, never half of one. A checkpoint counts only with
+its manifest; loading one first checks every file against it, so a truncated or corrupted file
+is named instead of being loaded (or, for RNG states, silently skipped).
+
+``--overwrite`` moves the old run aside into ``.replaced-run/`` and deletes it only once the new
+run has published its first checkpoint; a new run that fails or is interrupted before then puts
+the old one back, also when it was killed (the next start in that directory repairs it):
+
+* ``.replaced-run.partial/``: the move aside was interrupted; its contents go back.
+* ``.replaced-run/``: the old run, whole. With a complete checkpoint beside it the new run
+  succeeded and it is deleted; otherwise the new run's files are removed and it goes back.
+* ``.restoring-run/``: putting it back was interrupted (the new run's files are already gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+# Files and directories a run writes; --overwrite replaces exactly these.
+RUN_ARTIFACTS = (
+    "config.yaml",
+    CHECKPOINTS,
+    "best",
+    "final",
+    "logs",
+    "log.jsonl",
+    "eval.jsonl",
+    "mining.jsonl",
+)
+LOGS_BY_STEP = ("log.jsonl", "eval.jsonl", "mining.jsonl")
+SETTING_ASIDE, REPLACED, RESTORING = ".replaced-run.partial", ".replaced-run", ".restoring-run"
+
+
+class RunError(RuntimeError):
+    """The run directory cannot be used as asked (exists, nothing to resume, corrupted, ...)."""
+
+
+# --- publishing directories atomically ------------------------------------------------------
+
+
+def _fsync_directory(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def partial_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.partial"
+
+
+def publish(partial: Path, path: Path) -> None:
+    """Rename the complete directory ``partial`` to ``path``, replacing an older ``path``."""
+    old = path.parent / f".{path.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(partial, path)
+    _fsync_directory(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_directory("run/final") as tmp:`` write into ``tmp``; on success it replaces
+    ``run/final`` in one rename, on failure it is removed and ``run/final`` is untouched."""
+    path = Path(path)
+    partial = partial_path(path)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    publish(partial, path)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --- checkpoints and their manifests --------------------------------------------------------
+
+
+def _file_hash(path: Path) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    """Record every file's size and hash, fsync them, and write the manifest last."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        rel = path.relative_to(directory).as_posix()
+        files[rel] = {"size": path.stat().st_size, "xxh3_128": _file_hash(path)}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    write_text_atomically(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise ``RunError`` naming the first file of ``directory`` that is missing or differs from
+    what its manifest recorded."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise RunError(
+            f"{directory}: no {MANIFEST}, so the checkpoint is incomplete (the run stopped "
+            "while writing it) or was not written by this version of retriever"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise RunError(f"{manifest_path}: corrupted (not a manifest retriever wrote)") from None
+    for rel, expected in files.items():
+        path = directory / rel
+        if not path.is_file():
+            raise RunError(f"{path}: missing from the checkpoint (listed in its {MANIFEST})")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise RunError(
+                f"{path}: {size} bytes where the checkpoint recorded {expected['size']} "
+                "(truncated or replaced); this checkpoint cannot be resumed"
+            )
+        if _file_hash(path) != expected["xxh3_128"]:
+            raise RunError(
+                f"{path}: its contents differ from what the checkpoint recorded (corrupted); "
+                "this checkpoint cannot be resumed"
+            )
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def step_directories(output_dir: Path) -> list[Path]:
+    """``checkpoints/step-N`` directories, oldest first (complete or not)."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with a manifest), oldest first."""
+    return [p for p in step_directories(output_dir) if (p / MANIFEST).is_file()]
+
+
+def newest_valid_checkpoint(output_dir: Path) -> tuple[Path, list[str]]:
+    """The newest checkpoint that verifies, and why each newer one was skipped."""
+    skipped = []
+    for candidate in reversed(step_directories(output_dir)):
+        try:
+            verify_checkpoint(candidate)
+        except RunError as exc:
+            skipped.append(str(exc))
+            continue
+        return candidate, skipped
+    reasons = "; ".join(skipped)
+    raise RunError(
+        f"--resume: {output_dir} holds no checkpoint to resume from"
+        + (f" (none is complete: {reasons})" if skipped else "")
+    )
+
+
+def remove_stale_partials(output_dir: Path) -> None:
+    """Tidy what a killed write left: half-written ``.NAME.partial`` directories go (they were
+    never published); a ``.NAME.old`` whose ``NAME`` is missing (killed between the two renames
+    of :func:`publish`) goes back to ``NAME``."""
+    for parent in (Path(output_dir), Path(output_dir) / CHECKPOINTS):
+        for old in parent.glob(".*.old"):
+            target = parent / old.name[1 : -len(".old")]
+            if target.exists():
+                shutil.rmtree(old)
+            else:
+                logger.warning("restoring %s, which an interrupted save had moved aside", target)
+                os.replace(old, target)
+        for partial in parent.glob(".*.partial"):
+            if partial.name != SETTING_ASIDE:
+                logger.info("removing %s, left by an interrupted write", partial)
+                shutil.rmtree(partial)
+
+
+def truncate_logs(output_dir: Path, step: int) -> None:
+    """Drop records after ``step`` from the step logs: a resumed run writes them again."""
+    for name in LOGS_BY_STEP:
+        path = Path(output_dir) / name
+        if not path.is_file():
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _record_step(line) <= step]
+        if len(kept) != len(lines):
+            write_text_atomically(path, "".join(kept))
+
+
+def _record_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return 0  # a line that is not a record of ours is kept
+
+
+# --- replacing a run --------------------------------------------------------------------------
+
+
+class RunDirectory:
+    """One run directory and the ``--overwrite`` protocol of the module docstring."""
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.path = Path(output_dir)
+        self.replacing = False  # this process set an old run aside and has not discarded it
+
+    def artifacts(self) -> list[str]:
+        return [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
+
+    def _move_artifacts(self, source: Path, target: Path) -> None:
+        for name in RUN_ARTIFACTS:
+            if (source / name).exists():
+                os.replace(source / name, target / name)
+
+    def _remove_artifacts(self) -> None:
+        for name in self.artifacts():
+            path = self.path / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    def recover(self) -> str | None:
+        """Repair what a killed run left: half-written directories, and an interrupted
+        ``--overwrite`` (finished as the module docstring says). Returns what was put back."""
+        remove_stale_partials(self.path)
+        aside, replaced, restoring = (self.path / n for n in (SETTING_ASIDE, REPLACED, RESTORING))
+        if aside.is_dir():
+            self._move_artifacts(aside, self.path)
+            aside.rmdir()
+            return f"{self.path}: put back the run that an interrupted --overwrite was moving aside"
+        if replaced.is_dir():
+            if list_checkpoints(self.path):
+                shutil.rmtree(replaced)
+                return None  # the replacing run had published a checkpoint: it stands
+            self._remove_artifacts()
+            os.replace(replaced, restoring)
+        if restoring.is_dir():
+            self._move_artifacts(restoring, self.path)
+            restoring.rmdir()
+            return (
+                f"{self.path}: put back the run that an interrupted --overwrite was replacing "
+                "(the replacing run had saved no checkpoint)"
+            )
+        return None
+
+    def set_aside(self) -> None:
+        """Move the current run into ``.replaced-run/`` (as one step: see the docstring)."""
+        if not self.artifacts():
+            return
+        aside = self.path / SETTING_ASIDE
+        aside.mkdir()
+        self._move_artifacts(self.path, aside)
+        os.replace(aside, self.path / REPLACED)
+        _fsync_directory(self.path)
+        self.replacing = True
+
+    def discard_replaced(self) -> None:
+        """The new run has published a checkpoint: the old one is no longer needed."""
+        if self.replacing:
+            shutil.rmtree(self.path / REPLACED, ignore_errors=True)
+            self.replacing = False
+
+    def restore_replaced(self) -> None:
+        """The new run failed before its first checkpoint: put the old run back."""
+        if not self.replacing:
+            return
+        self._remove_artifacts()
+        os.replace(self.path / REPLACED, self.path / RESTORING)
+        self.recover()
+        self.replacing = False
+        logger.warning("the new run failed before its first checkpoint: %s is as before", self.path)
+
+    def write_config(self, text: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(self.path / "config.yaml", text)
