@@ -84,6 +84,11 @@ class ModelArguments:
         "Let SDPA use cuDNN attention. Off: on H100-class GPUs cuDNN builds a plan for every new "
         "(chunk, length) shape, and length-sorted chunks have many shapes.",
     )
+    dropout: float | None = _opt(
+        None,
+        "Set every dropout probability of the network (hidden and attention) to this; null: "
+        "the model's own. 0 makes the step exact with any training.embed_chunk_size.",
+    )
     fused_layer_norm: bool | None = _opt(
         None,
         "Run the model's LayerNorms with retriever's Triton kernels (forward and backward "
@@ -113,7 +118,15 @@ class DataArguments:
     )
     max_examples: int | None = _opt(None, "Use only the first N examples (quick runs).")
     num_workers: int = _opt(
-        2, "DataLoader worker processes that tokenise the next batches (0: in the main process)."
+        2,
+        "DataLoader worker processes that collate the next batches from the token cache (0: in "
+        "the main process).",
+    )
+    token_cache: str | None = _opt(
+        None,
+        "Directory of the token cache: every text tokenised once, reused by later epochs and "
+        "runs (keyed by the texts, tokenizer and settings, so never stale); null: "
+        "$RETRIEVER_CACHE/tokens or ~/.cache/retriever/tokens; off: keep tokens in memory only.",
     )
 
 
@@ -143,10 +156,23 @@ class TrainingArguments:
         "Global batch: queries per optimizer step over all processes (each adds its "
         "positive and data.negatives hard negatives as candidates).",
     )
-    chunk_size: int = _opt(
+    chunk_size: int | str = _opt(
         64,
-        "Texts embedded per forward pass of the embedding cache; bounds activation memory, "
-        "not the batch.",
+        "Texts per forward and backward pass of the embedding cache's gradient pass; bounds "
+        "activation memory, not the batch. auto: the largest that training.memory_gb allows "
+        "(measured on the GPU at the start; 64 on CPU).",
+    )
+    embed_chunk_size: int | str | None = _opt(
+        None,
+        "Texts per forward pass of the no-grad pass, which keeps no activations and so can be "
+        "far larger (fewer launches: less host time per step); null: chunk_size; auto: sized "
+        "like chunk_size. Needs a network without dropout (model.dropout: 0) when it differs "
+        "from chunk_size, so that the cached gradient stays exact.",
+    )
+    memory_gb: float | None = _opt(
+        None,
+        "GPU memory the auto chunk sizes may plan for (GiB); null: 90% of what is free at "
+        "the start.",
     )
     max_steps: int | None = _opt(None, "Optimizer steps to train; null: training.epochs epochs.")
     epochs: float = _opt(1.0, "Passes over the data when max_steps is null.")
@@ -321,7 +347,12 @@ def convert(value: Any, section: str, name: str, where: str) -> Any:
     tp = _type_of(section, name)
     args = typing.get_args(tp)
     optional = (typing.get_origin(tp) in (typing.Union, types.UnionType)) and type(None) in args
-    base = next(a for a in args if a is not type(None)) if optional else tp
+    members = [a for a in args if a is not type(None)]
+    base = members[0] if optional and len(members) == 1 else tp
+    if set(members) == {int, str}:  # an integer or "auto"
+        if value == "auto":
+            return value
+        base = int
 
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
@@ -336,7 +367,7 @@ def convert(value: Any, section: str, name: str, where: str) -> Any:
         out: Any = value
     elif base is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise fail("an integer")
+            raise fail("an integer" + (' or "auto"' if str in members else ""))
         out = value
     elif base is float:
         if isinstance(value, bool):
@@ -470,9 +501,15 @@ def validate(config: TrainConfig) -> TrainConfig:
     for key, flag in REQUIRED.items():
         if not config.get(key):
             raise ConfigError(f"{key} is required: set it in the config file or pass {flag}")
+    for key in ("training.chunk_size", "training.embed_chunk_size"):
+        value = config.get(key)
+        _check(config, key, value in (None, "auto") or value > 0, 'a positive integer or "auto"')
+    memory = config.training.memory_gb
+    _check(config, "training.memory_gb", memory is None or memory > 0, "a number > 0 or null")
+    dropout = config.model.dropout
+    _check(config, "model.dropout", dropout is None or 0 <= dropout < 1, "a number in [0, 1)")
     positive = [
         "training.batch_size",
-        "training.chunk_size",
         "training.logging_steps",
         "training.max_steps",
         "training.save_steps",

@@ -16,13 +16,16 @@ and never hold the same positive text twice; candidates that still coincide (a n
 query that is another's positive) are told apart by ``candidate_ids`` (a hash of the text),
 which the loss uses to leave them out of the denominator instead of counting a false negative.
 
-Tokenisation happens in the DataLoader's worker processes (``Collator``), which also sorts each
-side by length and cuts it into the chunks the embedding cache embeds, so the training loop
-receives ready-to-run tensors.
+Every distinct query and document text is tokenised once, before training, into a token cache
+on disk that later epochs and runs reuse (:meth:`TrainSet.attach_tokens`, `retriever.tokens`).
+A group is then three token-table rows, and the ``Collator`` (in the DataLoader's workers) only
+gathers them, sorts each side by token length, pads and cuts it into the chunks the embedding
+cache embeds: the training loop receives ready-to-run tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -34,9 +37,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from retriever.modeling import Encoder
+from retriever.tokens import (
+    SideSettings,
+    TokenTable,
+    load_or_build,
+    tokenize,
+    tokenizer_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +226,52 @@ def text_id(text: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
+class TextPool:
+    """The distinct texts of one side (queries or documents) with stable row numbers, their
+    token table (`retriever.tokens`) and their 64-bit text ids (``candidate_ids``)."""
+
+    def __init__(self, settings: SideSettings) -> None:
+        self.settings = settings
+        self.texts: list[str] = []
+        self.row: dict[str, int] = {}
+        self.table: TokenTable | None = None
+        self.text_ids = np.zeros(0, dtype=np.int64)
+        self._tokenizer: Any = None
+
+    def add(self, text: str) -> int:
+        row = self.row.get(text)
+        if row is None:
+            row = self.row[text] = len(self.texts)
+            self.texts.append(text)
+        return row
+
+    def tokenize(self, tokenizer: Any, cache_dir: Any, desc: str, **kwargs: Any) -> None:
+        """Tokenise every text added so far (through the on-disk cache when ``cache_dir``)."""
+        self.table = load_or_build(
+            tokenizer, self.texts, self.settings, cache_dir, desc=desc, **kwargs
+        )
+        self.text_ids = np.fromiter((text_id(t) for t in self.texts), np.int64, len(self.texts))
+        self._tokenizer = tokenizer
+
+    def row_of(self, text: str) -> int:
+        """The row of ``text``; a text not seen before is tokenised now (re-mined negatives)."""
+        if text in self.row:
+            return self.row[text]
+        row = self.add(text)
+        assert self.table is not None, "tokenize() first"
+        self.table = TokenTable.concatenate(
+            [self.table, tokenize(self._tokenizer, [text], self.settings)]
+        )
+        self.text_ids = np.append(self.text_ids, np.int64(text_id(text)))
+        return row
+
+
 class TrainSet(torch.utils.data.Dataset):
     """Examples as per-epoch groups. Indexed by ``(epoch, example index)``, returns
-    ``(query, positive, [negatives])``, the same for a given key in any process."""
+    ``(query, positive, [negatives])``, the same for a given key in any process.
+
+    After :meth:`attach_tokens`, :meth:`rows` gives the same group as token-table rows, which
+    is what the DataLoader's workers collate (no tokenisation during training)."""
 
     def __init__(self, examples: Sequence[Example], negatives: int, seed: int) -> None:
         self.examples = list(examples)
@@ -226,9 +279,39 @@ class TrainSet(torch.utils.data.Dataset):
         self.seed = seed
         # Positive text ids, to keep duplicates out of a batch without hashing every epoch.
         self._positive_ids = [[text_id(p) for p in e.positives] for e in self.examples]
+        self.queries: TextPool | None = None
+        self.documents: TextPool | None = None
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def attach_tokens(
+        self,
+        tokenizer: Any,
+        query: SideSettings,
+        document: SideSettings,
+        cache_dir: str | os.PathLike | None,
+        **kwargs: Any,
+    ) -> None:
+        """Tokenise every query, positive and negative once (``retriever.tokens``)."""
+        self.queries, self.documents = TextPool(query), TextPool(document)
+        self._query_rows = np.array([self.queries.add(e.query) for e in self.examples])
+        self._positive_rows = [tuple(map(self.documents.add, e.positives)) for e in self.examples]
+        self._negative_rows = [tuple(map(self.documents.add, e.negatives)) for e in self.examples]
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        for pool, side in ((self.queries, "queries"), (self.documents, "documents")):
+            pool.tokenize(
+                tokenizer, cache_dir, f"tokenize {side}", tokenizer_hash=fingerprint, **kwargs
+            )
+
+    def set_negatives(self, index: int, negatives: Sequence[str]) -> None:
+        """Replace an example's hard negatives (dynamic mining); new texts are tokenised."""
+        example = self.examples[index]
+        if tuple(negatives) == example.negatives:
+            return
+        self.examples[index] = dataclasses.replace(example, negatives=tuple(negatives))
+        if self.documents is not None:
+            self._negative_rows[index] = tuple(map(self.documents.row_of, negatives))
 
     def _rng(self, epoch: int, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, epoch, index])
@@ -241,20 +324,38 @@ class TrainSet(torch.utils.data.Dataset):
         ids = self._positive_ids[index]
         return ids[self._positive_index(self._rng(epoch, index), index)] if len(ids) > 1 else ids[0]
 
+    def _pick(self, epoch: int, index: int) -> tuple[int, list[int]]:
+        """(positive, negatives) of this epoch's group, as indices into the example's lists."""
+        example = self.examples[index]
+        if len(example.positives) == 1 and self.negatives == 0:
+            return 0, []  # nothing to draw: no generator (it costs more than the rest)
+        rng = self._rng(epoch, index)
+        positive = self._positive_index(rng, index)
+        pool, n = len(example.negatives), self.negatives
+        if n == 0:
+            return positive, []
+        if pool >= n:
+            picked = rng.choice(pool, size=n, replace=False)
+        else:  # every negative once, the rest drawn with replacement
+            extra = rng.integers(pool, size=n - pool)
+            picked = rng.permutation(np.concatenate([np.arange(pool), extra]))
+        return positive, [int(i) for i in picked]
+
     def __getitem__(self, key: tuple[int, int]) -> tuple[str, str, list[str]]:
         epoch, index = key
         example = self.examples[index]
-        rng = self._rng(epoch, index)
-        positive = example.positives[self._positive_index(rng, index)]
-        pool, n = example.negatives, self.negatives
-        if n == 0:
-            return example.query, positive, []
-        if len(pool) >= n:
-            picked = rng.choice(len(pool), size=n, replace=False)
-        else:  # every negative once, the rest drawn with replacement
-            extra = rng.integers(len(pool), size=n - len(pool))
-            picked = rng.permutation(np.concatenate([np.arange(len(pool)), extra]))
-        return example.query, positive, [pool[i] for i in picked]
+        positive, negatives = self._pick(epoch, index)
+        return example.query, example.positives[positive], [example.negatives[i] for i in negatives]
+
+    def rows(self, epoch: int, index: int) -> tuple[int, int, list[int]]:
+        """The group of ``(epoch, index)`` as (query row, positive row, negative rows)."""
+        positive, negatives = self._pick(epoch, index)
+        negative_rows = self._negative_rows[index]
+        return (
+            int(self._query_rows[index]),
+            self._positive_rows[index][positive],
+            [negative_rows[i] for i in negatives],
+        )
 
 
 def epoch_batches(train_set: TrainSet, epoch: int, batch_size: int) -> list[list[int]]:
@@ -283,99 +384,177 @@ def epoch_batches(train_set: TrainSet, epoch: int, batch_size: int) -> list[list
     return batches
 
 
-def tokenizer_only(encoder: Encoder) -> Encoder:
-    """A copy of ``encoder`` without its network, for DataLoader workers (cheap to pickle)."""
-    return Encoder(
-        nn.Identity(),
-        encoder.tokenizer,
-        pooling=encoder.pooling,
-        normalize=encoder.normalize,
-        query_prefix=encoder.query_prefix,
-        document_prefix=encoder.document_prefix,
-        query_max_length=encoder.query_max_length,
-        document_max_length=encoder.document_max_length,
-        do_lower_case=encoder.do_lower_case,
-    )
+@dataclass
+class TokenChunk:
+    """Texts embedded in one forward pass: token ids padded to the chunk's longest text.
+
+    ``input_ids`` [n, width] int32 (in pinned host memory during training) and ``lengths``
+    [n] (always on the host, so slicing never reads the GPU). The attention mask is made on
+    the device from the lengths, so only 4 bytes per token cross to the GPU.
+    """
+
+    input_ids: Tensor
+    lengths: Tensor
+    left_padding: bool = False
+
+    @property
+    def size(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def no_padding(self) -> bool:
+        return bool(self.lengths.min() == self.input_ids.shape[1]) if self.size else True
+
+    def split(self, size: int) -> list[TokenChunk]:
+        """Consecutive row slices of at most ``size`` rows, each trimmed to its own longest
+        text (views: no copy)."""
+        if size >= self.size:
+            return [self]
+        out, width = [], self.input_ids.shape[1]
+        for start in range(0, self.size, size):
+            lengths = self.lengths[start : start + size]
+            w = int(lengths.max())
+            cols = slice(width - w, width) if self.left_padding else slice(0, w)
+            out.append(
+                TokenChunk(self.input_ids[start : start + size, cols], lengths, self.left_padding)
+            )
+        return out
+
+    def features(self, device: torch.device | str) -> dict[str, Any]:
+        """The encoder's input on ``device``: int64 ids, the attention mask, ``no_padding``."""
+        ids = self.input_ids.to(device, non_blocking=True).long()
+        lengths = self.lengths.to(device, non_blocking=True)
+        columns = torch.arange(ids.shape[1], device=ids.device)
+        if self.left_padding:
+            mask = columns[None, :] >= (ids.shape[1] - lengths)[:, None]
+        else:
+            mask = columns[None, :] < lengths[:, None]
+        # Known here on the host: without padding the network runs without a mask.
+        return {"input_ids": ids, "attention_mask": mask.long(), "no_padding": self.no_padding}
+
+    def pin_memory(self) -> TokenChunk:
+        return TokenChunk(self.input_ids.pin_memory(), self.lengths.pin_memory(), self.left_padding)
 
 
 @dataclass
 class Batch:
-    """One process's share of a global batch, tokenised and cut into embedding chunks.
+    """One process's share of a global batch, cut into embedding chunks.
 
-    ``query_chunks`` / ``document_chunks`` are tokenizer feature dicts in embedding order (by
-    length when sorting is on); ``query_order[i]`` is the row, in that order, of query i (so
+    ``query_chunks`` / ``document_chunks`` are in embedding order (longest text first when
+    sorting is on); ``query_order[i]`` is the row, in that order, of query i (so
     ``embeddings[query_order]`` is in batch order), likewise ``document_order``. Documents are
     ``[positives; first negatives; second negatives; ...]``, so query i's positive is
-    document i. ``candidate_ids`` are the documents' text ids in batch order. Each chunk also
-    says whether it has ``no_padding`` (then the network needs no attention mask).
+    document i. ``candidate_ids`` are the documents' text ids in batch order.
     """
 
-    query_chunks: list[dict[str, Any]]
-    document_chunks: list[dict[str, Any]]
+    query_chunks: list[TokenChunk]
+    document_chunks: list[TokenChunk]
     query_order: Tensor
     document_order: Tensor
     candidate_ids: Tensor
     num_queries: int
     num_tokens: int
 
-    def _map(self, fn: Any) -> Batch:
-        def chunks(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [{k: fn(v) if isinstance(v, Tensor) else v for k, v in c.items()} for c in items]
-
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can be asynchronous."""
         return Batch(
-            chunks(self.query_chunks),
-            chunks(self.document_chunks),
-            fn(self.query_order),
-            fn(self.document_order),
-            fn(self.candidate_ids),
+            [c.pin_memory() for c in self.query_chunks],
+            [c.pin_memory() for c in self.document_chunks],
+            self.query_order.pin_memory(),
+            self.document_order.pin_memory(),
+            self.candidate_ids.pin_memory(),
             self.num_queries,
             self.num_tokens,
         )
 
-    def to(self, device: torch.device | str) -> Batch:
-        return self._map(lambda t: t.to(device, non_blocking=True))
-
-    def pin_memory(self) -> Batch:
-        """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can be asynchronous."""
-        return self._map(lambda t: t.pin_memory())
-
 
 class Collator:
-    """Turns groups ``(query, positive, negatives)`` into a ``Batch`` (runs in the workers)."""
+    """Groups of token rows ``(query, positive, [negatives])`` -> a ``Batch``: a gather, a sort
+    by token length and a pad per chunk (it runs in the DataLoader's workers)."""
 
-    def __init__(self, encoder: Encoder, chunk_size: int, sort_by_length: bool = True) -> None:
-        self.tokenizer = tokenizer_only(encoder)
+    def __init__(
+        self,
+        queries: TextPool,
+        documents: TextPool,
+        tokenizer: Any,
+        chunk_size: int,
+        sort_by_length: bool = True,
+    ) -> None:
+        self.queries, self.documents = queries, documents
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.left_padding = tokenizer.padding_side == "left"
         self.chunk_size = chunk_size
         self.sort_by_length = sort_by_length
 
-    def _chunks(self, texts: list[str], side: str) -> tuple[list[dict[str, Tensor]], Tensor]:
+    def _chunks(self, pool: TextPool, rows: np.ndarray) -> tuple[list[TokenChunk], Tensor]:
+        assert pool.table is not None
+        lengths = pool.table.lengths[rows]
         if self.sort_by_length:  # longest first: an out-of-memory shows on the first chunk
-            order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+            order = np.argsort(-lengths, kind="stable")
         else:
-            order = list(range(len(texts)))
+            order = np.arange(len(rows))
         chunks = []
-        for start in range(0, len(texts), self.chunk_size):
-            features: dict[str, Any] = self.tokenizer.tokenize(
-                [texts[i] for i in order[start : start + self.chunk_size]], side
+        for start in range(0, len(rows), self.chunk_size):
+            picked = rows[order[start : start + self.chunk_size]]
+            ids = pool.table.padded(picked, self.pad_id, left=self.left_padding)
+            chunks.append(
+                TokenChunk(
+                    torch.from_numpy(ids),
+                    torch.from_numpy(pool.table.lengths[picked]),
+                    self.left_padding,
+                )
             )
-            # Known here on the host, so the forward pass needs no device sync to learn it.
-            features["no_padding"] = bool(features["attention_mask"].all())
-            chunks.append(features)
-        position = torch.empty(len(texts), dtype=torch.long)
-        position[torch.tensor(order, dtype=torch.long)] = torch.arange(len(texts))
+        position = torch.empty(len(rows), dtype=torch.long)
+        position[torch.from_numpy(order)] = torch.arange(len(rows))
         return chunks, position
 
-    def __call__(self, groups: Iterable[tuple[str, str, list[str]]]) -> Batch:
+    def __call__(self, groups: Iterable[tuple[int, int, list[int]]]) -> Batch:
         groups = list(groups)
-        queries = [g[0] for g in groups]
+        queries = np.array([g[0] for g in groups], dtype=np.int64)
         n_negatives = len(groups[0][2])
-        documents = [g[1] for g in groups]
-        for j in range(n_negatives):
-            documents.extend(g[2][j] for g in groups)
-        query_chunks, query_order = self._chunks(queries, "query")
-        document_chunks, document_order = self._chunks(documents, "document")
-        tokens = sum(int(c["attention_mask"].sum()) for c in query_chunks + document_chunks)
-        ids = torch.tensor([text_id(t) for t in documents], dtype=torch.long)
+        documents = np.array(
+            [g[1] for g in groups] + [g[2][j] for j in range(n_negatives) for g in groups],
+            dtype=np.int64,
+        )
+        query_chunks, query_order = self._chunks(self.queries, queries)
+        document_chunks, document_order = self._chunks(self.documents, documents)
+        assert self.queries.table is not None and self.documents.table is not None
+        tokens = int(self.queries.table.lengths[queries].sum())
+        tokens += int(self.documents.table.lengths[documents].sum())
+        ids = torch.from_numpy(self.documents.text_ids[documents])
         return Batch(
             query_chunks, document_chunks, query_order, document_order, ids, len(queries), tokens
         )
+
+
+def batch_of_texts(
+    encoder: Encoder,
+    groups: Sequence[tuple[str, str, Sequence[str]]],
+    chunk_size: int,
+    sort_by_length: bool = True,
+) -> Batch:
+    """The ``Batch`` the trainer makes of text groups ``(query, positive, [negatives])``,
+    tokenised in memory (for tests, scripts and one-off steps)."""
+    examples = [Example(q, (p,), tuple(n), f"group {i}") for i, (q, p, n) in enumerate(groups)]
+    train_set = TrainSet(examples, len(groups[0][2]), seed=0)
+    train_set.attach_tokens(
+        encoder.tokenizer,
+        encoder.side_settings("query"),
+        encoder.side_settings("document"),
+        None,
+        show_progress=False,
+    )
+    assert train_set.queries is not None and train_set.documents is not None
+    collator = Collator(
+        train_set.queries, train_set.documents, encoder.tokenizer, chunk_size, sort_by_length
+    )
+    # Each group's own negatives, in order (no sampling: the groups are given).
+    rows = [
+        (
+            int(train_set._query_rows[i]),
+            train_set._positive_rows[i][0],
+            list(train_set._negative_rows[i]),
+        )
+        for i in range(len(groups))
+    ]
+    return collator(rows)

@@ -98,20 +98,23 @@ def embed_without_grad(
 def backward_from_cached_grads(
     embed: Callable[[Chunk], Tensor],
     chunks: Sequence[Chunk],
-    states: Sequence[RandContext],
+    states: Sequence[RandContext] | None,
     cached_grads: Tensor,
     no_sync: Callable[[], AbstractContextManager] | None = None,
 ) -> None:
     """Re-embed each chunk with gradients, replaying its RNG state, and backpropagate the cached
     embedding gradients (rows of `cached_grads`, in chunk order) into the parameters.
 
+    `states=None` replays nothing: only right when the network draws no random numbers (no
+    dropout), e.g. when these chunks are smaller than those the embeddings were cached from.
     `no_sync`: e.g. DDP's `model.no_sync`; wraps every chunk but the last, so gradients are
     all-reduced once, on the last backward.
     """
-    if len(chunks) != len(states):
+    if states is not None and len(chunks) != len(states):
         raise ValueError(f"{len(chunks)} chunks but {len(states)} saved RNG states")
+    replays = states if states is not None else [contextlib.nullcontext()] * len(chunks)
     offset = 0
-    for index, (chunk, state) in enumerate(zip(chunks, states)):
+    for index, (chunk, state) in enumerate(zip(chunks, replays)):
         last = index == len(chunks) - 1
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync, state:

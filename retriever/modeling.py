@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from retriever.layer_norm import use_fused_layer_norm
 from retriever.sdpa import attention_backends
+from retriever.tokens import SideSettings
 
 POOLING_MODES = ("cls", "mean", "last")
 SIDES = ("query", "document")
@@ -62,6 +63,36 @@ def pool(hidden: Tensor, attention_mask: Tensor, mode: str) -> Tensor:
         count = weights.sum(dim=1, dtype=acc).clamp(min=1e-9)
         return (summed / count).to(hidden.dtype)
     raise ValueError(f"unknown pooling {mode!r}; expected one of {POOLING_MODES}")
+
+
+# Float attributes through which transformers' attention modules pass a dropout probability
+# to their attention kernel (BERT's goes through an nn.Dropout's p instead).
+_ATTENTION_DROPOUT_ATTRIBUTES = ("attention_dropout", "dropout_p", "attn_dropout_p")
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout probability of ``model``: its ``nn.Dropout`` modules and the attention
+    dropout that transformers' attention modules keep as a float (e.g. Qwen2's)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        for name in _ATTENTION_DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, p)
+
+
+def dropout_probability(model: nn.Module) -> float:
+    """The largest dropout probability anywhere in ``model`` (0: it draws no random numbers)."""
+    found = [0.0]
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            found.append(module.p)
+        found += [
+            getattr(module, name)
+            for name in _ATTENTION_DROPOUT_ATTRIBUTES
+            if isinstance(getattr(module, name, None), float)
+        ]
+    return max(found)
 
 
 class ModelNotFoundError(ValueError):
@@ -272,6 +303,7 @@ class Encoder(nn.Module):
         gradient_checkpointing: bool = False,
         cudnn_attention: bool = False,
         fused_layer_norm: bool = False,
+        dropout: float | None = None,
         **model_kwargs: Any,
     ) -> Encoder:
         """Load a Hugging Face model (a local directory or Hub id) as an Encoder.
@@ -283,6 +315,7 @@ class Encoder(nn.Module):
         ``cudnn_attention`` lets SDPA use cuDNN attention (see `retriever.sdpa`).
         ``fused_layer_norm`` runs the model's LayerNorms on large CUDA inputs with the Triton
         kernels of `retriever.layer_norm` (same parameters; other inputs use PyTorch's).
+        ``dropout`` sets every dropout probability of the network (see :func:`set_dropout`).
         ``model_kwargs`` go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``).
         """
         import transformers
@@ -315,6 +348,8 @@ class Encoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if dropout is not None:
+            set_dropout(model, dropout)
         if fused_layer_norm:
             use_fused_layer_norm(model)
         encoder = cls(
@@ -348,6 +383,11 @@ class Encoder(nn.Module):
         if side == "document":
             return self.document_prefix, self.document_max_length
         raise ValueError(f"side must be 'query' or 'document', got {side!r}")
+
+    def side_settings(self, side: str) -> SideSettings:
+        """How ``side`` ('query' | 'document') is tokenised (for the token cache)."""
+        prefix, max_length = self._side(side)
+        return SideSettings(prefix, max_length, self.do_lower_case)
 
     def tokenize(self, texts: Sequence[str], side: str) -> dict[str, Tensor]:
         """Tokenize ``texts`` for ``side`` ('query' | 'document'): its prefix, its max length,

@@ -39,9 +39,19 @@ import yaml
 from tqdm.auto import tqdm
 
 from retriever.arguments import ConfigError, TrainConfig, apply_mapping, differing_options
+from retriever.chunk_sizes import (
+    ChunkSizeError,
+    ChunkSizes,
+    budget_bytes,
+    fixed_costs,
+    plan_chunk_sizes,
+    probe_bytes_per_text,
+)
+from retriever.chunk_sizes import describe as describe_chunks
 from retriever.data import Collator, TrainSet, epoch_batches, load_examples
+from retriever.loader import Position, StepBatches, run_loader
 from retriever.loss import InfoNCELoss
-from retriever.modeling import Encoder, ModelNotFoundError
+from retriever.modeling import Encoder, ModelNotFoundError, dropout_probability
 from retriever.run_directory import (
     RunDirectory,
     RunError,
@@ -56,6 +66,7 @@ from retriever.run_directory import (
     write_manifest,
 )
 from retriever.step import cached_step
+from retriever.tokens import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +82,7 @@ FIXED_ON_RESUME = (
     "loss.",
     "training.batch_size",
     "training.chunk_size",
+    "training.embed_chunk_size",
     "training.seed",
     "training.sort_by_length",
     "training.mixed_precision",
@@ -88,6 +100,7 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     evaluated_step: int | None = None  # the step of the last evaluation
+    chunk_sizes: list[int] | None = None  # [gradient pass, no-grad pass], also when auto
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,6 +193,7 @@ def _load_encoder(m: Any, kwargs: dict[str, Any]) -> Encoder:
         torch_dtype=getattr(torch, m.dtype),
         gradient_checkpointing=m.gradient_checkpointing,
         cudnn_attention=m.cudnn_attention,
+        dropout=m.dropout,
         fused_layer_norm=torch.cuda.is_available()
         if m.fused_layer_norm is None
         else m.fused_layer_norm,
@@ -353,9 +367,18 @@ class Trainer:
         self.loss_fn = build_loss(config).to(acc.device)
         self._load_data()
         self.task = load_eval_task(config)
+        self.chunks = self._plan_chunks()  # before the optimizer: the probe makes gradients
         self._prepare_optimization()
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
+        self.state.chunk_sizes = [self.chunks.grad, self.chunks.embed]
+        self.collator = Collator(
+            self.train_set.queries,
+            self.train_set.documents,
+            self.encoder.tokenizer,
+            self.chunks.embed,
+            t.sort_by_length,
+        )
         self.group = dist.group.WORLD if acc.num_processes > 1 else None
 
         # Only now that everything has loaded: a start that fails changes nothing on disk.
@@ -386,12 +409,65 @@ class Trainer:
             )
         self.batches_per_epoch = len(first)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch))
-        self.collator = Collator(self.encoder, t.chunk_size, t.sort_by_length)
+        cache = config.data.token_cache
+        cache_dir = None if cache == "off" else Path(cache) if cache else default_cache_dir()
+        with self.accelerator.main_process_first():  # the main process fills the cache
+            self.train_set.attach_tokens(
+                self.encoder.tokenizer,
+                self.encoder.side_settings("query"),
+                self.encoder.side_settings("document"),
+                cache_dir,
+                show_progress=self.accelerator.is_local_main_process,
+            )
         self.miner = None
         if config.mining.dynamic:  # keeps the hard negatives hard: retriever/mining/dynamic.py
             from retriever.mining.dynamic import DynamicMiner
 
             self.miner = DynamicMiner.from_train_config(config, self.train_set)
+
+    def _plan_chunks(self) -> ChunkSizes:
+        """The chunk sizes of both passes: as configured, measured (``auto``), or as the
+        checkpoint being resumed recorded them (an auto size must not change on resume)."""
+        config, acc, t = self.config, self.accelerator, self.config.training
+        if self.resume_from is not None:
+            saved = json.loads((self.resume_from / "trainer_state.json").read_text("utf-8"))
+            if saved.get("chunk_sizes"):
+                return ChunkSizes(*saved["chunk_sizes"])
+        measure = available = None
+        if acc.device.type == "cuda" and "auto" in (t.chunk_size, t.embed_chunk_size):
+            encoder, device = self.encoder.to(acc.device), acc.device
+            length = max(encoder.query_max_length, encoder.document_max_length)
+
+            def embed(features: dict[str, torch.Tensor]) -> torch.Tensor:
+                with acc.autocast():
+                    return encoder(features)
+
+            def measure(grad: bool) -> float:
+                vocab = len(encoder.tokenizer)
+                return probe_bytes_per_text(embed, encoder, device, length, vocab, grad)
+
+            texts = t.batch_size // acc.num_processes * (2 + config.data.negatives)
+            fixed = fixed_costs(
+                encoder, config.model.dtype == "bfloat16", texts, encoder.embedding_dim
+            )
+
+            def available() -> int:
+                budget = budget_bytes(t.memory_gb, device)
+                return budget - torch.cuda.memory_allocated(device) - fixed
+
+        try:
+            sizes = plan_chunk_sizes(
+                t.chunk_size,
+                t.embed_chunk_size,
+                dropout=dropout_probability(self.encoder.model),
+                device=acc.device,
+                measure=measure,
+                available=available,
+            )
+        except ChunkSizeError as exc:
+            raise ConfigError(f"{config.where('training.embed_chunk_size')}: {exc}") from None
+        logger.info(describe_chunks(sizes, t.memory_gb))
+        return sizes
 
     def _prepare_optimization(self) -> None:
         """Optimizer and schedule (on fp32 master weights for a bf16 network), and what a
@@ -440,24 +516,19 @@ class Trainer:
 
     # -- pieces of the loop --
 
-    def _loader(self, epoch: int, skip: int) -> torch.utils.data.DataLoader:
-        acc = self.accelerator
-        size, rank = self.config.training.batch_size // acc.num_processes, acc.process_index
-        batches = epoch_batches(self.train_set, epoch, self.config.training.batch_size)[skip:]
-        local = [[(epoch, i) for i in b[rank * size : (rank + 1) * size]] for b in batches]
-        workers = self.config.data.num_workers
-        return torch.utils.data.DataLoader(
+    def _loader(self) -> torch.utils.data.DataLoader:
+        """One loader from the current position to the last step (across epochs)."""
+        acc, state, t = self.accelerator, self.state, self.config.training
+        dataset = StepBatches(
             self.train_set,
-            batch_sampler=local,
-            collate_fn=self.collator,
-            num_workers=workers,
-            pin_memory=acc.device.type == "cuda",
-            # Its own generator: creating an iterator must not draw from the global RNG,
-            # or a resumed run would see different dropout masks.
-            generator=torch.Generator().manual_seed(self.config.training.seed + epoch),
-            persistent_workers=False,
-            prefetch_factor=4 if workers else None,
+            self.collator,
+            t.batch_size,
+            Position(state.epoch, state.batch_in_epoch),
+            self.total_steps - state.step,
+            rank=acc.process_index,
+            world=acc.num_processes,
         )
+        return run_loader(dataset, self.config.data.num_workers, acc.device.type == "cuda", t.seed)
 
     def _step(self, batch: Any) -> torch.Tensor:
         acc = self.accelerator
@@ -468,6 +539,7 @@ class Trainer:
             batch,
             self.loss_fn,
             device=acc.device,
+            chunk_size=self.chunks.grad,
             group=self.group,
             no_sync=None if self.master is not None else lambda: acc.no_sync(self.model),
         )
@@ -584,24 +656,30 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
-        window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+        window = _new_window()
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(acc.device)
         last_loss = None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         while state.step < self.total_steps:
-            loader = self._loader(state.epoch, state.batch_in_epoch)
-            for batch in loader:
+            batches = iter(self._loader())
+            while True:
+                waited = time.perf_counter()
+                item = next(batches, None)
+                window["data_wait"] += time.perf_counter() - waited
+                if item is None:
+                    break
+                state.epoch, index, batch = item
+                state.batch_in_epoch = index + 1
                 loss, grad_norm = self._optimizer_step(batch, params)
                 state.step += 1
-                state.batch_in_epoch += 1
                 window["loss"] += loss
                 window["steps"] += 1
                 window["tokens"] += batch.num_tokens
                 progress.update(1)
                 if state.step % t.logging_steps == 0 or state.step == self.total_steps:
                     last_loss = self._log(window, grad_norm, progress)
-                    window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+                    window = _new_window()
                 unfinished = state.step < self.total_steps
                 # Before the checkpoint, so that a resumed run has the re-mined negatives.
                 remined = self.miner is not None and unfinished and self.miner.due(state.step)
@@ -615,9 +693,6 @@ class Trainer:
                     self.save_checkpoint()
                 if state.step >= self.total_steps or remined:
                     break  # after re-mining: a new loader, whose workers see the new negatives
-            else:
-                state.epoch += 1
-                state.batch_in_epoch = 0
         progress.close()
         return self._finish(evaluations, last_loss)
 
@@ -701,6 +776,8 @@ class Trainer:
             "temperature": float(1.0 / self.loss_fn.scale.detach()),
             "queries_per_s": window["steps"] * t.batch_size / elapsed,
             "tokens_per_s": float(total[1]) / elapsed,
+            "step_s": elapsed / window["steps"],
+            "data_wait_s": window["data_wait"] / window["steps"],  # waiting for the loader
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
@@ -710,6 +787,11 @@ class Trainer:
         acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=self.state.step)
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         return loss
+
+
+def _new_window() -> dict[str, Any]:
+    """What the next log record sums over."""
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "data_wait": 0.0, "start": time.perf_counter()}
 
 
 def train(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import gzip
 import json
 import logging
@@ -12,9 +13,9 @@ import torch
 from train_helpers import SHARED_DATA, make_tiny_model
 
 from retriever.data import (
-    Collator,
     DataError,
     TrainSet,
+    batch_of_texts,
     epoch_batches,
     load_examples,
     text_id,
@@ -171,40 +172,117 @@ def test_datasets_with_numbered_negative_columns(tmp_path):
         load_examples(str(tmp_path / "bad"))
 
 
-def test_collator_chunks_by_length_and_keeps_batch_order(tmp_path):
-    encoder = Encoder.from_pretrained(
-        make_tiny_model(tmp_path / "model"), query_prefix="q: ", document_max_length=32
-    )
-    groups = [
+def _tiny_encoder(tmp_path, **settings):
+    return Encoder.from_pretrained(make_tiny_model(tmp_path / "model"), **settings)
+
+
+def _groups(n=7):
+    return [
         (f"query {'word ' * (i % 4)}{i}", f"passage {'text ' * (7 - i)}{i}", [f"neg {i}", "dup"])
-        for i in range(7)
+        for i in range(n)
     ]
-    batch = Collator(encoder, chunk_size=3)(groups)
-    assert [c["input_ids"].shape[0] for c in batch.query_chunks] == [3, 3, 1]
-    assert sum(c["input_ids"].shape[0] for c in batch.document_chunks) == 21
+
+
+def test_collator_chunks_by_length_and_keeps_batch_order(tmp_path):
+    encoder = _tiny_encoder(tmp_path, query_prefix="q: ", document_max_length=32)
+    groups = _groups()
+    batch = batch_of_texts(encoder, groups, chunk_size=3)
+    assert [c.size for c in batch.query_chunks] == [3, 3, 1]
+    assert sum(c.size for c in batch.document_chunks) == 21
     documents = [g[1] for g in groups] + [g[2][0] for g in groups] + [g[2][1] for g in groups]
 
     def rows(chunks, order):
-        ids = [r for c in chunks for r in c["input_ids"].tolist()]
+        ids = [r for c in chunks for r in c.features("cpu")["input_ids"].tolist()]
         return [encoder.tokenizer.decode(ids[k], skip_special_tokens=True) for k in order.tolist()]
 
     assert rows(batch.query_chunks, batch.query_order) == [f"q : {g[0]}" for g in groups]
     assert rows(batch.document_chunks, batch.document_order) == documents
-    lengths = [int(c["attention_mask"].sum(1).max()) for c in batch.document_chunks]
+    lengths = [int(c.lengths.max()) for c in batch.document_chunks]
     assert lengths == sorted(lengths, reverse=True)  # chunks of similar length, longest first
     ids = batch.candidate_ids.tolist()
     assert ids == [text_id(d) for d in documents] and len(set(ids[14:])) == 1  # "dup" repeated
     assert batch.num_tokens == sum(
-        int(c["attention_mask"].sum()) for c in batch.query_chunks + batch.document_chunks
+        int(c.features("cpu")["attention_mask"].sum())
+        for c in batch.query_chunks + batch.document_chunks
     )
     # Chunks without padding say so; the network then runs without a mask, to the same result.
     chunks = batch.query_chunks + batch.document_chunks
-    flags = [c["no_padding"] for c in chunks]
-    assert flags == [bool(c["attention_mask"].all()) for c in chunks]
+    flags = [c.no_padding for c in chunks]
+    assert flags == [bool(c.features("cpu")["attention_mask"].all()) for c in chunks]
     assert any(flags) and not all(flags)
     encoder.eval()
     for chunk in batch.document_chunks:
-        if chunk["no_padding"]:
-            torch.testing.assert_close(encoder(chunk), encoder({**chunk, "no_padding": False}))
-    unsorted = Collator(encoder, chunk_size=3, sort_by_length=False)(groups)
+        if chunk.no_padding:
+            features = chunk.features("cpu")
+            torch.testing.assert_close(
+                encoder(features), encoder({**features, "no_padding": False})
+            )
+    unsorted = batch_of_texts(encoder, groups, chunk_size=3, sort_by_length=False)
     assert torch.equal(unsorted.query_order, torch.arange(7))
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_token_cache_chunks_equal_direct_tokenization(tmp_path, padding_side):
+    """Every chunk the collator gathers from the token tables is exactly what the tokenizer
+    gives for the same texts in the same order (ids, mask, padding side)."""
+    encoder = _tiny_encoder(tmp_path, query_prefix="Query: ", document_max_length=12)
+    encoder.tokenizer.padding_side = padding_side
+    encoder.do_lower_case = True
+    groups = _groups(9)
+    batch = batch_of_texts(encoder, groups, chunk_size=4)
+    texts = {
+        "query": [g[0] for g in groups],
+        "document": [g[1] for g in groups]
+        + [n for j in range(2) for n in (g[2][j] for g in groups)],
+    }
+    for side, chunks, order in (
+        ("query", batch.query_chunks, batch.query_order),
+        ("document", batch.document_chunks, batch.document_order),
+    ):
+        in_order = [None] * len(order)
+        for row, position in enumerate(order.tolist()):
+            in_order[position] = texts[side][row]
+        start = 0
+        for chunk in chunks:
+            want = encoder.tokenize(in_order[start : start + chunk.size], side)
+            got = chunk.features("cpu")
+            assert torch.equal(got["input_ids"], want["input_ids"]), side
+            assert torch.equal(got["attention_mask"], want["attention_mask"]), side
+            start += chunk.size
+        # Gradient-pass pieces of a chunk are its rows, trimmed to their own longest text.
+        start = 0
+        for piece in chunks[0].split(3):
+            want = encoder.tokenize(in_order[start : start + piece.size], side)
+            assert torch.equal(piece.features("cpu")["input_ids"], want["input_ids"]), side
+            start += piece.size
+
+
+def test_token_cache_is_reused_and_never_stale(tmp_path, monkeypatch):
+    from retriever import tokens
+
+    encoder = _tiny_encoder(tmp_path)
+    texts = ["a first text", "a second, longer text", "third"]
+    settings = tokens.SideSettings("query: ", 16)
+    calls = []
+    real = tokens.tokenize
+    monkeypatch.setattr(tokens, "tokenize", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def table(tokenizer=encoder.tokenizer, texts=texts, settings=settings):
+        got = tokens.load_or_build(tokenizer, texts, settings, tmp_path / "cache",
+                                   show_progress=False)  # fmt: skip
+        want = real(tokenizer, texts, settings)
+        assert [got.row(i).tolist() for i in range(len(texts))] == [
+            want.row(i).tolist() for i in range(len(texts))
+        ]
+        return len(calls)
+
+    assert table() == 1
+    assert table() == 1  # the same texts, tokenizer and settings: read back, not tokenised
+    assert table(settings=tokens.SideSettings("passage: ", 16)) == 2  # another prefix
+    assert table(settings=tokens.SideSettings("query: ", 4)) == 3  # another max length
+    assert table(settings=tokens.SideSettings("query: ", 16, lower_case=True)) == 4
+    assert table(texts=[*texts[:2], "third!"]) == 5  # a changed data file
+    other = copy.deepcopy(encoder.tokenizer)
+    other.add_tokens(["newword"])  # another vocabulary
+    assert table(tokenizer=other) == 6
+    assert table() == 6  # and the first entry is still there

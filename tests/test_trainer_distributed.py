@@ -18,11 +18,8 @@ from retriever.trainer import train
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_accelerate_state():
     yield
-    torch.set_num_threads(threads)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from retriever.modeling import Encoder
+from retriever.tokens import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -197,14 +198,8 @@ def encoder_fingerprint(encoder: Encoder) -> str:
         h.update(str(tuple(tensor.shape)).encode())
         h.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
     tokenizer = encoder.tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        vocab = backend.to_str()
-    else:
-        vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    h.update(vocab.encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
     settings = {
-        "tokenizer": type(tokenizer).__name__,
         "padding_side": tokenizer.padding_side,
         "pooling": encoder.pooling,
         "normalize": encoder.normalize,

@@ -364,10 +364,7 @@ class DynamicMiner:
             self._sync_example(i)
 
     def _sync_example(self, i: int) -> None:
-        example = self.train_set.examples[i]
-        negatives = tuple(self.texts[d] for d in self.states[i].negatives)
-        if negatives != example.negatives:
-            self.train_set.examples[i] = dataclasses.replace(example, negatives=negatives)
+        self.train_set.set_negatives(i, [self.texts[d] for d in self.states[i].negatives])
 
     # -- checkpoints (Accelerate's register_for_checkpointing)
 
