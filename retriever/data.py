@@ -109,11 +109,16 @@ def example_from_record(record: Mapping[str, Any], where: str) -> Example:
     return Example(query, positives, negatives, where)
 
 
-def read_jsonl_examples(path: str | os.PathLike) -> list[Example]:
+def read_jsonl_examples(path: str | os.PathLike, limit: int | None = None) -> list[Example]:
+    """The examples of a JSONL file (the first ``limit``: the rest is not read)."""
     from retriever.eval.data import read_jsonl
 
+    examples = []
     try:
-        examples = [example_from_record(obj, f"{path}:{n}") for n, obj in read_jsonl(path)]
+        for n, obj in read_jsonl(path):
+            if limit is not None and len(examples) == limit:
+                break
+            examples.append(example_from_record(obj, f"{path}:{n}"))
     except ValueError as exc:  # read_jsonl's malformed-line errors name the line too
         raise DataError(str(exc)) from None
     if not examples:
@@ -190,7 +195,7 @@ def load_examples(
     """
     kind = detect_format(path) if format == "auto" else format
     if kind == "jsonl":
-        examples = read_jsonl_examples(path)
+        examples = read_jsonl_examples(path, max_examples)
     elif kind == "beir":
         examples = read_beir_examples(path, split)
     elif kind == "datasets":

@@ -1,8 +1,10 @@
 """Benchmark one training step (embed, loss, backward; no optimizer) against sentence-transformers'
 CachedMultipleNegativesRankingLoss (CMNRL), with the same model, batch and mini-batch size.
 
-Data: SciFact titles as queries and their abstracts as positives (hard negatives: other
-abstracts), cycled to fill batches larger than the corpus. Peers, measured in the same run:
+Data: the pairs of --pairs (scripts/make_bench_pairs.py: distinct passages, so a batch of any
+size holds no positive twice) or SciFact titles and abstracts cycled to fill the batch; hard
+negatives are other passages. Queries and documents are cut to --query-length and
+--document-length tokens. Peers, measured in the same run:
 
   retriever          the trainer's step (retriever.step.cached_step): fp32 weights under bf16
                      autocast as Accelerate applies it, length-sorted chunks, tiled loss, the
@@ -21,7 +23,11 @@ abstracts), cycled to fill batches larger than the corpus. Peers, measured in th
                      as its collator does
   cmnrl-fp32         CMNRL without autocast
 
-Tokenisation is done once, outside the timed region, for every peer. Step time is wall time
+Tokenisation is done once, outside the timed region, for every peer (the trainer's token tables
+and Collator build retriever's batches). Each peer runs at every --chunk-sizes value (CMNRL's
+mini_batch_size; retriever's gradient-pass chunk, with --embed-chunk-size texts per no-grad
+chunk when given, which needs --dropout 0), so the fastest setting within a memory budget can be
+read off per peer. Step time is wall time
 between two device synchronisations; every case runs --repeats steps on the same batch and keeps
 each one's time (the first includes one-off costs: kernel compilation, cuDNN plans, allocator
 growth; the rates use the fastest); peak memory is torch.cuda.max_memory_allocated during the
@@ -55,9 +61,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from retriever.data import Batch, Collator, text_id
+from retriever.data import Batch, Collator, TextPool, TokenChunk
 from retriever.loss import InfoNCELoss
-from retriever.modeling import Encoder, locate_model
+from retriever.modeling import Encoder, locate_model, set_dropout
 from retriever.step import cached_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,110 +86,78 @@ SCALE = 20.0
 
 @dataclass
 class Texts:
-    """Unique titles and abstracts, tokenised once (rows padded to max_length)."""
+    """Queries and documents (row i of each is a pair), tokenised once into token tables."""
 
-    titles: list[str]
-    abstracts: list[str]
-    title_ids: torch.Tensor  # [N, L]
-    title_lengths: np.ndarray
-    abstract_ids: torch.Tensor
-    abstract_lengths: np.ndarray
+    queries: TextPool
+    documents: TextPool
+    tokenizer: Any
+
+    def __len__(self) -> int:
+        return len(self.queries.texts)
 
 
-def load_texts(data_dir: Path, encoder: Encoder, limit: int | None) -> Texts:
-    titles, abstracts = [], []
-    with open(data_dir / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            doc = json.loads(line)
-            if doc.get("title", "").strip() and doc.get("text", "").strip():
-                titles.append(doc["title"].strip())
-                abstracts.append(doc["text"].strip())
-    if limit:
-        titles, abstracts = titles[:limit], abstracts[:limit]
-
-    def tokenize(texts: list[str], side: str) -> tuple[torch.Tensor, np.ndarray]:
-        features = encoder.tokenize(texts, side)
-        return features["input_ids"], features["attention_mask"].sum(1).numpy()
-
-    title_ids, title_lengths = tokenize(titles, "query")
-    abstract_ids, abstract_lengths = tokenize(abstracts, "document")
-    return Texts(titles, abstracts, title_ids, title_lengths, abstract_ids, abstract_lengths)
+def load_texts(args, encoder: Encoder) -> Texts:
+    if args.pairs:
+        pairs = []
+        with open(args.pairs, encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                pairs.append((record["query"], record["pos"]))
+                if args.limit_docs and len(pairs) == args.limit_docs:
+                    break
+    else:
+        pairs = []
+        with open(Path(args.data) / "corpus.jsonl", encoding="utf-8") as f:
+            for line in f:
+                doc = json.loads(line)
+                if doc.get("title", "").strip() and doc.get("text", "").strip():
+                    pairs.append((doc["title"].strip(), doc["text"].strip()))
+        pairs = pairs[: args.limit_docs] if args.limit_docs else pairs
+    queries = TextPool(encoder.side_settings("query"))
+    documents = TextPool(encoder.side_settings("document"))
+    for query, passage in pairs:
+        queries.add(query)
+        documents.add(passage)
+    queries.tokenize(encoder.tokenizer, None, "tokenize queries")
+    documents.tokenize(encoder.tokenizer, None, "tokenize documents")
+    return Texts(queries, documents, encoder.tokenizer)
 
 
 def groups_of(
     n_docs: int, batch: int, negatives: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Row i: document i mod N as query (title) and positive (abstract); negatives: other
-    documents drawn at random."""
+    """Row i: pair i mod N (query and positive); negatives: other documents at random."""
     rows = np.arange(batch) % n_docs
     rng = np.random.default_rng(seed)
     negs = (rows[:, None] + rng.integers(1, n_docs, size=(batch, negatives))) % n_docs
     return rows, negs
 
 
-def _chunk(ids: torch.Tensor, lengths: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
-    width = int(lengths[rows].max())
-    input_ids = ids[torch.as_tensor(rows)][:, :width]
-    attention_mask = (torch.arange(width)[None, :] < torch.as_tensor(lengths[rows])[:, None]).long()
-    return {
-        "input_ids": input_ids.contiguous(),
-        "token_type_ids": torch.zeros_like(input_ids),
-        "attention_mask": attention_mask,
-        "no_padding": bool(attention_mask.all()),
-    }
-
-
-def retriever_batch(
-    texts: Texts, rows: np.ndarray, negs: np.ndarray, chunk: int, sort: bool
-) -> Batch:
-    """The Batch the trainer's Collator makes for these groups (same order rules, chunking and
-    padding), built from the pre-tokenised rows (the check in main() compares the two)."""
-
-    def side(doc_rows: np.ndarray, strings: list[str], ids, lengths):
-        if sort:  # the Collator's rule: longest text (in characters) first
-            char_len = np.array([len(strings[r]) for r in range(len(strings))])
-            order = np.argsort(-char_len[doc_rows], kind="stable")
-        else:
-            order = np.arange(len(doc_rows))
-        chunks = [
-            _chunk(ids, lengths, doc_rows[order[s : s + chunk]])
-            for s in range(0, len(doc_rows), chunk)
-        ]
-        position = torch.empty(len(doc_rows), dtype=torch.long)
-        position[torch.as_tensor(order)] = torch.arange(len(doc_rows))
-        return chunks, position
-
-    documents = np.concatenate([rows] + [negs[:, j] for j in range(negs.shape[1])])
-    q_chunks, q_order = side(rows, texts.titles, texts.title_ids, texts.title_lengths)
-    d_chunks, d_order = side(documents, texts.abstracts, texts.abstract_ids, texts.abstract_lengths)
-    doc_ids = np.array([text_id(t) for t in texts.abstracts], dtype=np.int64)
-    tokens = int(texts.title_lengths[rows].sum() + texts.abstract_lengths[documents].sum())
-    batch = Batch(
-        q_chunks, d_chunks, q_order, d_order, torch.as_tensor(doc_ids[documents]), len(rows), tokens
-    )
+def retriever_batch(texts: Texts, rows, negs, chunk: int, sort: bool) -> Batch:
+    """The trainer's Batch of these groups (its Collator, from the token tables)."""
+    collator = Collator(texts.queries, texts.documents, texts.tokenizer, chunk, sort)
+    batch = collator([(int(r), int(r), [int(n) for n in negs[i]]) for i, r in enumerate(rows)])
     return batch.pin_memory() if torch.cuda.is_available() else batch
 
 
-def cmnrl_features(
-    texts: Texts, rows: np.ndarray, negs: np.ndarray, device: str
-) -> list[dict[str, torch.Tensor]]:
+def _features(pool: TextPool, rows: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    ids = torch.from_numpy(pool.table.padded(rows, pad_id)).long()
+    lengths = torch.from_numpy(pool.table.lengths[rows]).long()
+    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
+
+
+def cmnrl_features(texts: Texts, rows, negs, device: str) -> list[dict[str, torch.Tensor]]:
     """One feature dict per column (anchor, positive, negative_1, ...), each padded to its
     longest text, as sentence-transformers' collator tokenises a batch."""
-    columns = [(texts.title_ids, texts.title_lengths, rows)]
-    columns += [(texts.abstract_ids, texts.abstract_lengths, rows)]
-    columns += [
-        (texts.abstract_ids, texts.abstract_lengths, negs[:, j]) for j in range(negs.shape[1])
-    ]
-    out = []
-    for ids, lengths, r in columns:
-        features = _chunk(ids, lengths, r)
-        features.pop("no_padding")
-        out.append({k: v.to(device) for k, v in features.items()})
-    return out
+    pad = texts.tokenizer.pad_token_id or 0
+    columns = [_features(texts.queries, rows, pad), _features(texts.documents, rows, pad)]
+    columns += [_features(texts.documents, negs[:, j], pad) for j in range(negs.shape[1])]
+    return [{k: v.to(device) for k, v in c.items()} for c in columns]
 
 
-def padded_tokens(chunks: list[dict[str, Any]]) -> int:
-    return sum(c["input_ids"].numel() for c in chunks)
+def padded_tokens(chunks: list[TokenChunk]) -> int:
+    return sum(c.input_ids.numel() for c in chunks)
 
 
 def cmnrl_padded_tokens(features: list[dict[str, torch.Tensor]], mini_batch: int) -> int:
@@ -224,12 +198,13 @@ class RetrieverPeer:
         dtype = torch.bfloat16 if bf16_weights else torch.float32
         self.encoder = Encoder.from_pretrained(
             model_path,
-            query_max_length=args.max_length,
-            document_max_length=args.max_length,
+            query_max_length=args.query_length,
+            document_max_length=args.document_length,
             torch_dtype=dtype,
             attn_implementation="sdpa",
             cudnn_attention=cudnn,
             fused_layer_norm=fused_layer_norm and torch.device(args.device).type == "cuda",
+            dropout=args.dropout,
         ).to(args.device)
         self.encoder.train()
         self.master = None
@@ -241,13 +216,19 @@ class RetrieverPeer:
         else:
             self.embed = autocast_forward(self.encoder, args.device, args.precision == "bf16")
         self.loss_fn = InfoNCELoss(scale=SCALE).to(args.device)
-        self.device, self.chunk, self.sort = args.device, args.chunk_size, sort
+        self.device, self.sort, self.embed_chunk = args.device, sort, args.embed_chunk_size
+        self.set_chunk(args.chunk_sizes[0])
+
+    def set_chunk(self, size: int) -> None:
+        self.chunk = size
 
     def prepare(self, texts: Texts, rows, negs):
-        return retriever_batch(texts, rows, negs, self.chunk, self.sort)
+        return retriever_batch(texts, rows, negs, self.embed_chunk or self.chunk, self.sort)
 
     def step(self, batch: Batch) -> float:
-        loss = cached_step(self.embed, batch, self.loss_fn, device=self.device)
+        loss = cached_step(
+            self.embed, batch, self.loss_fn, device=self.device, chunk_size=self.chunk
+        )
         return float(loss)
 
     def zero_grad(self) -> None:
@@ -270,12 +251,18 @@ class CMNRLPeer:
         self.model = SentenceTransformer(
             model_path, device=args.device, model_kwargs={"attn_implementation": "sdpa"}
         )
-        self.model.max_seq_length = args.max_length
+        self.model.max_seq_length = args.document_length  # features come pre-tokenised
+        if args.dropout is not None:
+            set_dropout(self.model, args.dropout)
         self.model.train()
         self.loss = CachedMultipleNegativesRankingLoss(
-            self.model, scale=SCALE, mini_batch_size=args.chunk_size
+            self.model, scale=SCALE, mini_batch_size=args.chunk_sizes[0]
         )
-        self.device, self.autocast, self.chunk = args.device, autocast, args.chunk_size
+        self.device, self.autocast = args.device, autocast
+        self.set_chunk(args.chunk_sizes[0])
+
+    def set_chunk(self, size: int) -> None:
+        self.chunk = self.loss.mini_batch_size = size
 
     def prepare(self, texts: Texts, rows, negs):
         return cmnrl_features(texts, rows, negs, self.device)
@@ -352,14 +339,14 @@ def measure(
     device: str,
     profile_path: Path | None = None,
 ) -> dict:
-    rows, negs = groups_of(len(texts.titles), batch, negatives)
+    rows, negs = groups_of(len(texts), batch, negatives)
     start = time.perf_counter()
     inputs = peer.prepare(texts, rows, negs)
     prepare_s = time.perf_counter() - start
     record: dict[str, Any] = {"prepare_s": prepare_s, "padded_tokens": peer.padded(inputs)}
     record["real_tokens"] = int(
-        texts.title_lengths[rows].sum()
-        + texts.abstract_lengths[np.concatenate([rows, negs.reshape(-1)])].sum()
+        texts.queries.table.lengths[rows].sum()
+        + texts.documents.table.lengths[np.concatenate([rows, negs.reshape(-1)])].sum()
     )
     times, losses = [], []
     is_cuda = torch.device(device).type == "cuda"
@@ -428,44 +415,26 @@ def project_max_batch(records: list[dict], total_gb: float) -> dict[str, Any]:
 
 def markdown(records: list[dict]) -> str:
     lines = [
-        "| peer | batch | negatives | step | first step | queries/s | peak memory "
-        "| padded / real tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peer | batch | negatives | chunk (no-grad) | step | first step | queries/s "
+        "| peak memory | padded / real tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if r.get("status") != "ok":
             lines.append(
-                f"| {r['peer']} | {r['batch']:,} | {r['negatives']} | {r.get('status')} | | | | |"
+                f"| {r['peer']} | {r['batch']:,} | {r['negatives']} | {r.get('chunk_size')} "
+                f"| {r.get('status')} | | | | |"
             )
             continue
         memory = f"{r['peak_memory_gb']:.1f} GB" if "peak_memory_gb" in r else "-"
         lines.append(
-            f"| {r['peer']} | {r['batch']:,} | {r['negatives']} | {min(r['step_s']):.2f} s | "
+            f"| {r['peer']} | {r['batch']:,} | {r['negatives']} | {r['chunk_size']} "
+            f"({r['embed_chunk_size']}) | {min(r['step_s']):.2f} s | "
             f"{r['step_s'][0]:.2f} s | "
             f"{r['queries_per_s']:,.0f} | {memory} | "
             f"{r['padded_tokens'] / r['real_tokens']:.2f} |"
         )
     return "\n".join(lines)
-
-
-def check_batch_matches_collator(texts: Texts, encoder: Encoder, chunk: int) -> None:
-    """The fast batch builder must produce exactly what the trainer's Collator produces."""
-    rows, negs = groups_of(len(texts.titles), 3 * chunk + 1, 2)
-    groups = [
-        (texts.titles[r], texts.abstracts[r], [texts.abstracts[n] for n in negs[i]])
-        for i, r in enumerate(rows)
-    ]
-    want = Collator(encoder, chunk)(groups)
-    got = retriever_batch(texts, rows, negs, chunk, sort=True)
-    for a, b in zip(
-        want.query_chunks + want.document_chunks, got.query_chunks + got.document_chunks
-    ):
-        assert a["no_padding"] == b["no_padding"]
-        for key in ("input_ids", "attention_mask"):
-            assert torch.equal(a[key], b[key]), key
-    assert torch.equal(want.query_order, got.query_order)
-    assert torch.equal(want.document_order, got.document_order)
-    assert torch.equal(want.candidate_ids, got.candidate_ids)
 
 
 def main() -> int:
@@ -474,11 +443,26 @@ def main() -> int:
     parser.add_argument(
         "--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/scifact")
     )
+    parser.add_argument("--pairs", type=Path, default=None, help="make_bench_pairs.py output")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 65536])
     parser.add_argument("--negatives", type=int, nargs="+", default=[0, 7])
-    parser.add_argument("--chunk-size", type=int, default=512, help="= CMNRL mini_batch_size")
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--chunk-sizes",
+        type=int,
+        nargs="+",
+        default=[512],
+        help="CMNRL mini_batch_size = retriever's gradient-pass chunk; each runs",
+    )
+    parser.add_argument(
+        "--embed-chunk-size",
+        type=int,
+        default=None,
+        help="retriever's no-grad chunk (default: the gradient chunk)",
+    )
+    parser.add_argument("--dropout", type=float, default=None, help="both models; null: theirs")
+    parser.add_argument("--query-length", type=int, default=64)
+    parser.add_argument("--document-length", type=int, default=256)
     parser.add_argument("--peers", nargs="+", default=["retriever", "retriever-bf16", "cmnrl"],
                         choices=PEERS)  # fmt: skip
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
@@ -496,12 +480,14 @@ def main() -> int:
     model_path = locate_model(args.model)
 
     tokenizer_view = Encoder.from_pretrained(
-        model_path, query_max_length=args.max_length, document_max_length=args.max_length
+        model_path,
+        query_max_length=args.query_length,
+        document_max_length=args.document_length,
     )
-    texts = load_texts(Path(args.data), tokenizer_view, args.limit_docs)
-    check_batch_matches_collator(texts, tokenizer_view, min(args.chunk_size, 16))
+    texts = load_texts(args, tokenizer_view)
     del tokenizer_view
-    print(f"{len(texts.titles)} title/abstract pairs; max length {args.max_length}", flush=True)
+    print(f"{len(texts)} pairs; max lengths {args.query_length} / {args.document_length}",
+          flush=True)  # fmt: skip
 
     records: list[dict] = []
 
@@ -528,35 +514,39 @@ def main() -> int:
     for name in args.peers:
         peer = make_peer(name, model_path, args)
         # Warm-up: large enough (2,048 x 4,096 logits) for the tiled loss's kernels to compile.
-        measure(peer, texts, min(args.chunk_size * 4, 2048), 1, 1, args.device)
+        measure(peer, texts, min(args.chunk_sizes[0] * 4, 2048), 1, 1, args.device)
         rate = None  # queries/s at the last size, for the time estimate
-        for negatives in args.negatives:
-            for batch in sorted(args.batches):
-                record = {"peer": name, "batch": batch, "negatives": negatives}
-                left = args.budget - (time.perf_counter() - started)
-                estimate = (
+        cases = [(n, b, c) for n in args.negatives for b in sorted(args.batches)
+                 for c in args.chunk_sizes]  # fmt: skip
+        for negatives, batch, chunk in cases:
+            peer.set_chunk(chunk)
+            record = {
+                "peer": name,
+                "batch": batch,
+                "negatives": negatives,
+                "chunk_size": chunk,
+                "embed_chunk_size": getattr(peer, "embed_chunk", None) or chunk,
+            }
+            left = args.budget - (time.perf_counter() - started)
+            estimate = (
+                None if rate is None else batch / rate * (1 + args.repeats) * ((2 + negatives) / 2)
+            )
+            if estimate is not None and estimate > left:
+                record["status"] = f"skipped (estimated {estimate:.0f} s, {left:.0f} s left)"
+            else:
+                profile_path = (
                     None
-                    if rate is None
-                    else batch / rate * (1 + args.repeats) * ((2 + negatives) / 2)
+                    if args.profile is None
+                    else args.profile / f"{name}-{batch}-{negatives}-{chunk}.txt"
                 )
-                if estimate is not None and estimate > left:
-                    record["status"] = f"skipped (estimated {estimate:.0f} s, {left:.0f} s left)"
-                else:
-                    profile_path = (
-                        None
-                        if args.profile is None
-                        else args.profile / f"{name}-{batch}-{negatives}.txt"
-                    )
-                    record.update(
-                        measure(
-                            peer, texts, batch, negatives, args.repeats, args.device, profile_path
-                        )
-                    )
-                    if record.get("status") == "ok":
-                        rate = record["queries_per_s"] * (2 + negatives) / 2
-                records.append(record)
-                print(json.dumps(record), flush=True)
-                write_results()
+                record.update(
+                    measure(peer, texts, batch, negatives, args.repeats, args.device, profile_path)
+                )
+                if record.get("status") == "ok":
+                    rate = record["queries_per_s"] * (2 + negatives) / 2
+            records.append(record)
+            print(json.dumps(record), flush=True)
+            write_results()
         del peer
         free(args.device)
 
