@@ -16,7 +16,7 @@ import torch
 from reference import error_bounds, reference_loss
 
 from retriever.loss import InfoNCELoss, contrastive_loss, torch_tiles, triton_tiles
-from retriever.loss.functional import NAIVE_MAX_LOGITS, resolve_impl
+from retriever.loss.inputs import NAIVE_MAX_LOGITS, resolve_impl
 
 # On a GPU machine the same suite runs on CUDA (with compiled Triton kernels); in CI on CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,133 +1,17 @@
 """`contrastive_loss`: InfoNCE over a batch of queries and candidates, tiled so it scales.
 
-This module checks the inputs, picks an implementation and assembles the loss; the tile math
-lives in `torch_tiles` / `triton_tiles` and the autograd in `tiled`.
+This module assembles the loss (directions, means); the checks and the choice of implementation
+are in `inputs`, the tile math in `torch_tiles` / `triton_tiles` and the autograd in `tiled`.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-
 import torch
 from torch import Tensor
 
-from retriever.loss import torch_tiles
+from retriever.loss.inputs import check_inputs, resolve_impl, scale_tensor, tile_backend
 from retriever.loss.naive import naive_row_losses
 from retriever.loss.tiled import tiled_row_losses
-
-IMPLS = ("auto", "naive", "torch", "triton")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# "auto" builds the logits below this many entries: one GEMM wins and the memory is small.
-NAIVE_MAX_LOGITS = 1 << 22
-
-
-def _triton_backend():
-    try:
-        return importlib.import_module("retriever.loss.triton_tiles")
-    except ImportError as exc:  # no triton wheel on this platform
-        raise RuntimeError(
-            "impl='triton' needs the `triton` package (Linux); install it or use impl='torch'"
-        ) from exc
-
-
-def _triton_usable(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return importlib.util.find_spec("triton") is not None
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _check_inputs(
-    queries: Tensor,
-    candidates: Tensor,
-    labels: Tensor | None,
-    candidate_ids: Tensor | None,
-) -> None:
-    for name, t in (("queries", queries), ("candidates", candidates)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D [batch, dim], got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-    n_queries, dim = queries.shape
-    n_candidates = candidates.shape[0]
-    if n_queries == 0:
-        raise ValueError("queries is empty: the batch needs at least one query")
-    if n_candidates == 0:
-        raise ValueError("candidates is empty: the batch needs at least one candidate")
-    if candidates.shape[1] != dim:
-        raise ValueError(
-            f"queries and candidates differ in embedding size: {dim} vs {candidates.shape[1]}"
-        )
-    if candidates.dtype != queries.dtype:
-        raise ValueError(
-            f"queries and candidates differ in dtype: {queries.dtype} vs {candidates.dtype}"
-        )
-    if candidates.device != queries.device:
-        raise ValueError(
-            f"queries and candidates are on different devices: {queries.device} vs "
-            f"{candidates.device}"
-        )
-    if labels is None:
-        if n_candidates < n_queries:
-            raise ValueError(
-                f"without labels, query i's positive is candidate i, so candidates ({n_candidates})"
-                f" must be at least as many as queries ({n_queries}); pass labels otherwise"
-            )
-    else:
-        _check_index_tensor("labels", labels, n_queries, queries.device)
-        if bool(((labels < 0) | (labels >= n_candidates)).any()):
-            raise ValueError(
-                f"labels must index candidates, i.e. lie in [0, {n_candidates}); got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
-    if candidate_ids is not None:
-        _check_index_tensor("candidate_ids", candidate_ids, n_candidates, queries.device)
-
-
-def _check_index_tensor(name: str, t: Tensor, length: int, device: torch.device) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must be an integer tensor (int64), got {t.dtype}")
-    if t.shape != (length,):
-        raise ValueError(f"{name} must have shape ({length},), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the embeddings are on {device}")
-
-
-def _scale_tensor(scale: float | Tensor, device: torch.device) -> Tensor:
-    if isinstance(scale, Tensor):
-        if scale.dim() != 0:
-            raise ValueError(
-                f"scale must be a float or a 0-dim tensor, got shape {tuple(scale.shape)}"
-            )
-        # A CPU value is checked at no cost; reading a GPU one back would stall the stream.
-        if scale.device.type == "cpu" and not bool(scale.detach() > 0):
-            raise ValueError(f"scale must be > 0 (it is 1 / temperature), got {float(scale)}")
-        return scale.to(device=device, dtype=torch.float32)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"scale must be a float or a 0-dim tensor, got {type(scale).__name__}")
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0 (it is 1 / temperature), got {scale}")
-    return torch.tensor(float(scale), dtype=torch.float32, device=device)
-
-
-def resolve_impl(impl: str, n_queries: int, n_candidates: int, device: torch.device) -> str:
-    """The implementation `impl` stands for on this device and problem size."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        if n_queries * n_candidates <= NAIVE_MAX_LOGITS:
-            return "naive"
-        return "triton" if device.type == "cuda" and _triton_usable(device) else "torch"
-    if impl == "triton" and not _triton_usable(device):
-        raise ValueError(
-            "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on CPU)"
-        )
-    return impl
 
 
 def row_losses(
@@ -142,7 +26,7 @@ def row_losses(
     """Per-query InfoNCE losses [Bq] with an already-resolved implementation."""
     if impl == "naive":
         return naive_row_losses(queries, candidates, scale, labels, row_pos_ids, col_ids)
-    backend = torch_tiles if impl == "torch" else _triton_backend()
+    backend = tile_backend(impl)
     return tiled_row_losses(queries, candidates, scale, labels, row_pos_ids, col_ids, backend)
 
 
@@ -206,13 +90,13 @@ def contrastive_loss(
             group=group,
             impl=impl,
         )
-    _check_inputs(queries, candidates, labels, candidate_ids)
+    check_inputs(queries, candidates, labels, candidate_ids)
     if not isinstance(symmetric, bool):
         raise ValueError(f"symmetric must be a bool, got {type(symmetric).__name__}")
     n_queries = queries.shape[0]
     device = queries.device
     impl = resolve_impl(impl, n_queries, candidates.shape[0], device)
-    scale_t = _scale_tensor(scale, device)
+    scale_t = scale_tensor(scale, device)
     if labels is None:
         labels = torch.arange(n_queries, device=device)
     labels = labels.long()

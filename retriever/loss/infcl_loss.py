@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from retriever.gradcache import backward_from_cached_grads, embed_without_grad, split_features
-from retriever.loss.functional import IMPLS, contrastive_loss
+from retriever.loss.functional import contrastive_loss
+from retriever.loss.inputs import IMPLS
 from retriever.sdpa import attention_backends
 
 if TYPE_CHECKING:

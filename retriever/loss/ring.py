@@ -31,14 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from retriever.loss import torch_tiles
-from retriever.loss.functional import (
+from retriever.loss.inputs import (
     FLOAT_DTYPES,
-    IMPLS,
-    _check_inputs,
-    _scale_tensor,
-    _triton_backend,
-    _triton_usable,
+    check_inputs,
+    resolve_impl,
+    scale_tensor,
+    tile_backend,
 )
 
 # What every rank tells the others before any block moves (one int64 per field).
@@ -321,22 +319,6 @@ class RingLoss(torch.autograd.Function):
         )
 
 
-def _ring_backend(impl: str, device: torch.device) -> ModuleType:
-    """The block backend `impl` stands for in the ring.  Each block needs a forward and a
-    backward with the global lse, which the autograd of full logits cannot give, so "naive"
-    runs the torch tiles (one GEMM per small block anyway); "auto" is triton on CUDA when
-    available, else torch."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "triton" and not _triton_usable(device):
-        raise ValueError(
-            "impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on CPU)"
-        )
-    if impl == "triton" or (impl == "auto" and device.type == "cuda" and _triton_usable(device)):
-        return _triton_backend()
-    return torch_tiles
-
-
 def _float_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
 
@@ -461,11 +443,11 @@ def ring_loss(
     ring = _Ring(group, device)
     meta, error = [0] * len(_FIELDS), None
     try:
-        _check_inputs(queries, candidates, labels, candidate_ids)
+        check_inputs(queries, candidates, labels, candidate_ids)
         if not isinstance(symmetric, bool):
             raise ValueError(f"symmetric must be a bool, got {type(symmetric).__name__}")
-        backend = _ring_backend(impl, device)
-        scale_t = _scale_tensor(scale, device)
+        backend = tile_backend(resolve_impl(impl, 0, 0, device, tiled=True))
+        scale_t = scale_tensor(scale, device)
         meta = _local_meta(queries, candidates, scale_t, candidate_ids, symmetric)
     except (ValueError, RuntimeError) as exc:
         error = str(exc)

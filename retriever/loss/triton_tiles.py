@@ -41,6 +41,8 @@ from torch import Tensor
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# The kernels may read only globals that are constexpr instances (an annotation is not enough).
+_LOG2E = tl.constexpr(LOG2E)
 
 # Column splits are multiples of this, so a BLOCK_N tile never straddles two splits.
 SPLIT_ALIGN = 256
@@ -72,6 +74,33 @@ def _config(table: dict, dtype: torch.dtype) -> dict:
 
 
 @triton.jit
+def _tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
+              UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):  # fmt: skip
+    """dot = Q[rows] @ C[cols]^T in fp32, over D in BLOCK_K chunks; the last chunk is masked
+    (D = 384, 1000 are not multiples of BLOCK_K), as are padding rows and columns."""
+    k_offsets = tl.arange(0, BLOCK_K)
+    dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, dim, BLOCK_K):
+        ks = k0 + k_offsets
+        k_ok = ks < dim
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_q + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        c = tl.load(
+            c_ptr + cols[:, None] * stride_c + ks[None, :],
+            mask=col_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:  # the interpreter multiplies 16-bit floats as raw bits; fp32 is exact
+            q, c = q.to(tl.float32), c.to(tl.float32)
+        dot = tl.dot(q, tl.trans(c), dot)
+    return dot
+
+
+@triton.jit
 def _row_lse_kernel(
     q_ptr,
     c_ptr,
@@ -97,9 +126,8 @@ def _row_lse_kernel(
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
-    k_offsets = tl.arange(0, BLOCK_K)
     scale = tl.load(scale_ptr)
-    scale2 = scale * 1.4426950408889634  # s * log2(e): exp(S) = exp2(S * log2 e)
+    scale2 = scale * _LOG2E  # s * log2(e): exp(S) = exp2(S * log2 e)
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     if HAS_IDS:
         row_ids = tl.load(row_ids_ptr + rows, mask=row_ok, other=0)
@@ -112,24 +140,8 @@ def _row_lse_kernel(
     for n0 in range(col_start, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < col_end
-        # dot = Q_blk @ C_blk^T over D in BLOCK_K chunks; the last chunk is masked (D = 384, 1000).
-        dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(0, dim, BLOCK_K):
-            ks = k0 + k_offsets
-            k_ok = ks < dim
-            q = tl.load(
-                q_ptr + rows[:, None] * stride_q + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            c = tl.load(
-                c_ptr + cols[:, None] * stride_c + ks[None, :],
-                mask=col_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            if UPCAST:  # the interpreter multiplies 16-bit floats as raw bits; fp32 is exact
-                q, c = q.to(tl.float32), c.to(tl.float32)
-            dot = tl.dot(q, tl.trans(c), dot)
+        dot = _tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
+                        UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
         is_pos = (cols[None, :] == labels[:, None]) & col_ok[None, :]
         pos += tl.sum(tl.where(is_pos, dot, 0.0), axis=1)
@@ -181,27 +193,11 @@ def _softmax_grad_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
-    k_offsets = tl.arange(0, BLOCK_K)
 
-    dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, dim, BLOCK_K):
-        ks = k0 + k_offsets
-        k_ok = ks < dim
-        q = tl.load(
-            q_ptr + rows[:, None] * stride_q + ks[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        c = tl.load(
-            c_ptr + cols[:, None] * stride_c + ks[None, :],
-            mask=col_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            q, c = q.to(tl.float32), c.to(tl.float32)
-        dot = tl.dot(q, tl.trans(c), dot)
+    dot = _tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c, UPCAST,
+                    BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
-    scale2 = tl.load(scale_ptr) * 1.4426950408889634
+    scale2 = tl.load(scale_ptr) * _LOG2E
     # Padding rows read lse = +inf, so their P is exp2(finite - inf) = 0.
     lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=float("inf"))
     w = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
