@@ -541,6 +541,12 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(config, "training.max_grad_norm", norm is None or norm > 0, "a number > 0 or null")
     loss = config.loss
     _check(config, "loss.min_temperature", 0 < loss.min_temperature, "a number > 0")
+    if loss.min_temperature > loss.max_temperature:
+        raise ConfigError(
+            f"{config.where('loss.min_temperature')} / {config.where('loss.max_temperature')}: "
+            f"loss.min_temperature ({loss.min_temperature}) is above loss.max_temperature "
+            f"({loss.max_temperature})"
+        )
     if not loss.min_temperature <= loss.temperature <= loss.max_temperature:
         raise ConfigError(
             f"{config.where('loss.temperature')}: loss.temperature ({loss.temperature}) must lie "

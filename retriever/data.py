@@ -154,10 +154,16 @@ def read_dataset_examples(spec: str, split: str) -> list[Example]:
     """Rows of a ``datasets`` dataset: a ``save_to_disk`` directory or a Hub id."""
     import datasets
 
-    if os.path.isdir(spec):
-        loaded = datasets.load_from_disk(spec)
-    else:
-        loaded = datasets.load_dataset(spec, split=split)
+    try:
+        if os.path.isdir(spec):
+            loaded = datasets.load_from_disk(spec)
+        else:
+            loaded = datasets.load_dataset(spec, split=split)
+    except Exception as exc:  # datasets raises many kinds (not found, offline, bad files)
+        where = "saved dataset directory" if os.path.isdir(spec) else "Hub dataset"
+        raise DataError(
+            f"{spec}: cannot be read as a {where} ({type(exc).__name__}: {exc})"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{spec}: no split {split!r} (splits: {', '.join(loaded)})")
@@ -308,6 +314,17 @@ class TrainSet(torch.utils.data.Dataset):
             pool.tokenize(
                 tokenizer, cache_dir, f"tokenize {side}", tokenizer_hash=fingerprint, **kwargs
             )
+
+    def fingerprint(self) -> str:
+        """A hash of every example's texts, in order (a resumed run checks it)."""
+        import xxhash
+
+        h = xxhash.xxh3_128()
+        for e in self.examples:
+            for text in (e.query, *e.positives, "\x00", *e.negatives, "\x01"):
+                h.update(text.encode("utf-8"))
+                h.update(b"\x1f")
+        return h.hexdigest()
 
     def set_negatives(self, index: int, negatives: Sequence[str]) -> None:
         """Replace an example's hard negatives (dynamic mining); new texts are tokenised."""

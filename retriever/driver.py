@@ -65,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "retriever train: interrupted; the run directory keeps its last complete checkpoint "
-            "(continue with --resume)",
+            "retriever train: interrupted. The run directory holds its newest complete "
+            "checkpoint (continue with --resume); if this run had saved none, it is as it was "
+            "before this start",
             file=sys.stderr,
         )
         return 130

@@ -95,6 +95,16 @@ def dropout_probability(model: nn.Module) -> float:
     return max(found)
 
 
+def max_length_problems(encoder: Encoder) -> list[tuple[str, int, int]]:
+    """(side, max length, limit) for each side whose max length exceeds the positions the
+    model has (a BERT's learned position table, say); models without a limit pass."""
+    limit = getattr(getattr(encoder.model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return []
+    sides = (("query", encoder.query_max_length), ("document", encoder.document_max_length))
+    return [(side, length, limit) for side, length in sides if length > limit]
+
+
 class ModelNotFoundError(ValueError):
     """A model spec names nothing loadable; the message says what was looked for where."""
 
@@ -334,6 +344,7 @@ class Encoder(nn.Module):
         if document_prefix is None:
             document_prefix = next((prompts[k] for k in _ST_DOCUMENT_PROMPTS if k in prompts), "")
         max_seq_length = st.get("max_seq_length")
+        defaulted = {"query": query_max_length is None, "document": document_max_length is None}
         if query_max_length is None:
             query_max_length = st.get("query_length") or max_seq_length or 128
         if document_max_length is None:
@@ -364,6 +375,11 @@ class Encoder(nn.Module):
             do_lower_case=bool(st.get("do_lower_case", False)),
             cudnn_attention=cudnn_attention,
         )
+        # A max length that was not asked for never exceeds the model's positions (a length
+        # that was asked for and does is the caller's to report: see max_length_problems).
+        for side, _, limit in max_length_problems(encoder):
+            if defaulted[side]:
+                setattr(encoder, f"{side}_max_length", limit)
         # Like transformers' from_pretrained, return the whole module in eval mode: the network
         # already is, and a wrapper left claiming training mode would hide that dropout is off.
         # Training code calls .train().
@@ -489,6 +505,12 @@ class Encoder(nn.Module):
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(root)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # Encoding leaves its last call's truncation and padding on the backend, which
+            # would be saved with it: the saved tokenizer must not depend on what ran last.
+            backend.no_truncation()
+            backend.no_padding()
         self.tokenizer.save_pretrained(root)
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -26,13 +26,14 @@ the old one back, also when it was killed (the next start in that directory repa
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from retriever.fileio import file_hash, fsync_directory, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -52,78 +53,14 @@ RUN_ARTIFACTS = (
 )
 LOGS_BY_STEP = ("log.jsonl", "eval.jsonl", "mining.jsonl")
 SETTING_ASIDE, REPLACED, RESTORING = ".replaced-run.partial", ".replaced-run", ".restoring-run"
+LOCK = ".lock"
 
 
 class RunError(RuntimeError):
     """The run directory cannot be used as asked (exists, nothing to resume, corrupted, ...)."""
 
 
-# --- publishing directories atomically ------------------------------------------------------
-
-
-def _fsync_directory(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def partial_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.partial"
-
-
-def publish(partial: Path, path: Path) -> None:
-    """Rename the complete directory ``partial`` to ``path``, replacing an older ``path``."""
-    old = path.parent / f".{path.name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(partial, path)
-    _fsync_directory(path.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """``with atomic_directory("run/final") as tmp:`` write into ``tmp``; on success it replaces
-    ``run/final`` in one rename, on failure it is removed and ``run/final`` is untouched."""
-    path = Path(path)
-    partial = partial_path(path)
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    publish(partial, path)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # --- checkpoints and their manifests --------------------------------------------------------
-
-
-def _file_hash(path: Path) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(directory: Path, step: int) -> None:
@@ -133,7 +70,7 @@ def write_manifest(directory: Path, step: int) -> None:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         rel = path.relative_to(directory).as_posix()
-        files[rel] = {"size": path.stat().st_size, "xxh3_128": _file_hash(path)}
+        files[rel] = {"size": path.stat().st_size, "xxh3_128": file_hash(path)}
     manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
     write_text_atomically(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
@@ -162,7 +99,7 @@ def verify_checkpoint(directory: Path) -> None:
                 f"{path}: {size} bytes where the checkpoint recorded {expected['size']} "
                 "(truncated or replaced); this checkpoint cannot be resumed"
             )
-        if _file_hash(path) != expected["xxh3_128"]:
+        if file_hash(path) != expected["xxh3_128"]:
             raise RunError(
                 f"{path}: its contents differ from what the checkpoint recorded (corrupted); "
                 "this checkpoint cannot be resumed"
@@ -214,10 +151,17 @@ def remove_stale_partials(output_dir: Path) -> None:
             else:
                 logger.warning("restoring %s, which an interrupted save had moved aside", target)
                 os.replace(old, target)
-        for partial in parent.glob(".*.partial"):
+        for partial in [*parent.glob(".*.partial"), *parent.glob(".*.deleting")]:
             if partial.name != SETTING_ASIDE:
                 logger.info("removing %s, left by an interrupted write", partial)
                 shutil.rmtree(partial)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that a kill half-way leaves no half of it under its name."""
+    doomed = path.parent / f".{path.name}.deleting"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def truncate_logs(output_dir: Path, step: int) -> None:
@@ -248,9 +192,62 @@ class RunDirectory:
     def __init__(self, output_dir: str | os.PathLike) -> None:
         self.path = Path(output_dir)
         self.replacing = False  # this process set an old run aside and has not discarded it
+        self._lock: Any = None
+        self._created = False
 
     def artifacts(self) -> list[str]:
         return [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
+
+    def holds_results(self) -> bool:
+        """Whether the run here saved anything worth keeping: a checkpoint, ``final/``, or a
+        ``best/`` from after training began (not the start's own evaluation at step 0)."""
+        if list_checkpoints(self.path) or (self.path / "final").exists():
+            return True
+        best = self.path / "best" / "eval.json"
+        try:
+            return best.is_file() and json.loads(best.read_text("utf-8")).get("step", 1) > 0
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return True  # unreadable: keep it
+
+    def lock(self) -> None:
+        """Hold the directory for this process: a second ``retriever train`` on it (a refused
+        start too) stops at once instead of touching a live run. Released by :meth:`unlock`,
+        or by the system when the process dies."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"training.output_dir: {self.path} is a file, not a directory")
+        self._created = not self.path.exists()
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK, "a+", encoding="utf-8")
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): no protection against a second process
+            pass
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise RunError(
+                f"{self.path} is in use by a running `retriever train` ({owner}); wait for it "
+                "to finish or stop it first"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        """Release the directory; remove the lock file, and the directory if this start made
+        it and left nothing in it."""
+        if self._lock is None:
+            return
+        (self.path / LOCK).unlink(missing_ok=True)
+        self._lock.close()
+        self._lock = None
+        if self._created and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def _move_artifacts(self, source: Path, target: Path) -> None:
         for name in RUN_ARTIFACTS:
@@ -294,7 +291,7 @@ class RunDirectory:
         aside.mkdir()
         self._move_artifacts(self.path, aside)
         os.replace(aside, self.path / REPLACED)
-        _fsync_directory(self.path)
+        fsync_directory(self.path)
         self.replacing = True
 
     def discard_replaced(self) -> None:

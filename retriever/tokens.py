@@ -203,7 +203,7 @@ def load_or_build(
 def _write_entry(
     entry: Path, table: TokenTable, settings: SideSettings, n: int, seconds: float
 ) -> None:
-    from retriever.run_directory import atomic_directory
+    from retriever.fileio import atomic_directory
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(entry) as tmp:

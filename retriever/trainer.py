@@ -49,18 +49,24 @@ from retriever.chunk_sizes import (
 )
 from retriever.chunk_sizes import describe as describe_chunks
 from retriever.data import Collator, TrainSet, epoch_batches, load_examples
+from retriever.fileio import atomic_directory, partial_path, publish
 from retriever.loader import Position, StepBatches, run_loader
 from retriever.loss import InfoNCELoss
-from retriever.modeling import Encoder, ModelNotFoundError, dropout_probability
+from retriever.loss.inputs import resolve_impl
+from retriever.modeling import (
+    Encoder,
+    ModelNotFoundError,
+    dropout_probability,
+    max_length_problems,
+)
 from retriever.run_directory import (
+    CHECKPOINTS,
     RunDirectory,
     RunError,
-    atomic_directory,
     checkpoint_dir,
     list_checkpoints,
     newest_valid_checkpoint,
-    partial_path,
-    publish,
+    remove_checkpoint,
     truncate_logs,
     verify_checkpoint,
     write_manifest,
@@ -101,6 +107,7 @@ class TrainState:
     best_step: int | None = None
     evaluated_step: int | None = None  # the step of the last evaluation
     chunk_sizes: list[int] | None = None  # [gradient pass, no-grad pass], also when auto
+    data_fingerprint: str | None = None  # of the training examples, checked on resume
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,12 +148,22 @@ def _check_unchanged(config: TrainConfig, checkpoint: Path, output_dir: Path) ->
 def plan_run_directory(
     config: TrainConfig, resume: bool | str | None, overwrite: bool
 ) -> Path | None:
-    """Check the run directory (read-only); return the verified checkpoint to resume from."""
+    """Check the run directory (read-only); return the verified checkpoint to resume from.
+
+    A directory that holds no results (its run stopped before saving a checkpoint, a final or a
+    trained best model) is not protected: a plain start replaces what is there, as with
+    ``--overwrite`` (put back if this start fails first)."""
     output_dir = Path(config.training.output_dir)
+    run = RunDirectory(output_dir)
     if resume:
         if overwrite:
             raise RunError("--resume and --overwrite contradict each other; pick one")
         if resume is True:
+            if run.artifacts() and not run.holds_results():
+                raise RunError(
+                    f"--resume: the run in {output_dir} stopped before its first checkpoint, so "
+                    "there is nothing to resume; start it again without --resume"
+                )
             checkpoint, skipped = newest_valid_checkpoint(output_dir)
             for reason in skipped:
                 logger.warning("--resume: skipped %s", reason)
@@ -154,11 +171,17 @@ def plan_run_directory(
             checkpoint = Path(resume)
             if not checkpoint.is_dir():
                 raise RunError(f"--resume: {checkpoint}: no such checkpoint directory")
+            if (checkpoint / CHECKPOINTS).is_dir() or (checkpoint / "final").is_dir():
+                raise RunError(
+                    f"--resume {checkpoint}: that is a run directory, not a checkpoint; pass "
+                    f"--resume alone (with --output-dir {checkpoint}), or one of its "
+                    f"{CHECKPOINTS}/step-N directories"
+                )
             verify_checkpoint(checkpoint)
         _check_unchanged(config, checkpoint, output_dir)
         return checkpoint
-    existing = RunDirectory(output_dir).artifacts()
-    if existing and not overwrite:
+    existing = run.artifacts()
+    if existing and not overwrite and run.holds_results():
         raise RunError(
             f"{output_dir} already holds a run ({', '.join(existing)}); pass --resume to "
             "continue it or --overwrite to replace it"
@@ -175,10 +198,19 @@ def build_encoder(config: TrainConfig) -> Encoder:
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     try:
-        return _load_encoder(m, kwargs)
-    except (ModelNotFoundError, NotImplementedError, OSError, ValueError) as exc:
-        where = config.where("model.name_or_path")
-        raise ConfigError(f"{where}: model.name_or_path: {exc}") from None
+        encoder = _load_encoder(m, kwargs)
+    except (ModelNotFoundError, NotImplementedError, OSError, ValueError, ImportError) as exc:
+        key = "model.name_or_path"
+        if m.attn_implementation and "attn" in str(exc).lower() or isinstance(exc, ImportError):
+            key = "model.attn_implementation"  # transformers refused the attention kernel
+        raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
+    for side, length, limit in max_length_problems(encoder):
+        key = f"model.{side}_max_length"
+        raise ConfigError(
+            f"{config.where(key)}: {key}: {length} tokens, more than the model's {limit} "
+            f"positions (max_position_embeddings); set {key} to at most {limit}"
+        )
+    return encoder
 
 
 def _load_encoder(m: Any, kwargs: dict[str, Any]) -> Encoder:
@@ -317,7 +349,9 @@ def load_eval_task(config: TrainConfig) -> Any:
     try:
         task = load_task(config.eval.data, config.eval.split)
     except (FileNotFoundError, ValueError, OSError) as exc:
-        raise ConfigError(f"{config.where('eval.data')}: eval.data: {exc}") from None
+        # A BEIR directory without that split's qrels: the split is what to change.
+        key = "eval.split" if f"qrels/{config.eval.split}.tsv" in str(exc) else "eval.data"
+        raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
     return shrink_task(task, config.eval.max_queries, config.eval.max_documents)
 
 
@@ -345,8 +379,16 @@ class Trainer:
         self.output_dir = Path(config.training.output_dir)
         self.run_dir = RunDirectory(self.output_dir)
         self.accelerator = _build_accelerator(config)
-        acc = self.accelerator
-        t = config.training
+        if self.accelerator.is_main_process:
+            self.run_dir.lock()  # before anything reads or repairs the directory
+        try:
+            self._set_up(resume, overwrite)
+        except BaseException:
+            self.run_dir.unlock()
+            raise
+
+    def _set_up(self, resume: bool | str | None, overwrite: bool) -> None:
+        config, acc, t = self.config, self.accelerator, self.config.training
         if t.batch_size % acc.num_processes:
             raise ConfigError(
                 f"{config.where('training.batch_size')}: training.batch_size ({t.batch_size}) "
@@ -358,6 +400,12 @@ class Trainer:
                 logger.warning(repaired)
         acc.wait_for_everyone()
         self.resume_from = plan_run_directory(config, resume, overwrite)
+        # Replace what is there: on --overwrite, or the leftovers of a start that saved nothing.
+        self.replace = self.resume_from is None and bool(self.run_dir.artifacts())
+        try:
+            resolve_impl(config.loss.impl, 1 << 16, 1 << 16, acc.device)
+        except ValueError as exc:
+            raise ConfigError(f"{config.where('loss.impl')}: loss.impl: {exc}") from None
 
         from accelerate.utils import set_seed
 
@@ -371,6 +419,7 @@ class Trainer:
         self._prepare_optimization()
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
+        self.state.data_fingerprint = self.data_fingerprint
         self.state.chunk_sizes = [self.chunks.grad, self.chunks.embed]
         self.collator = Collator(
             self.train_set.queries,
@@ -384,7 +433,7 @@ class Trainer:
         # Only now that everything has loaded: a start that fails changes nothing on disk.
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self._prepare_run_directory(overwrite)
+            self._prepare_run_directory()
         acc.wait_for_everyone()
         if t.report_to:
             acc.init_trackers(t.run_name, config=_flat_hparams(config))
@@ -399,6 +448,7 @@ class Trainer:
             max_examples=config.data.max_examples,
         )
         self.train_set = TrainSet(examples, config.data.negatives, t.seed)
+        self.data_fingerprint = self.train_set.fingerprint()  # as read, before any re-mining
         first = epoch_batches(self.train_set, 0, t.batch_size)
         if not first:
             distinct = len({p for e in examples for p in e.positives})
@@ -499,16 +549,36 @@ class Trainer:
             acc.register_for_checkpointing(self.master)
 
     def _load_checkpoint(self, path: Path) -> None:
+        saved = json.loads((path / "trainer_state.json").read_text("utf-8"))
+        fingerprint = saved.get("data_fingerprint")
+        if fingerprint and fingerprint != self.data_fingerprint:
+            raise RunError(
+                f"--resume: {self.config.data.train} is not the training data {path} was "
+                "trained on (its examples changed); a resumed run must see the same data"
+            )
         try:
             self.accelerator.load_state(str(path))
         except Exception as exc:  # verified files that still do not fit this model or run
             raise RunError(f"--resume: {path} could not be loaded: {exc}") from None
+        if self.state.step > self.total_steps:
+            where = self.config.where("training.max_steps")
+            raise RunError(
+                f"--resume: {path} is at step {self.state.step}, past the {self.total_steps} "
+                f"steps this run is to train ({where}); raise training.max_steps or resume an "
+                "earlier checkpoint"
+            )
         logger.info("resumed from %s at step %d", path, self.state.step)
 
-    def _prepare_run_directory(self, overwrite: bool) -> None:
+    def _prepare_run_directory(self) -> None:
         """Main process: set a replaced run aside (restored if this one fails before its first
         checkpoint), drop logs past the resumed step, write the effective config."""
-        if overwrite:
+        if self.replace:
+            if not self.run_dir.holds_results():
+                logger.warning(
+                    "%s: replacing what a start that saved no checkpoint left there (%s)",
+                    self.output_dir,
+                    ", ".join(self.run_dir.artifacts()),
+                )
             self.run_dir.set_aside()
         if self.resume_from is not None:
             truncate_logs(self.output_dir, self.state.step)
@@ -569,18 +639,27 @@ class Trainer:
         if acc.is_main_process and partial.exists():
             shutil.rmtree(partial)
         acc.wait_for_everyone()
-        acc.save_state(str(partial))
-        acc.wait_for_everyone()  # every process's files (RNG states) are on disk
+        try:
+            acc.save_state(str(partial))
+            acc.wait_for_everyone()  # every process's files (RNG states) are on disk
+            if acc.is_main_process:
+                state = json.dumps(self.state.state_dict(), indent=2) + "\n"
+                (partial / "trainer_state.json").write_text(state, encoding="utf-8")
+                (partial / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
+                write_manifest(partial, self.state.step)
+                publish(partial, path)
+        except (OSError, RuntimeError) as exc:  # a full disk, a quota, a vanished mount
+            shutil.rmtree(partial, ignore_errors=True)
+            newest = list_checkpoints(self.output_dir)
+            raise RunError(
+                f"{path}: could not write the checkpoint ({exc}); "
+                + (f"the newest complete one is {newest[-1]}" if newest else "none is complete")
+            ) from None
         if acc.is_main_process:
-            state = json.dumps(self.state.state_dict(), indent=2) + "\n"
-            (partial / "trainer_state.json").write_text(state, encoding="utf-8")
-            (partial / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
-            write_manifest(partial, self.state.step)
-            publish(partial, path)
             self.run_dir.discard_replaced()  # the new run now stands on its own
             limit = self.config.training.save_total_limit
             for stale in list_checkpoints(self.output_dir)[:-limit] if limit else []:
-                shutil.rmtree(stale)
+                remove_checkpoint(stale)
         acc.wait_for_everyone()
         return path
 
@@ -636,6 +715,8 @@ class Trainer:
             if self.accelerator.is_main_process:
                 self.run_dir.restore_replaced()
             raise
+        finally:
+            self.run_dir.unlock()
 
     def _train(self) -> dict[str, Any]:
         acc, cfg, state = self.accelerator, self.config, self.state
@@ -721,12 +802,16 @@ class Trainer:
         if not bad.item():
             return
         checkpoints = list_checkpoints(self.output_dir)
-        newest = f"the newest checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint"
+        after = (
+            f"then --resume from the newest checkpoint, {checkpoints[-1]}"
+            if checkpoints
+            else "then start again (nothing was saved)"
+        )
         raise RunError(
             f"step {self.state.step + 1}: the loss is {loss}"
             + (f" and the gradient norm {norm}" if grad_norm is not None else "")
-            + f"; the model was not updated and training stopped ({newest}). Lower "
-            "training.learning_rate or set training.max_grad_norm, then --resume"
+            + "; the model was not updated and training stopped. Lower "
+            f"training.learning_rate or set training.max_grad_norm, {after}"
         )
 
     def _finish(self, evaluations: list[dict[str, Any]], last_loss: float | None) -> dict:

@@ -68,16 +68,16 @@ def install(point: str) -> None:
 
         trainer.write_manifest = write_manifest
     elif kind == "publish":
-        from retriever import run_directory, trainer
+        from retriever import fileio, trainer
 
-        original_publish = run_directory.publish
+        original_publish = fileio.publish
 
         def publish(partial, path):
             if path.name == arg:
                 _die()
             return original_publish(partial, path)
 
-        run_directory.publish = trainer.publish = publish
+        fileio.publish = trainer.publish = publish
     elif kind == "model-save":
         from retriever import modeling
 

@@ -123,8 +123,12 @@ def test_cli_reports_bad_data_without_a_traceback(model_dir, tmp_path, capsys):
         (["--model", "/no/such/dir"], r"--model /no/such/dir: no such directory"),
         (["--model", "EMPTY"], r"not a model directory \(no config.json"),
         (["--model", "pkg:no_such_package"], r"no installed package 'no_such_package'"),
-        (["--index", "hnsw", "--hnsw-m", "0"], r"--hnsw-m: expected a positive integer"),
-        (["--index", "hnsw", "--hnsw-m", "1"], r"hnsw_m must be an integer >= 2"),
+        (["--index", "hnsw", "--hnsw-m", "0"], r"--hnsw-m: expected an integer >= 2"),
+        (["--index", "hnsw", "--hnsw-m", "1"], r"--hnsw-m: expected an integer >= 2"),
+        (["--index", "flat", "--nlist", "200"], r"--nlist applies to --index ivf only"),
+        (["--device", "tpu9"], r"--device tpu9: not a device"),
+        (["--cache-dir", "AFILE"], r"--cache-dir .*: is a file"),
+        (["--document-max-length", "1000"], r"--document-max-length: 1000 tokens, more than"),
         (["--index", "ivf", "--nprobe", "0"], r"--nprobe: expected a positive integer"),
         (["--index", "ivf", "--nlist", "0"], r"--nlist: expected a positive integer"),
         (["--index", "ivf", "--nlist", "61"], r"nlist=61: .* more cells than .* documents \(60\)"),
@@ -138,7 +142,12 @@ def test_bad_options_are_refused_before_any_work(model_dir, tmp_path, capsys, op
     root = _random_task(tmp_path / "task", seed=3)
     (tmp_path / "empty").mkdir()
     (tmp_path / "outdir").mkdir()
-    where = {"EMPTY": str(tmp_path / "empty"), "OUTDIR": str(tmp_path / "outdir")}
+    (tmp_path / "afile").write_text("x")
+    where = {
+        "EMPTY": str(tmp_path / "empty"),
+        "OUTDIR": str(tmp_path / "outdir"),
+        "AFILE": str(tmp_path / "afile"),
+    }
     options = [where.get(o, o) for o in options]
     argv = ["eval", "--model", model_dir, "--data", str(root), "--no-progress", *options]
     try:

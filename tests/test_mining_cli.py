@@ -66,7 +66,10 @@ def beir_dir(tmp_path_factory):
 
 
 def _mine(args, capsys):
-    code = main(["mine", "--no-progress", "--device", "cpu", *map(str, args)])
+    try:
+        code = main(["mine", "--no-progress", "--device", "cpu", *map(str, args)])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
     return code, capsys.readouterr()
 
 
@@ -206,9 +209,10 @@ def test_queries_with_too_few_candidates_are_reported(model_dir, beir_dir, tmp_p
     rows = _read_jsonl(out)
     assert len(rows) == 10 and all(len(r["neg"]) < 7 for r in rows)
     assert all(len(set(r["neg_ids"])) == len(r["neg_ids"]) for r in rows)
+    # Leaving out every query would write an empty training file: refused, nothing written.
     code, captured = _mine([*args, "--output", tmp_path / "d.jsonl", "--drop-incomplete"], capsys)
-    assert code == 0 and "left out" in captured.err
-    assert (tmp_path / "d.jsonl").read_text() == ""
+    assert code == 2 and "nothing was written" in captured.err
+    assert not list(tmp_path.glob("d.*"))
 
 
 @pytest.mark.parametrize(
@@ -260,7 +264,7 @@ def test_queries_with_too_few_candidates_are_reported(model_dir, beir_dir, tmp_p
                 "--hnsw-m",
                 "1",
             ],  # fmt: skip
-            r"hnsw_m must be an integer >= 2",
+            r"--hnsw-m: expected an integer >= 2",
         ),
         (
             lambda tmp: [
@@ -281,7 +285,7 @@ def test_bad_inputs_name_the_file_line_or_field(model_dir, tmp_path, capsys, set
         ["--model", model_dir, "--output", tmp_path / "o.jsonl", *setup(tmp_path)], capsys
     )  # a later --model / --output overrides the first
     assert code == 2
-    assert captured.err.startswith("retriever mine: error: ")
+    assert "retriever mine: error: " in captured.err or "error: argument" in captured.err
     assert re.search(message, captured.err), captured.err
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -290,3 +294,15 @@ def _bad_file(tmp, text, name="train.jsonl"):
     path = tmp / name
     path.write_text(text)
     return path
+
+
+def test_files_of_another_mine_run_are_detected(model_dir, beir_dir, tmp_path, capsys):
+    from retriever.mining.files import MiningDataError, read_meta
+
+    out = tmp_path / "mined.jsonl"
+    code, _ = _mine(["--model", model_dir, "--data", beir_dir, "--output", out], capsys)
+    assert code == 0 and read_meta(out)["files"]["mined.jsonl"]["size"] == out.stat().st_size
+    # As a kill between the renames of an --overwrite would leave: a new file, the old meta.
+    out.write_text(out.read_text() + out.read_text().splitlines()[0] + "\n")
+    with pytest.raises(MiningDataError, match=r"mined.jsonl: does not match .*mined.meta.json"):
+        read_meta(out)

@@ -7,6 +7,7 @@ Training runs in subprocesses (tests/faults.py) so that a kill is a real SIGKILL
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -94,10 +95,27 @@ def assert_same_run(got: Path, want: Path) -> None:
         assert a.keys() == b.keys()
         for name in a:
             assert torch.equal(a[name], b[name]), f"{model}/{name} differs"
+    # The saved model directory is identical, tokenizer files included (but for the offline
+    # flag transformers records from the environment: the subprocesses run offline).
+    assert model_files(got / "final") == model_files(want / "final")
     assert records(got, "log.jsonl") == records(want, "log.jsonl")
     assert records(got, "eval.jsonl") == records(want, "eval.jsonl")
     names = sorted(p.name for p in (got / "checkpoints").iterdir())
     assert names == sorted(p.name for p in (want / "checkpoints").iterdir())
+
+
+def model_files(directory: Path) -> dict[str, object]:
+    """A saved model's files: bytes for weights, contents for JSON (without local_files_only)."""
+    out: dict[str, object] = {}
+    for path in sorted(directory.rglob("*")):
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):
+                data.pop("local_files_only", None)
+            out[str(path.relative_to(directory))] = data
+        elif path.is_file():
+            out[str(path.relative_to(directory))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -177,39 +195,54 @@ def cli(workspace):
     return call
 
 
+# case: (options, what the message must say)
 FAILING_STARTS = {
-    "missing eval data": ["--eval-data", "/no/such/dir"],
-    "unknown metric": ["--eval.metric", "nosuch"],
-    "missing model": ["--model", "/no/such/model"],
-    "model dir without a model": ["--model", "EMPTY"],
-    "missing training data": ["--data", "/no/such/file.jsonl"],
-    "malformed training data": ["--data", "BAD"],
-    "batch larger than the data": ["--batch-size", "4096"],
-    "zero-loss batch": ["--batch-size", "1", "--negatives", "0"],
-    "bad option value": ["--training.learning_rate", "fast"],
+    "missing eval data": (["--eval-data", "/no/such/dir"], "eval.data"),
+    "missing eval split": (["--eval.split", "dev"], "eval.split"),
+    "unknown metric": (["--eval.metric", "nosuch"], "eval.metric"),
+    "missing model": (["--model", "/no/such/model"], "no such directory"),
+    "model dir without a model": (["--model", "EMPTY"], "not a model directory"),
+    "unknown attention kernel": (["--model.attn_implementation", "bogus"], "attn_implementation"),
+    "max length past the positions": (["--model.document_max_length", "200"], "64 positions"),
+    "missing training data": (["--data", "/no/such/file.jsonl"], "no such file"),
+    "malformed training data": (["--data", "BAD"], "bad.jsonl:1: missing field 'pos'"),
+    "not gzip": (["--data", "NOTGZ"], "notgz.jsonl.gz: cannot be read"),
+    "not UTF-8": (["--data", "BINARY"], "binary.jsonl:2: not UTF-8 text"),
+    "empty directory as data": (["--data", "EMPTY"], "cannot be read as a saved dataset"),
+    "batch larger than the data": (["--batch-size", "4096"], "training.batch_size"),
+    "zero-loss batch": (["--batch-size", "1", "--negatives", "0"], "the loss is 0"),
+    "bad option value": (["--training.learning_rate", "fast"], "training.learning_rate"),
+    "temperature range upside down": (
+        ["--loss.min_temperature", "0.5", "--loss.max_temperature", "0.1"],
+        "loss.min_temperature (0.5) is above loss.max_temperature",
+    ),
+    "triton on a CPU": (["--loss.impl", "triton"], "loss.impl"),
 }
 
 
 @pytest.mark.parametrize("case", list(FAILING_STARTS))
 def test_overwrite_with_a_failing_start_leaves_the_old_run_intact(
-    workspace, reference, tmp_path, cli, capsys, case
+    workspace, reference, tmp_path, cli, capsys, monkeypatch, case
 ):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a plain CPU machine: no kernels to run
     output = tmp_path / "run"
     shutil.copytree(reference, output)
     before = snapshot(output)
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.jsonl").write_text('{"query": "q"}\n')
-    argv = [
-        str(tmp_path / "empty")
-        if a == "EMPTY"
-        else str(tmp_path / "bad.jsonl")
-        if a == "BAD"
-        else a
-        for a in FAILING_STARTS[case]
-    ]
-    assert cli("--output-dir", str(output), "--overwrite", *argv) == 2
+    (tmp_path / "notgz.jsonl.gz").write_text('{"query": "q", "pos": "p"}\n')
+    (tmp_path / "binary.jsonl").write_bytes(b'{"query": "q", "pos": "p"}\n\xff\xfe\n')
+    files = {
+        "EMPTY": str(tmp_path / "empty"),
+        "BAD": str(tmp_path / "bad.jsonl"),
+        "NOTGZ": str(tmp_path / "notgz.jsonl.gz"),
+        "BINARY": str(tmp_path / "binary.jsonl"),
+    }
+    options, message = FAILING_STARTS[case]
+    assert cli("--output-dir", str(output), "--overwrite", *[files.get(a, a) for a in options]) == 2
     err = capsys.readouterr().err
     assert "retriever train: error:" in err and "Traceback" not in err
+    assert message in err, err
     assert snapshot(output) == before
 
 
@@ -289,7 +322,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(workspace, tmp_path, cli, caps
     output = tmp_path / "run"
     assert cli("--output-dir", str(output), "--eval-data", "null") == 2
     err = capsys.readouterr().err
-    assert "step 3: the loss is nan" in err and "the newest checkpoint is" in err
+    assert "step 3: the loss is nan" in err and "--resume from the newest checkpoint" in err
     assert (output / "checkpoints" / "step-00000002" / "manifest.json").is_file()
     assert not (output / "final").exists()
 
@@ -335,3 +368,57 @@ def test_bad_eval_data_in_train_is_reported_like_retriever_eval(workspace, tmp_p
     assert cli("--output-dir", str(tmp_path / "r"), "--eval-data", str(workspace["data"])) == 2
     err = capsys.readouterr().err
     assert "eval.data" in err and "Traceback" not in err
+
+
+def test_a_second_start_on_a_live_run_stops_at_once(workspace, reference, tmp_path, cli, capsys):
+    from retriever.run_directory import RunDirectory
+
+    output = tmp_path / "run"
+    shutil.copytree(reference, output)
+    before = snapshot(output)
+    live = RunDirectory(output)
+    live.lock()  # as a run in progress holds it
+    try:
+        for options in ([], ["--resume"], ["--overwrite"]):
+            assert cli("--output-dir", str(output), *options) == 2
+            assert "is in use by a running `retriever train`" in capsys.readouterr().err
+    finally:
+        live.unlock()
+    assert snapshot(output) == before
+
+
+def test_a_start_that_saved_nothing_does_not_block_the_next(
+    workspace, tmp_path, cli, capsys, monkeypatch
+):
+    from retriever import trainer
+
+    output = tmp_path / "run"
+    real_step = trainer.Trainer._step
+    monkeypatch.setattr(trainer.Trainer, "_step", lambda self, b: real_step(self, b) * float("nan"))
+    assert cli("--output-dir", str(output), "--eval.at_start", "false") == 2
+    err = capsys.readouterr().err
+    assert "step 1: the loss is nan" in err and "start again (nothing was saved)" in err
+    monkeypatch.setattr(trainer.Trainer, "_step", real_step)
+    assert cli("--output-dir", str(output), "--resume") == 2
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert cli("--output-dir", str(output), "--max-steps", "2") == 0  # a plain start replaces it
+
+
+def test_resume_refuses_changed_data_and_steps_already_past(
+    workspace, reference, tmp_path, cli, capsys
+):
+    output = tmp_path / "run"
+    shutil.copytree(reference, output)
+    assert cli("--output-dir", str(output), "--resume", "--max-steps", "4") == 2
+    assert "is at step 8, past the 4 steps" in capsys.readouterr().err
+    data = workspace["data"]
+    original = data.read_text()
+    lines = original.splitlines()
+    try:  # the same file name, its examples reordered
+        data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")
+        assert cli("--output-dir", str(output), "--resume") == 2
+    finally:
+        data.write_text(original)
+    assert "is not the training data" in capsys.readouterr().err
+    assert cli("--output-dir", str(output), "--resume", str(output)) == 2
+    assert "that is a run directory, not a checkpoint" in capsys.readouterr().err

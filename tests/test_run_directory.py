@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import pytest
 
+from retriever.fileio import atomic_directory
 from retriever.run_directory import (
     REPLACED,
     RESTORING,
     SETTING_ASIDE,
     RunDirectory,
     RunError,
-    atomic_directory,
     checkpoint_dir,
     newest_valid_checkpoint,
+    remove_checkpoint,
     truncate_logs,
     verify_checkpoint,
     write_manifest,
@@ -141,3 +142,18 @@ def test_truncate_logs_keeps_records_up_to_the_step(tmp_path):
     (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\nnot json\n')
     truncate_logs(tmp_path, 2)
     assert (tmp_path / "log.jsonl").read_text() == '{"step": 1}\n{"step": 2}\nnot json\n'
+
+
+def test_a_pruned_checkpoint_is_gone_whole_even_if_the_delete_was_cut_short(tmp_path):
+    step = checkpoint_dir(tmp_path, 2)
+    step.mkdir(parents=True)
+    (step / "model.bin").write_text("weights")
+    write_manifest(step, 2)
+    remove_checkpoint(step)
+    assert not step.exists() and not list((tmp_path / "checkpoints").iterdir())
+    # Killed inside the delete: what is left has another name, and the next start removes it.
+    half = tmp_path / "checkpoints" / ".step-00000004.deleting"
+    half.mkdir()
+    (half / "optimizer.bin").write_text("half")
+    RunDirectory(tmp_path).recover()
+    assert not half.exists()

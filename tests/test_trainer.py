@@ -21,7 +21,7 @@ from retriever.data import batch_of_texts
 from retriever.driver import add_arguments, run
 from retriever.loss import InfoNCELoss
 from retriever.modeling import Encoder
-from retriever.run_directory import RunDirectory, RunError
+from retriever.run_directory import RunDirectory, RunError, write_manifest
 from retriever.step import cached_step
 from retriever.trainer import Trainer, plan_run_directory
 
@@ -187,7 +187,9 @@ def test_saved_model_reloads_in_sentence_transformers(trained):
 def test_existing_run_is_never_overwritten_silently(tmp_path, trained):
     config = copy.deepcopy(trained["config"])
     run_dir = tmp_path / "run"
-    (run_dir / "checkpoints" / "step-00000002").mkdir(parents=True)
+    step = run_dir / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    write_manifest(step, 2)  # a complete (if empty) checkpoint: a result to protect
     (run_dir / "notes.txt").write_text("mine")
     config.training.output_dir = str(run_dir)
     with pytest.raises(RunError, match="already holds a run.*--resume.*--overwrite"):
@@ -215,7 +217,8 @@ def test_command_line_reports_bad_data_with_its_line(tmp_path, capsys):
     add_arguments(parser)
     argv = ["--model", make_tiny_model(tmp_path / "model"), "--data", str(data), "--output-dir",
             str(tmp_path / "run"), "--training.report_to", "[]", "--training.cpu", "true",
-            "--max-steps", "1", "--batch-size", "2"]  # fmt: skip
+            "--max-steps", "1", "--batch-size", "2", "--model.query_max_length", "16",
+            "--model.document_max_length", "24"]  # fmt: skip
     assert run(parser.parse_args(argv)) == 2
     assert f"{data}:2: missing field 'pos'" in capsys.readouterr().err
     # A start that failed on its input leaves nothing that would block the corrected start.

@@ -49,15 +49,45 @@ def _k_values(text: str) -> list[int]:
     return ks
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def check_device(name: str | None) -> str:
+    """The device to run on (``--device``), checked: default cuda when there is one."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return name
+
+
+def check_cache_dir(path: Path | None) -> None:
+    if path is not None and path.exists() and not path.is_dir():
+        raise ValueError(f"--cache-dir {path}: is a file, not a directory")
 
 
 def check_output_file(path: Path | None, overwrite: bool) -> str | None:
@@ -92,13 +122,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_encoder(args: argparse.Namespace) -> Encoder:
     """The Encoder that :func:`add_model_arguments`' options describe."""
-    from retriever.modeling import Encoder, ModelNotFoundError, locate_model
+    from retriever.modeling import Encoder, ModelNotFoundError, locate_model, max_length_problems
 
     try:
         model = locate_model(args.model)
     except ModelNotFoundError as exc:
         raise ValueError(f"--model {exc}") from None
-    return Encoder.from_pretrained(
+    encoder = Encoder.from_pretrained(
         model,
         pooling=args.pooling,
         normalize=False if args.no_normalize else None,
@@ -107,27 +137,39 @@ def load_encoder(args: argparse.Namespace) -> Encoder:
         query_max_length=args.query_max_length,
         document_max_length=args.document_max_length,
     )
+    for side, length, limit in max_length_problems(encoder):
+        raise ValueError(
+            f"--{side}-max-length: {length} tokens, more than the model's {limit} positions "
+            f"(max_position_embeddings); pass --{side}-max-length {limit} or less"
+        )
+    return encoder
 
 
 def add_index_arguments(parser: argparse.ArgumentParser) -> None:
     """``--index`` and its knobs (shared with ``retriever mine``)."""
     index = parser.add_argument_group("index")
     index.add_argument("--index", choices=INDEX_KINDS, default="flat", help="default: exact")
-    index.add_argument("--hnsw-m", type=positive_int, default=32, help="HNSW links (>= 2)")
-    index.add_argument("--ef-search", type=positive_int, default=256)
+    index.add_argument("--hnsw-m", type=int_at_least(2), help="HNSW links (default 32)")
+    index.add_argument("--ef-search", type=positive_int, help="HNSW search width (default 256)")
     index.add_argument("--nlist", type=positive_int, help="IVF cells (default 4*sqrt(N))")
-    index.add_argument("--nprobe", type=positive_int, default=32)
+    index.add_argument("--nprobe", type=positive_int, help="IVF cells searched (default 32)")
+
+
+# Which --index each knob belongs to: a knob given for another index is an error, not ignored.
+_INDEX_KNOBS = {"hnsw_m": "hnsw", "ef_search": "hnsw", "nlist": "ivf", "nprobe": "ivf"}
 
 
 def index_config(args: argparse.Namespace) -> IndexConfig:
     """The IndexConfig that :func:`add_index_arguments`' options describe."""
-    return IndexConfig(
-        kind=args.index,
-        hnsw_m=args.hnsw_m,
-        ef_search=args.ef_search,
-        nlist=args.nlist,
-        nprobe=args.nprobe,
-    )
+    given = {name: getattr(args, name) for name in _INDEX_KNOBS if getattr(args, name) is not None}
+    for name in given:
+        if _INDEX_KNOBS[name] != args.index:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} applies to --index {_INDEX_KNOBS[name]} only (this run uses --index "
+                f"{args.index})"
+            )
+    return IndexConfig(kind=args.index, **given)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
 
     # Load every task first: a bad path fails in seconds, not after the first task's encoding.
     try:
+        device = check_device(args.device)
+        check_cache_dir(args.cache_dir)
         index = index_config(args)
         tasks = [load_task(spec, args.split) for spec in args.data]
         for task in tasks:
@@ -201,7 +245,6 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, NotImplementedError, OSError) as exc:
         print(f"retriever eval: error: {exc}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder.to(device)
     results = []
     for task in tasks:

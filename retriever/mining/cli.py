@@ -18,14 +18,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from retriever import __version__
 from retriever.eval.cli import (
     _DTYPES,
     add_index_arguments,
     add_model_arguments,
+    check_cache_dir,
+    check_device,
+    check_output_file,
     index_config,
+    int_at_least,
     load_encoder,
     positive_int,
 )
@@ -72,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     mining.add_argument("--max-score", type=float, help="drop candidates scoring above this")
     mining.add_argument("--sampling", choices=SAMPLING, default="top", help="within the ranks")
-    mining.add_argument("--seed", type=int, default=0, help="for --sampling random")
+    mining.add_argument("--seed", type=int_at_least(0), default=0, help="for --sampling random")
     mining.add_argument(
         "--drop-incomplete",
         action="store_true",
@@ -112,12 +114,13 @@ def run(args: argparse.Namespace) -> int:
     # Refuse early: before minutes of encoding, not after.
     if str(args.output).endswith(".gz"):
         return _error(f"--output {args.output}: write a plain .jsonl file (gzip it afterwards)")
-    if args.output.is_dir():
-        return _error(f"--output {args.output} is a directory; name a .jsonl file")
-    existing = [str(p) for p in output_paths(args.output) if p.exists()]
-    if existing and not args.overwrite:
-        return _error(f"{', '.join(existing)} exist(s); pass --overwrite to replace")
+    for path in output_paths(args.output):
+        problem = check_output_file(path, args.overwrite)
+        if problem:
+            return _error(problem.replace(f"--output {path}", f"--output {args.output}"))
     try:
+        device = check_device(args.device)
+        check_cache_dir(args.cache_dir)
         config = MiningConfig(
             num_negatives=args.num_negatives,
             range_min=args.range_min,
@@ -135,7 +138,6 @@ def run(args: argparse.Namespace) -> int:
         encoder = load_encoder(args)
     except (MiningDataError, ValueError, FileNotFoundError, NotImplementedError, OSError) as exc:
         return _error(str(exc))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder.to(device)
     print(
         f"mining {len(queries)} queries against {len(corpus)} documents "
@@ -188,6 +190,12 @@ def run(args: argparse.Namespace) -> int:
             "seconds": seconds,
             "queries_per_s": len(queries) / max(seconds, 1e-9),
         }
+        if writer.count == 0:  # an empty training file would only fail later, in train
+            return _error(
+                f"no query kept any negative ({len(incomplete)} of {len(queries)} had too few "
+                "candidates after filtering); nothing was written. Loosen --max-score, the "
+                "margins or --range-min/--range-max, or leave out --drop-incomplete"
+            )
         writer.finish(meta)
     print(
         f"wrote {writer.count} queries to {args.output} in {seconds:.1f}s "

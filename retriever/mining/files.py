@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
+from retriever.fileio import file_hash
 from retriever.mining.miner import Corpus, MinedExample, MiningQuery
 
 
@@ -200,6 +201,8 @@ class MinedWriter:
         self.referenced: set[int] = set()
         self.count = 0
         self._tmp = [p.with_name(p.name + ".partial") for p in self.paths]
+        for stale in self._tmp:  # what a killed run of the same command left
+            stale.unlink(missing_ok=True)
         self._file: IO[str] | None = None
 
     def __enter__(self) -> MinedWriter:
@@ -222,6 +225,12 @@ class MinedWriter:
                 doc_id, text = self.corpus.ids[position], self.corpus.texts[position]
                 line = {"_id": doc_id, "title": "", "text": text}
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        # The meta file records what the other two hold and is renamed last: a kill between
+        # the renames leaves files that disagree with it, which readers detect.
+        meta["files"] = {
+            path.name: {"size": tmp.stat().st_size, "xxh3_128": file_hash(tmp)}
+            for tmp, path in zip(self._tmp[:2], self.paths[:2])
+        }
         self._tmp[2].write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         for tmp, path in zip(self._tmp, self.paths):
             os.replace(tmp, path)
@@ -245,9 +254,17 @@ def read_meta(mined: str | os.PathLike) -> dict[str, Any]:
             f"beside {mined}"
         )
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise MiningDataError(f"{meta_path}: not valid JSON ({exc})") from None
+    for name, expected in (meta.get("files") or {}).items():
+        path = meta_path.parent / name
+        if not path.is_file() or path.stat().st_size != expected.get("size"):
+            raise MiningDataError(
+                f"{path}: does not match {meta_path} (written by another `retriever mine`, or "
+                "an interrupted --overwrite); mine it again"
+            )
+    return meta
 
 
 def read_candidate_corpus(mined: str | os.PathLike) -> Corpus:
