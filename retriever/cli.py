@@ -12,7 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("retriever.driver", "train an embedding model from a YAML config"),
+    "train": ("retriever.train.cli", "train an embedding model from a YAML config"),
     "eval": ("retriever.eval.cli", "evaluate a model on retrieval tasks (nDCG@10, recall, ...)"),
     "mine": ("retriever.mining.cli", "mine hard negatives with FAISS"),
 }

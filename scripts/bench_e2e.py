@@ -75,8 +75,8 @@ def step_summary(walls: list[float], waits: list[float], batch: int, skip: int) 
 
 
 def run_retriever(args, batch: int, negatives: int, steps: int, data: Path, out: Path) -> dict:
-    from retriever.arguments import config_from_dict
-    from retriever.trainer import Trainer
+    from retriever.train.config import config_from_dict
+    from retriever.train.trainer import Trainer
 
     record: dict[str, Any] = {}
     for start in ("cold", "warm"):  # the second start reads the token cache the first wrote
@@ -164,7 +164,8 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
     )
     from transformers import TrainerCallback
 
-    from retriever.modeling import locate_model, set_dropout
+    from retriever.model import locate_model
+    from retriever.model.network import set_dropout
 
     record: dict[str, Any] = {}
     begin = time.perf_counter()

@@ -34,7 +34,7 @@ import torch
 from retriever.eval.data import load_beir
 from retriever.eval.evaluator import evaluate_task
 from retriever.eval.search import IndexConfig, SearchIndex, faiss_has_gpu
-from retriever.modeling import Encoder
+from retriever.model import Encoder
 
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"

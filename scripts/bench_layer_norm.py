@@ -1,4 +1,4 @@
-"""Time retriever's Triton LayerNorm (retriever.layer_norm) against PyTorch's on one GPU.
+"""Time retriever's Triton LayerNorm (retriever.model.layer_norm) against PyTorch's on one GPU.
 
 For each shape and dtype: forward time, and forward + backward time (weight and bias gradients
 included), each the median of triton.testing.do_bench, plus the largest difference from a float64
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-import retriever.layer_norm as fused
+import retriever.model.layer_norm as fused
 
 SETTINGS = (
     "FORWARD_TILE",

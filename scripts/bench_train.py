@@ -6,16 +6,16 @@ size holds no positive twice) or SciFact titles and abstracts cycled to fill the
 negatives are other passages. Queries and documents are cut to --query-length and
 --document-length tokens. Peers, measured in the same run:
 
-  retriever          the trainer's step (retriever.step.cached_step): fp32 weights under bf16
+  retriever          the trainer's step (retriever.train.step.cached_step): fp32 weights under bf16
                      autocast as Accelerate applies it, length-sorted chunks, tiled loss, the
                      model's LayerNorms on retriever's Triton kernels (the trainer's default on
-                     a GPU; retriever.layer_norm)
+                     a GPU; retriever.model.layer_norm)
   retriever-bf16     the same with model.dtype: bfloat16 (bf16 network, fp32 master gradients
                      accumulated by hooks, as the trainer does)
   retriever-unsorted retriever without length sorting (ablation)
   retriever-bf16-cudnn
                      retriever-bf16 with SDPA allowed to use cuDNN attention (ablation: cuDNN
-                     builds a plan for every new chunk shape; retriever.sdpa)
+                     builds a plan for every new chunk shape; retriever.model.sdpa)
   retriever-bf16-torch-ln
                      retriever-bf16 with PyTorch's LayerNorm (ablation)
   cmnrl              CMNRL (mini_batch_size = --chunk-size) under bf16 autocast (what
@@ -61,10 +61,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from retriever.data import Batch, Collator, TextPool, TokenChunk
 from retriever.loss import InfoNCELoss
-from retriever.modeling import Encoder, locate_model, set_dropout
-from retriever.step import cached_step
+from retriever.model import Encoder, locate_model
+from retriever.model.network import set_dropout
+from retriever.train.data import Batch, Collator, TextPool, TokenChunk
+from retriever.train.step import cached_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_st_loss import write_profile  # noqa: E402
@@ -209,7 +210,7 @@ class RetrieverPeer:
         self.encoder.train()
         self.master = None
         if bf16_weights:
-            from retriever.precision import MasterWeights
+            from retriever.train.precision import MasterWeights
 
             self.master = MasterWeights(self.encoder.parameters())
             self.embed = self.encoder

@@ -5,7 +5,7 @@ bf16 weights, pinned-memory transfers, resume on a GPU). Writes a JSON report.
    all-MiniLM-L6-v2, dropout on, on CUDA: fp32 (no autocast), bf16 autocast, bf16 weights (the
    cached side accumulates in fp32 through MasterWeights as the trainer does; the direct side
    accumulates in bf16 inside autograd, so expect bf16-level differences there). The model's
-   LayerNorms run retriever.layer_norm's Triton kernels, as the trainer's do on a GPU
+   LayerNorms run retriever.model.layer_norm's Triton kernels, as the trainer's do on a GPU
    (--torch-layer-norm: PyTorch's).
 2. Trainer runs on SciFact train: 4 steps with a checkpoint at 2, then a resume from step 2 in a
    fresh directory; the largest parameter difference between the two final models (GPU kernels
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from retriever.arguments import config_from_dict
-from retriever.data import Collator, TrainSet, load_examples
 from retriever.loss import InfoNCELoss
-from retriever.modeling import Encoder, locate_model
-from retriever.step import cached_step
+from retriever.model import Encoder, locate_model
+from retriever.train.config import config_from_dict
+from retriever.train.data import Collator, TrainSet, load_examples
+from retriever.train.step import cached_step
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 
@@ -88,7 +88,7 @@ def gradient_check(
     want = grads()
     torch.manual_seed(3)
     if mode == "bf16-weights":  # as the trainer: fp32 accumulation through master weights
-        from retriever.precision import MasterWeights
+        from retriever.train.precision import MasterWeights
 
         master = MasterWeights(params)
         cached_loss = cached_step(embed, batch, loss_fn, device=device)
@@ -111,7 +111,7 @@ def gradient_check(
 def resume_check(model: str, data: str, dtype: str, root: Path, args) -> dict:
     from accelerate.state import AcceleratorState
 
-    from retriever.trainer import Trainer, read_run_config
+    from retriever.train.trainer import Trainer, read_run_config
 
     def config(output: Path):
         return config_from_dict(
@@ -170,7 +170,7 @@ def main() -> int:
     parser.add_argument(
         "--torch-layer-norm",
         action="store_true",
-        help="gradient checks with PyTorch's LayerNorm (default: retriever.layer_norm, as the "
+        help="gradient checks with PyTorch's LayerNorm (default: retriever.model.layer_norm, as the "
         "trainer on a GPU)",
     )
     parser.add_argument("--output", type=Path, default=None)

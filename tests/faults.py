@@ -32,7 +32,7 @@ def install(point: str) -> None:
     if kind == "none":
         return
     if kind == "step":
-        from retriever import trainer
+        from retriever.train import trainer
 
         original_step = trainer.Trainer._optimizer_step
 
@@ -57,7 +57,7 @@ def install(point: str) -> None:
 
         torch.save = save
     elif kind == "manifest":
-        from retriever import run_directory, trainer
+        from retriever.train import run_directory, trainer
 
         original_manifest = run_directory.write_manifest
 
@@ -68,7 +68,8 @@ def install(point: str) -> None:
 
         trainer.write_manifest = write_manifest
     elif kind == "publish":
-        from retriever import fileio, trainer
+        from retriever import fileio
+        from retriever.train import trainer
 
         original_publish = fileio.publish
 
@@ -79,7 +80,7 @@ def install(point: str) -> None:
 
         fileio.publish = trainer.publish = publish
     elif kind == "model-save":
-        from retriever import modeling
+        from retriever.model import encoder as modeling
 
         original_model_save = modeling.Encoder.save
 

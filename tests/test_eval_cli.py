@@ -13,7 +13,7 @@ from test_eval_data import write_beir
 from tiny_encoder import save_tiny_bert
 
 from retriever.cli import main
-from retriever.modeling import Encoder
+from retriever.model import Encoder
 
 pytrec_eval = pytest.importorskip("pytrec_eval", reason="needs pytrec-eval-terrier")
 

@@ -6,7 +6,7 @@ from test_eval_cli import _random_task
 from tiny_encoder import save_tiny_bert
 
 from retriever.eval import evaluate_task, load_beir
-from retriever.modeling import Encoder
+from retriever.model import Encoder
 
 mteb = pytest.importorskip("mteb", reason="the optional extra `mteb` is not installed")
 if int(mteb.__version__.split(".")[0]) < 2:

@@ -16,7 +16,7 @@ from tiny_encoder import minilm_path
 
 from retriever.eval import evaluate_task, load_beir
 from retriever.eval.search import encode_corpus
-from retriever.modeling import Encoder
+from retriever.model import Encoder
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
 

@@ -1,5 +1,7 @@
 """FAISS / torch search against brute-force numpy, and the corpus-embedding cache."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from retriever.eval.search import (
     encode_corpus,
     search,
 )
-from retriever.modeling import Encoder
+from retriever.model import Encoder
 
 
 def _brute_force(queries, docs, k):
@@ -99,9 +101,9 @@ def test_corpus_cache_hits_and_is_keyed_by_model_and_corpus(encoder, tmp_path):
 
     # Another corpus, other settings or other weights are other keys: never a stale hit.
     assert corpus_cache_path(encoder, DOCS[:-1] + ["changed"], tmp_path) != path
-    encoder.document_prefix = "passage: "
+    encoder.settings = dataclasses.replace(encoder.settings, document_prefix="passage: ")
     assert corpus_cache_path(encoder, DOCS, tmp_path) != path
-    encoder.document_prefix = ""
+    encoder.settings = dataclasses.replace(encoder.settings, document_prefix="")
     with torch.no_grad():
         encoder.model.embeddings.word_embeddings.weight[5, 0] += 1e-3
     try:

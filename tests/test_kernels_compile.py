@@ -20,7 +20,7 @@ COMPILE = textwrap.dedent(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from retriever import layer_norm
+    from retriever.model import layer_norm
     from retriever.loss import triton_tiles as tiles
 
     target = GPUTarget("cuda", 90, 32)

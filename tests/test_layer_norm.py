@@ -1,4 +1,4 @@
-"""The Triton LayerNorm (retriever.layer_norm) against PyTorch's LayerNorm in float64.
+"""The Triton LayerNorm (retriever.model.layer_norm) against PyTorch's LayerNorm in float64.
 
 Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
 
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from tiny_encoder import save_tiny_bert
 from torch import nn
 
-from retriever.layer_norm import FusedLayerNorm, layer_norm, use_fused_layer_norm
-from retriever.modeling import Encoder
+from retriever.model import Encoder
+from retriever.model.layer_norm import FusedLayerNorm, layer_norm, use_fused_layer_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -131,7 +131,7 @@ def test_trainer_option_chooses_the_layer_norm(tiny_dir, tmp_path, monkeypatch, 
     """model.fused_layer_norm: null follows the GPU's presence; true and false are obeyed."""
     from train_helpers import tiny_config
 
-    from retriever.trainer import build_encoder
+    from retriever.train.trainer import build_encoder
 
     def layer_norm_types() -> set[type]:
         modules = build_encoder(config).model.modules()

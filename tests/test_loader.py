@@ -9,8 +9,8 @@ import pytest
 import torch
 from train_helpers import load_weights, make_tiny_model, read_log, tiny_config, write_examples
 
-from retriever.loader import StepBatches
-from retriever.trainer import Trainer
+from retriever.train.loader import StepBatches
+from retriever.train.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)

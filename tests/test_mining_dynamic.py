@@ -16,9 +16,9 @@ import pytest
 import torch
 from mining_helpers import TableEncoder, unit_with_score
 
-from retriever.data import TrainSet, load_examples, text_id
 from retriever.mining.dynamic import DynamicMiner, DynamicMiningConfig, stale_negatives
 from retriever.mining.files import MiningDataError
+from retriever.train.data import TrainSet, load_examples, text_id
 
 DIM, RANGE_MIN, N_NEG = 48, 2, 3
 # Per example: candidate count, the initial scores in the file, and the current model's scores
@@ -288,7 +288,7 @@ def test_bad_mined_files_are_named(tmp_path):
 def test_config_checks(tmp_path):
     from train_helpers import tiny_config
 
-    from retriever.arguments import ConfigError
+    from retriever.train.config import ConfigError
 
     with pytest.raises(ConfigError, match="mining.dynamic re-mines .* data.negatives is 0"):
         tiny_config("m", "d.jsonl", tmp_path, mining={"dynamic": True}, data={"negatives": 0})
@@ -311,7 +311,7 @@ def dynamic_run(tmp_path_factory):
     from train_helpers import make_tiny_model, tiny_config, write_examples
 
     from retriever.cli import main
-    from retriever.trainer import Trainer
+    from retriever.train.trainer import Trainer
 
     root = tmp_path_factory.mktemp("dynamic")
     model = make_tiny_model(root / "model", dropout=0.1)
@@ -377,7 +377,7 @@ def test_resume_after_remining_continues_exactly(dynamic_run):
     from accelerate.state import AcceleratorState
     from train_helpers import load_weights, read_log
 
-    from retriever.trainer import Trainer
+    from retriever.train.trainer import Trainer
 
     root = dynamic_run["root"]
     run_b = root / "run_b"

@@ -6,7 +6,7 @@ import torch
 from sentence_transformers import SentenceTransformer, models
 from tiny_encoder import minilm_path, save_tiny_bert
 
-from retriever.modeling import Encoder, pool
+from retriever.model import Encoder, pool
 
 TEXTS = [
     "A cell is the basic unit of life.",

@@ -20,7 +20,7 @@ import torch
 import yaml
 from train_helpers import load_weights, make_tiny_model, read_log, write_beir, write_examples
 
-from retriever.driver import add_arguments, run
+from retriever.train.cli import add_arguments, run
 
 TESTS = Path(__file__).resolve().parent
 KILLED = -signal.SIGKILL
@@ -249,7 +249,7 @@ def test_overwrite_with_a_failing_start_leaves_the_old_run_intact(
 def test_overwrite_that_fails_while_training_puts_the_old_run_back(
     workspace, reference, tmp_path, cli, capsys, monkeypatch
 ):
-    from retriever.trainer import Trainer
+    from retriever.train.trainer import Trainer
 
     output = tmp_path / "run"
     shutil.copytree(reference, output)
@@ -310,7 +310,7 @@ def test_eval_steps_without_eval_data_trains_to_the_end(workspace, tmp_path, cli
 
 
 def test_a_nan_loss_stops_the_run_naming_the_step(workspace, tmp_path, cli, capsys, monkeypatch):
-    from retriever import trainer
+    from retriever.train import trainer
 
     real_step = trainer.Trainer._step
 
@@ -371,7 +371,7 @@ def test_bad_eval_data_in_train_is_reported_like_retriever_eval(workspace, tmp_p
 
 
 def test_a_second_start_on_a_live_run_stops_at_once(workspace, reference, tmp_path, cli, capsys):
-    from retriever.run_directory import RunDirectory
+    from retriever.train.run_directory import RunDirectory
 
     output = tmp_path / "run"
     shutil.copytree(reference, output)
@@ -390,7 +390,7 @@ def test_a_second_start_on_a_live_run_stops_at_once(workspace, reference, tmp_pa
 def test_a_start_that_saved_nothing_does_not_block_the_next(
     workspace, tmp_path, cli, capsys, monkeypatch
 ):
-    from retriever import trainer
+    from retriever.train import trainer
 
     output = tmp_path / "run"
     real_step = trainer.Trainer._step

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from retriever.fileio import atomic_directory
-from retriever.run_directory import (
+from retriever.train.run_directory import (
     REPLACED,
     RESTORING,
     SETTING_ASIDE,

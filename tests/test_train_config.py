@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from retriever.arguments import (
+from retriever.model import ModelNotFoundError, locate_model
+from retriever.train.config import (
     SECTIONS,
     ConfigError,
     add_config_arguments,
@@ -16,7 +17,6 @@ from retriever.arguments import (
     load_config,
     options,
 )
-from retriever.modeling import ModelNotFoundError, locate_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

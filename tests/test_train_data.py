@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import gzip
 import json
 import logging
@@ -12,7 +13,8 @@ import pytest
 import torch
 from train_helpers import SHARED_DATA, make_tiny_model
 
-from retriever.data import (
+from retriever.model import Encoder
+from retriever.train.data import (
     DataError,
     TrainSet,
     batch_of_texts,
@@ -20,7 +22,6 @@ from retriever.data import (
     load_examples,
     text_id,
 )
-from retriever.modeling import Encoder
 
 
 def _jsonl(tmp_path, rows, name="train.jsonl") -> str:
@@ -84,7 +85,7 @@ def test_negatives_required_missing_or_short(tmp_path, caplog):
     ):
         load_examples(_jsonl(tmp_path, rows), negatives=2)
     rows[2] = {"query": "q2", "pos": "p2", "neg": ["only"]}
-    with caplog.at_level(logging.WARNING, logger="retriever.data"):
+    with caplog.at_level(logging.WARNING, logger="retriever.train.data"):
         examples = load_examples(_jsonl(tmp_path, rows), negatives=2)
     assert "1 of 4 examples have fewer than 2 hard negatives (first: " in caplog.text
     train_set = TrainSet(examples, negatives=2, seed=0)
@@ -227,7 +228,7 @@ def test_token_cache_chunks_equal_direct_tokenization(tmp_path, padding_side):
     gives for the same texts in the same order (ids, mask, padding side)."""
     encoder = _tiny_encoder(tmp_path, query_prefix="Query: ", document_max_length=12)
     encoder.tokenizer.padding_side = padding_side
-    encoder.do_lower_case = True
+    encoder.settings = dataclasses.replace(encoder.settings, do_lower_case=True)
     groups = _groups(9)
     batch = batch_of_texts(encoder, groups, chunk_size=4)
     texts = {
@@ -258,7 +259,7 @@ def test_token_cache_chunks_equal_direct_tokenization(tmp_path, padding_side):
 
 
 def test_token_cache_is_reused_and_never_stale(tmp_path, monkeypatch):
-    from retriever import tokens
+    from retriever.train import tokens
 
     encoder = _tiny_encoder(tmp_path)
     texts = ["a first text", "a second, longer text", "third"]

@@ -17,13 +17,13 @@ from train_helpers import (
     write_examples,
 )
 
-from retriever.data import batch_of_texts
-from retriever.driver import add_arguments, run
 from retriever.loss import InfoNCELoss
-from retriever.modeling import Encoder
-from retriever.run_directory import RunDirectory, RunError, write_manifest
-from retriever.step import cached_step
-from retriever.trainer import Trainer, plan_run_directory
+from retriever.model import Encoder
+from retriever.train.cli import add_arguments, run
+from retriever.train.data import batch_of_texts
+from retriever.train.run_directory import RunDirectory, RunError, write_manifest
+from retriever.train.step import cached_step
+from retriever.train.trainer import Trainer, plan_run_directory
 
 
 @pytest.fixture(autouse=True)
@@ -229,7 +229,7 @@ def test_command_line_reports_bad_data_with_its_line(tmp_path, capsys):
 
 
 def test_master_weights_accumulate_chunk_gradients_in_fp32():
-    from retriever.precision import MasterWeights
+    from retriever.train.precision import MasterWeights
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 16).to(torch.bfloat16)

@@ -13,8 +13,8 @@ import torch
 import yaml
 from train_helpers import load_weights, make_tiny_model, read_log, write_examples
 
-from retriever.arguments import load_config
-from retriever.trainer import train
+from retriever.train.config import load_config
+from retriever.train.trainer import train
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from tiny_encoder import save_tiny_bert
 
-from retriever.arguments import TrainConfig, config_from_dict
+from retriever.train.config import TrainConfig, config_from_dict
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WORDS = (

@@ -1,7 +1,7 @@
 """Retrieval evaluation (MTEB/BEIR style): load a task, encode, search with FAISS, score.
 
     from retriever.eval import evaluate_task, load_beir
-    from retriever.modeling import Encoder
+    from retriever.model import Encoder
 
     result = evaluate_task(Encoder.from_pretrained(path), load_beir("scifact", "test"))
 

@@ -25,7 +25,7 @@ from retriever.eval.metrics import DEFAULT_K_VALUES
 from retriever.eval.search import INDEX_KINDS, IndexConfig
 
 if TYPE_CHECKING:
-    from retriever.modeling import Encoder
+    from retriever.model import Encoder
 
 _DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Columns of the printed table: (result key, header).
@@ -122,7 +122,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_encoder(args: argparse.Namespace) -> Encoder:
     """The Encoder that :func:`add_model_arguments`' options describe."""
-    from retriever.modeling import Encoder, ModelNotFoundError, locate_model, max_length_problems
+    from retriever.model import Encoder, ModelNotFoundError, locate_model
+    from retriever.model.network import max_length_problems
 
     try:
         model = locate_model(args.model)

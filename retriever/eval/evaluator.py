@@ -22,7 +22,7 @@ import torch
 from retriever.eval.data import RetrievalTask
 from retriever.eval.metrics import DEFAULT_K_VALUES, evaluate_ranked
 from retriever.eval.search import IndexConfig, SearchIndex, corpus_cache_path, encode_corpus
-from retriever.modeling import Encoder
+from retriever.model import Encoder
 
 MAIN_SCORE = "ndcg_at_10"
 

@@ -1,4 +1,4 @@
-"""Evaluate an :class:`~retriever.modeling.Encoder` with the ``mteb`` package (optional extra).
+"""Evaluate an :class:`~retriever.model.encoder.Encoder` with the ``mteb`` package (optional extra).
 
     import mteb
     from retriever.eval.mteb_encoder import MTEBEncoder
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from retriever.eval.data import RetrievalTask
-from retriever.modeling import Encoder
+from retriever.model import Encoder
 
 
 class MTEBEncoder:

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from retriever.modeling import Encoder
-from retriever.tokens import tokenizer_fingerprint
+from retriever.model import Encoder
+from retriever.model.fingerprint import encoder_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -186,31 +186,6 @@ def build_index(embeddings: np.ndarray | torch.Tensor, **config: Any) -> SearchI
 
 
 # ---------------------------------------------------------------------------- the cache
-
-
-def encoder_fingerprint(encoder: Encoder) -> str:
-    """A hash of everything that determines an encoder's embeddings: weights, buffers,
-    tokenizer, pooling, normalisation, prefixes and max lengths."""
-    h = hashlib.sha256()
-    for name, tensor in list(encoder.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tensor.dtype).encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    tokenizer = encoder.tokenizer
-    h.update(tokenizer_fingerprint(tokenizer).encode())
-    settings = {
-        "padding_side": tokenizer.padding_side,
-        "pooling": encoder.pooling,
-        "normalize": encoder.normalize,
-        "query_prefix": encoder.query_prefix,
-        "document_prefix": encoder.document_prefix,
-        "query_max_length": encoder.query_max_length,
-        "document_max_length": encoder.document_max_length,
-        "do_lower_case": encoder.do_lower_case,
-    }
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    return h.hexdigest()
 
 
 def corpus_fingerprint(texts: Sequence[str]) -> str:

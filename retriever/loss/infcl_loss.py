@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from retriever.gradcache import backward_from_cached_grads, embed_without_grad, split_features
 from retriever.loss.functional import contrastive_loss
 from retriever.loss.inputs import IMPLS
-from retriever.sdpa import attention_backends
+from retriever.model.sdpa import attention_backends
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -104,7 +104,7 @@ class InfCLLoss(nn.Module):
         cudnn_attention: let the model's SDPA attention use cuDNN while this loss embeds. Off by
             default: on H100-class GPUs cuDNN builds an execution plan for every new (mini-batch,
             length) shape, and trimmed mini-batches have many shapes
-            (``retriever.sdpa``). The flash and memory-efficient kernels need no plan.
+            (``retriever.model.sdpa``). The flash and memory-efficient kernels need no plan.
 
     Inputs: (anchor, positive) pairs or (anchor, positive, negative_1, ..., negative_n) tuples;
     no labels. Use ``BatchSamplers.NO_DUPLICATES`` so that no in-batch negative is a copy of an

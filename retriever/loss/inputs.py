@@ -8,12 +8,12 @@ never needs triton.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
 from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from retriever.triton_mode import triton_usable
 
 IMPLS = ("auto", "naive", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -28,12 +28,6 @@ def triton_backend() -> ModuleType:
         raise RuntimeError(
             "impl='triton' needs the `triton` package (Linux); install it or use impl='torch'"
         ) from exc
-
-
-def triton_usable(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return importlib.util.find_spec("triton") is not None
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_inputs(

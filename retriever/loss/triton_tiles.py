@@ -32,12 +32,13 @@ TRITON_INTERPRET=1 the same kernels run on CPU tensors in exact fp32, which is h
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from retriever.triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -50,10 +51,6 @@ ROW_SLAB = 16384
 COL_SLAB = 16384
 # Largest number of elements the kernels may address in one input (32-bit offsets).
 MAX_BLOCK_ELEMENTS = 2**31 - 1
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Tile shapes from the sweep in scripts/tune_triton.py on an H100 at B = 32k, D = 768

@@ -93,7 +93,7 @@ class ExampleState:
 
 
 class DynamicMiner:
-    """Keeps a :class:`retriever.data.TrainSet`'s hard negatives hard; see the module docstring.
+    """Keeps a :class:`retriever.train.data.TrainSet`'s hard negatives hard; see the module docstring.
 
     Build it with :meth:`from_mined_file` (or :meth:`from_train_config`).
     """
@@ -165,8 +165,8 @@ class DynamicMiner:
 
     @classmethod
     def from_train_config(cls, train_config: Any, train_set: Any) -> DynamicMiner:
-        """The miner a :class:`retriever.arguments.TrainConfig` asks for (``mining`` section)."""
-        from retriever.arguments import ConfigError
+        """The miner a :class:`retriever.train.config.TrainConfig` asks for (``mining`` section)."""
+        from retriever.train.config import ConfigError
 
         m = train_config.mining
         if not str(train_config.data.train).endswith((".jsonl", ".jsonl.gz")):

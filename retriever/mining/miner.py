@@ -305,7 +305,7 @@ def mine(
     """Encode the corpus once (cached when ``cache_dir`` is given), then encode and mine the
     queries ``chunk_size`` at a time, yielding results in input order as they are ready.
 
-    ``encoder`` is a :class:`retriever.modeling.Encoder` (anything with its ``encode``).
+    ``encoder`` is a :class:`retriever.model.encoder.Encoder` (anything with its ``encode``).
     """
     if not queries:
         return

@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from retriever.arguments import ConfigError, add_config_arguments, config_from_args
+from retriever.train.config import ConfigError, add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,15 +49,15 @@ def run(args: argparse.Namespace) -> int:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("retriever").setLevel(logging.INFO)
-    from retriever.data import DataError
-    from retriever.run_directory import RunError
+    from retriever.train.data import DataError
+    from retriever.train.run_directory import RunError
 
     try:
         config = config_from_args(args)
         if args.print_config:
             sys.stdout.write(config.to_yaml())
             return 0
-        from retriever.trainer import train
+        from retriever.train.trainer import train
 
         train(config, resume=args.resume, overwrite=args.overwrite)
     except (ConfigError, DataError, RunError) as exc:

@@ -4,7 +4,7 @@ order, across epoch boundaries.
 Its dataset is an iterable over steps. With W workers, worker k collates steps k, k + W, ...
 and the DataLoader hands them out in step order, so the next epoch's first batches are ready
 while the current epoch ends: workers start once, nothing waits at an epoch boundary. Each
-worker computes the epoch plans it needs (`retriever.data.epoch_batches`) itself, off the
+worker computes the epoch plans it needs (`retriever.train.data.epoch_batches`) itself, off the
 training process. A step's batch is the same whatever the number of workers and whether the
 run was resumed, since groups and plans depend only on (seed, epoch, example).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retriever.data import Batch, Collator, TrainSet, epoch_batches
+from retriever.train.data import Batch, Collator, TrainSet, epoch_batches
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ query that is another's positive) are told apart by ``candidate_ids`` (a hash of
 which the loss uses to leave them out of the denominator instead of counting a false negative.
 
 Every distinct query and document text is tokenised once, before training, into a token cache
-on disk that later epochs and runs reuse (:meth:`TrainSet.attach_tokens`, `retriever.tokens`).
+on disk that later epochs and runs reuse (:meth:`TrainSet.attach_tokens`, `retriever.train.tokens`).
 A group is then three token-table rows, and the ``Collator`` (in the DataLoader's workers) only
 gathers them, sorts each side by token length, pads and cuts it into the chunks the embedding
 cache embeds: the training loop receives ready-to-run tensors.
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from retriever.modeling import Encoder
-from retriever.tokens import (
+from retriever.model import Encoder
+from retriever.train.tokens import (
     SideSettings,
     TokenTable,
     load_or_build,
@@ -239,7 +239,7 @@ def text_id(text: str) -> int:
 
 class TextPool:
     """The distinct texts of one side (queries or documents) with stable row numbers, their
-    token table (`retriever.tokens`) and their 64-bit text ids (``candidate_ids``)."""
+    token table (`retriever.train.tokens`) and their 64-bit text ids (``candidate_ids``)."""
 
     def __init__(self, settings: SideSettings) -> None:
         self.settings = settings
@@ -304,7 +304,7 @@ class TrainSet(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None,
         **kwargs: Any,
     ) -> None:
-        """Tokenise every query, positive and negative once (``retriever.tokens``)."""
+        """Tokenise every query, positive and negative once (``retriever.train.tokens``)."""
         self.queries, self.documents = TextPool(query), TextPool(document)
         self._query_rows = np.array([self.queries.add(e.query) for e in self.examples])
         self._positive_rows = [tuple(map(self.documents.add, e.positives)) for e in self.examples]

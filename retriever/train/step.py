@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from retriever.data import Batch, TokenChunk
 from retriever.gradcache import backward_from_cached_grads, embed_without_grad
 from retriever.loss import InfoNCELoss
+from retriever.train.data import Batch, TokenChunk
 
 
 def cached_step(

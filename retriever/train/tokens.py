@@ -21,30 +21,19 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from retriever.model.fingerprint import tokenizer_fingerprint
+from retriever.model.settings import SideSettings
+
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = "retriever-tokens-v1"
 TOKENIZE_BATCH = 8192  # texts per call of the fast tokenizer (it parallelises within a call)
-
-
-@dataclass(frozen=True)
-class SideSettings:
-    """How one side (queries or documents) is tokenised."""
-
-    prefix: str
-    max_length: int
-    lower_case: bool = False
-
-    def text(self, text: str) -> str:
-        text = self.prefix + text
-        return text.lower() if self.lower_case else text
 
 
 class TokenTable:
@@ -117,25 +106,6 @@ def tokenize(
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return TokenTable(ids, offsets)
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A hash of everything about a tokenizer that changes token ids: its full serialisation
-    (vocabulary, normaliser, pre-tokeniser, post-processor) and special tokens."""
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        # Truncation and padding are per-call state that encoding leaves on the backend; the
-        # settings that matter are in the cache key already.
-        state.pop("truncation", None)
-        state.pop("padding", None)
-        h.update(json.dumps(state, sort_keys=True).encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    specials = getattr(tokenizer, "special_tokens_map", {})
-    h.update(json.dumps(specials, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:

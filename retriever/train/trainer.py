@@ -2,7 +2,7 @@
 
     result = train(load_config("configs/scifact-minilm.yaml"))
 
-Run directory (``training.output_dir``; written and replaced as `retriever.run_directory` says)::
+Run directory (``training.output_dir``; written and replaced as `retriever.train.run_directory` says)::
 
     config.yaml               the effective configuration
     checkpoints/step-000100/  resumable state: model, optimizer, scheduler, RNG of every
@@ -16,7 +16,7 @@ Everything a run needs (model, data, evaluation task, options) is loaded and che
 directory is touched, so a start that fails changes nothing there.
 
 One optimizer step is one global batch (``training.batch_size`` queries over all processes),
-computed by :func:`retriever.step.cached_step`. Across processes the loss is the ring over
+computed by :func:`retriever.train.step.cached_step`. Across processes the loss is the ring over
 Accelerate's process group, and DDP all-reduces the gradients once per step.
 """
 
@@ -38,8 +38,12 @@ import torch.distributed as dist
 import yaml
 from tqdm.auto import tqdm
 
-from retriever.arguments import ConfigError, TrainConfig, apply_mapping, differing_options
-from retriever.chunk_sizes import (
+from retriever.fileio import atomic_directory, partial_path, publish
+from retriever.loss import InfoNCELoss
+from retriever.loss.inputs import resolve_impl
+from retriever.model import Encoder, ModelNotFoundError
+from retriever.model.network import dropout_probability, max_length_problems
+from retriever.train.chunk_sizes import (
     ChunkSizeError,
     ChunkSizes,
     budget_bytes,
@@ -47,19 +51,11 @@ from retriever.chunk_sizes import (
     plan_chunk_sizes,
     probe_bytes_per_text,
 )
-from retriever.chunk_sizes import describe as describe_chunks
-from retriever.data import Collator, TrainSet, epoch_batches, load_examples
-from retriever.fileio import atomic_directory, partial_path, publish
-from retriever.loader import Position, StepBatches, run_loader
-from retriever.loss import InfoNCELoss
-from retriever.loss.inputs import resolve_impl
-from retriever.modeling import (
-    Encoder,
-    ModelNotFoundError,
-    dropout_probability,
-    max_length_problems,
-)
-from retriever.run_directory import (
+from retriever.train.chunk_sizes import describe as describe_chunks
+from retriever.train.config import ConfigError, TrainConfig, apply_mapping, differing_options
+from retriever.train.data import Collator, TrainSet, epoch_batches, load_examples
+from retriever.train.loader import Position, StepBatches, run_loader
+from retriever.train.run_directory import (
     CHECKPOINTS,
     RunDirectory,
     RunError,
@@ -71,8 +67,8 @@ from retriever.run_directory import (
     verify_checkpoint,
     write_manifest,
 )
-from retriever.step import cached_step
-from retriever.tokens import default_cache_dir
+from retriever.train.step import cached_step
+from retriever.train.tokens import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -527,7 +523,7 @@ class Trainer:
         if config.model.dtype == "bfloat16":
             # bf16 network, fp32 master weights and gradients (retriever/precision.py). The
             # master gradients are averaged by hand, so the model is not wrapped in DDP.
-            from retriever.precision import MasterWeights
+            from retriever.train.precision import MasterWeights
 
             self.encoder.to(acc.device)
             self.master = MasterWeights(self.encoder.parameters())

@@ -1,0 +1,24 @@
+"""The model layer: a Hugging Face network as a text encoder.
+
+* `encoder`: `Encoder` (tokenize, differentiable forward, encode, save);
+* `settings`: `EncoderSettings` (pooling, normalisation, prefixes, max lengths: one object);
+* `locate`: `locate_model` (``pkg:``, local directories, the Hub), `ModelNotFoundError`;
+* `st_dir`: sentence-transformers directories, read and written;
+* `network`: pooling, dropout, max lengths against the model's positions;
+* `fingerprint`: hashes of tokenizers and encoders (cache keys);
+* `layer_norm` (Triton kernels, imported only when used) and `sdpa` (attention backends).
+"""
+
+from retriever.model.encoder import Encoder
+from retriever.model.locate import ModelNotFoundError, locate_model
+from retriever.model.network import pool
+from retriever.model.settings import EncoderSettings, SideSettings
+
+__all__ = [
+    "Encoder",
+    "EncoderSettings",
+    "ModelNotFoundError",
+    "SideSettings",
+    "locate_model",
+    "pool",
+]

@@ -1,0 +1,58 @@
+"""`EncoderSettings`: everything that turns texts into an encoder's inputs and its outputs into
+embeddings (pooling, normalisation, per-side prefixes and max lengths, lower-casing), in one
+frozen object that training, evaluation, mining and the token cache all read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POOLING_MODES = ("cls", "mean", "last")
+SIDES = ("query", "document")
+
+
+@dataclass(frozen=True)
+class SideSettings:
+    """How one side (queries or documents) is tokenised."""
+
+    prefix: str
+    max_length: int
+    lower_case: bool = False
+
+    def text(self, text: str) -> str:
+        text = self.prefix + text
+        return text.lower() if self.lower_case else text
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    pooling: str = "mean"
+    normalize: bool = True
+    query_prefix: str = ""
+    document_prefix: str = ""
+    query_max_length: int = 128
+    document_max_length: int = 256
+    do_lower_case: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+
+    def side(self, side: str) -> SideSettings:
+        """How ``side`` ('query' | 'document') is tokenised."""
+        if side == "query":
+            return SideSettings(self.query_prefix, self.query_max_length, self.do_lower_case)
+        if side == "document":
+            return SideSettings(self.document_prefix, self.document_max_length, self.do_lower_case)
+        raise ValueError(f"side must be 'query' or 'document', got {side!r}")
+
+
+# The settings a caller may override when loading a model (None: the model's own).
+OVERRIDABLE = (
+    "pooling",
+    "normalize",
+    "query_prefix",
+    "document_prefix",
+    "query_max_length",
+    "document_max_length",
+)
