@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from retriever.examples import load_examples
 from retriever.loss import InfoNCELoss
 from retriever.model import Encoder, locate_model
 from retriever.train.config import config_from_dict
-from retriever.train.data import Collator, TrainSet, load_examples
+from retriever.train.data import TrainSet, batch_of_texts
 from retriever.train.step import cached_step
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
@@ -59,7 +60,7 @@ def gradient_check(
     encoder.train()
     examples = load_examples(data, split="train")[:48]
     train_set = TrainSet(examples, 0, seed=0)
-    batch = Collator(encoder, chunk_size=16)([train_set[(0, i)] for i in range(48)])
+    batch = batch_of_texts(encoder, [train_set[(0, i)] for i in range(48)], chunk_size=16)
     loss_fn = InfoNCELoss(scale=20.0)
     autocast = mode == "bf16-autocast"
 
@@ -78,12 +79,12 @@ def gradient_check(
         encoder.zero_grad(set_to_none=True)
         return out
 
-    moved = batch.to(device)
     torch.manual_seed(3)
-    embeddings = torch.cat([embed(c) for c in moved.query_chunks + moved.document_chunks])
-    q = embeddings[: moved.num_queries][moved.query_order]
-    d = embeddings[moved.num_queries :][moved.document_order]
-    direct_loss = reference_loss(q, d, moved.candidate_ids, 20.0)
+    chunks = batch.query_chunks + batch.document_chunks
+    embeddings = torch.cat([embed(c.features(device)) for c in chunks])
+    q = embeddings[: batch.num_queries][batch.query_order.to(device)]
+    d = embeddings[batch.num_queries :][batch.document_order.to(device)]
+    direct_loss = reference_loss(q, d, batch.candidate_ids.to(device), 20.0)
     direct_loss.backward()
     want = grads()
     torch.manual_seed(3)
@@ -111,7 +112,8 @@ def gradient_check(
 def resume_check(model: str, data: str, dtype: str, root: Path, args) -> dict:
     from accelerate.state import AcceleratorState
 
-    from retriever.train.trainer import Trainer, read_run_config
+    from retriever.train.resume import read_run_config
+    from retriever.train.trainer import Trainer
 
     def config(output: Path):
         return config_from_dict(
@@ -170,8 +172,8 @@ def main() -> int:
     parser.add_argument(
         "--torch-layer-norm",
         action="store_true",
-        help="gradient checks with PyTorch's LayerNorm (default: retriever.model.layer_norm, as the "
-        "trainer on a GPU)",
+        help="gradient checks with PyTorch's LayerNorm (default: retriever.model.layer_norm, as "
+        "the trainer on a GPU)",
     )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()

@@ -57,7 +57,7 @@ def install(point: str) -> None:
 
         torch.save = save
     elif kind == "manifest":
-        from retriever.train import run_directory, trainer
+        from retriever.train import checkpoints, run_directory
 
         original_manifest = run_directory.write_manifest
 
@@ -66,10 +66,10 @@ def install(point: str) -> None:
                 _die()
             return original_manifest(directory, step)
 
-        trainer.write_manifest = write_manifest
+        checkpoints.write_manifest = write_manifest
     elif kind == "publish":
         from retriever import fileio
-        from retriever.train import trainer
+        from retriever.train import checkpoints
 
         original_publish = fileio.publish
 
@@ -78,7 +78,7 @@ def install(point: str) -> None:
                 _die()
             return original_publish(partial, path)
 
-        fileio.publish = trainer.publish = publish
+        fileio.publish = checkpoints.publish = publish
     elif kind == "model-save":
         from retriever.model import encoder as modeling
 

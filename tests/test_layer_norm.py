@@ -131,7 +131,7 @@ def test_trainer_option_chooses_the_layer_norm(tiny_dir, tmp_path, monkeypatch, 
     """model.fused_layer_norm: null follows the GPU's presence; true and false are obeyed."""
     from train_helpers import tiny_config
 
-    from retriever.train.trainer import build_encoder
+    from retriever.train.builders import build_encoder
 
     def layer_norm_types() -> set[type]:
         modules = build_encoder(config).model.modules()

@@ -14,8 +14,8 @@ from sentence_transformers import SentenceTransformer
 from tiny_encoder import save_tiny_bert
 
 from retriever.cli import main
+from retriever.examples import load_examples
 from retriever.model import Encoder
-from retriever.train.data import load_examples
 
 WORDS = "cat dog fish bird tree rock river cloud apple bread stone light moon sand".split()
 

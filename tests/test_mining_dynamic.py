@@ -16,9 +16,11 @@ import pytest
 import torch
 from mining_helpers import TableEncoder, unit_with_score
 
+from retriever.examples import load_examples
 from retriever.mining.dynamic import DynamicMiner, DynamicMiningConfig, stale_negatives
 from retriever.mining.files import MiningDataError
-from retriever.train.data import TrainSet, load_examples, text_id
+from retriever.texts import text_id
+from retriever.train.data import TrainSet
 
 DIM, RANGE_MIN, N_NEG = 48, 2, 3
 # Per example: candidate count, the initial scores in the file, and the current model's scores
@@ -237,7 +239,7 @@ def test_initial_scores_are_recorded_when_the_file_has_none(tmp_path):
 
 def test_refresh_renews_the_ranked_lists(tmp_path):
     mined = write_mined(tmp_path)
-    config = DynamicMiningConfig(every=100, refresh_every=10)
+    config = DynamicMiningConfig(remine_every=100, refresh_every=10)
     miner = make_miner(mined, config)
     assert miner.due(10) and not miner.due(5) and miner.due(100)
     # The new model reverses example 0's order: higher ranks now score higher.
@@ -294,9 +296,11 @@ def test_config_checks(tmp_path):
         tiny_config("m", "d.jsonl", tmp_path, mining={"dynamic": True}, data={"negatives": 0})
     with pytest.raises(ConfigError, match="mining.remine_every: expected a positive integer"):
         tiny_config("m", "d.jsonl", tmp_path, mining={"remine_every": 0})
+    from retriever.train.builders import build_miner
+
     config = tiny_config("m", str(tmp_path), tmp_path, mining={"dynamic": True})
     with pytest.raises(ConfigError, match="mining.dynamic needs data.train to be a file"):
-        DynamicMiner.from_train_config(config, None)
+        build_miner(config, None)
 
 
 # --------------------------------------------------------------------------- in the trainer

@@ -13,15 +13,10 @@ import pytest
 import torch
 from train_helpers import SHARED_DATA, make_tiny_model
 
+from retriever.examples import DataError, load_examples
 from retriever.model import Encoder
-from retriever.train.data import (
-    DataError,
-    TrainSet,
-    batch_of_texts,
-    epoch_batches,
-    load_examples,
-    text_id,
-)
+from retriever.texts import text_id
+from retriever.train.data import TrainSet, batch_of_texts, epoch_batches
 
 
 def _jsonl(tmp_path, rows, name="train.jsonl") -> str:

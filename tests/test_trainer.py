@@ -21,9 +21,10 @@ from retriever.loss import InfoNCELoss
 from retriever.model import Encoder
 from retriever.train.cli import add_arguments, run
 from retriever.train.data import batch_of_texts
+from retriever.train.resume import plan_run_directory
 from retriever.train.run_directory import RunDirectory, RunError, write_manifest
 from retriever.train.step import cached_step
-from retriever.train.trainer import Trainer, plan_run_directory
+from retriever.train.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)

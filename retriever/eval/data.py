@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import csv
 import gzip
-import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from retriever.texts import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -97,31 +98,6 @@ def _find(path: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; a bad line raises naming it."""
-    path = Path(path)
-    line_no = 0
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:  # bytes, decoded line by line: errors name their line
-            for line_no, raw in enumerate(f, start=1):
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{line_no}: malformed JSON line ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    kind = type(obj).__name__
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {kind}")
-                yield line_no, obj
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}:{line_no}: not UTF-8 text ({exc.reason})") from None
-    except (OSError, EOFError) as exc:  # a .gz that is not gzip, a truncated archive, ...
-        raise ValueError(f"{path}: cannot be read ({exc})") from None
 
 
 def _require_id(obj: dict[str, Any], path: Path, line_no: int) -> str:

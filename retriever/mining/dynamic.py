@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,13 +52,35 @@ from retriever.mining.miner import Corpus, MiningConfig, MiningQuery
 logger = logging.getLogger(__name__)
 
 
+def _setting(default: Any, help: str, **bounds: float) -> Any:
+    return field(default=default, metadata={"help": help, "choices": None, **bounds})
+
+
 @dataclass
 class DynamicMiningConfig:
-    every: int = 100
-    score_ratio: float = 1.15
-    max_abs_score: float = 0.8
-    refresh_every: int | None = None
-    batch_size: int = 256
+    """The settings of re-mining during training: the one declaration of them (training's
+    ``mining`` section is these plus whether to re-mine and which corpus a refresh searches).
+    ``help`` and the bounds (``min``: inclusive, ``gt``: exclusive) are field metadata."""
+
+    remine_every: int = _setting(
+        100, "Re-score every example's hard negatives with the current model every N steps.", min=1
+    )
+    score_ratio: float = _setting(
+        1.15,
+        "A negative is no longer hard when score * score_ratio < its initial score and "
+        "|score| < max_abs_score; it is replaced by the next candidate of its ranked list.",
+        gt=0,
+    )
+    max_abs_score: float = _setting(
+        0.8, "See score_ratio: a negative with |score| >= this stays (it is still hard).", gt=0
+    )
+    refresh_every: int | None = _setting(
+        None,
+        "Every N steps also renew the ranked lists: re-encode mining.corpus and search it "
+        "with the current model; null: never.",
+        min=1,
+    )
+    batch_size: int = _setting(256, "Texts per forward pass when re-scoring negatives.", min=1)
 
 
 def stale_negatives(
@@ -93,9 +115,9 @@ class ExampleState:
 
 
 class DynamicMiner:
-    """Keeps a :class:`retriever.train.data.TrainSet`'s hard negatives hard; see the module docstring.
+    """Keeps a training set's hard negatives hard; see the module docstring.
 
-    Build it with :meth:`from_mined_file` (or :meth:`from_train_config`).
+    Build it with :meth:`from_mined_file`.
     """
 
     def __init__(
@@ -163,35 +185,11 @@ class DynamicMiner:
             queries.append(MiningQuery(example.query, example.positives, positive_ids, None, where))
         return cls(train_set, states, texts, config, mining, queries, refresh_corpus)
 
-    @classmethod
-    def from_train_config(cls, train_config: Any, train_set: Any) -> DynamicMiner:
-        """The miner a :class:`retriever.train.config.TrainConfig` asks for (``mining`` section)."""
-        from retriever.train.config import ConfigError
-
-        m = train_config.mining
-        if not str(train_config.data.train).endswith((".jsonl", ".jsonl.gz")):
-            raise ConfigError(
-                f"{train_config.where('mining.dynamic')}: mining.dynamic needs data.train to be "
-                f"a file written by `retriever mine` (with ranked candidate lists), got "
-                f"{train_config.data.train!r}"
-            )
-        config = DynamicMiningConfig(
-            every=m.remine_every,
-            score_ratio=m.score_ratio,
-            max_abs_score=m.max_abs_score,
-            refresh_every=m.refresh_every,
-            batch_size=m.batch_size,
-        )
-        try:
-            return cls.from_mined_file(train_config.data.train, train_set, config, corpus=m.corpus)
-        except MiningDataError as exc:
-            raise ConfigError(f"mining.dynamic: {exc}") from None
-
     # -- the trainer's calls
 
     def due(self, step: int) -> bool:
         """Whether step ``step`` (1-based, just finished) ends with a re-mining pass."""
-        return step % self.config.every == 0 or self._refresh_due(step)
+        return step % self.config.remine_every == 0 or self._refresh_due(step)
 
     def _refresh_due(self, step: int) -> bool:
         return bool(self.config.refresh_every) and step % self.config.refresh_every == 0

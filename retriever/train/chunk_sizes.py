@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -150,3 +151,43 @@ def budget_bytes(memory_gb: float | None, device: torch.device) -> int:
 
 
 __all__ = ["ChunkSizeError", "ChunkSizes", "plan_chunk_sizes", "probe_bytes_per_text"]
+
+
+def plan_for_run(
+    config: Any, accelerator: Any, encoder: Any, recorded: list[int] | None = None
+) -> ChunkSizes:
+    """The sizes a run of ``config`` uses: ``recorded`` (by the checkpoint it resumes), or
+    planned, measuring ``encoder`` on the GPU when a size is ``auto``."""
+    from retriever.model.network import dropout_probability
+
+    if recorded:
+        return ChunkSizes(*recorded)
+    t, acc = config.training, accelerator
+    measure = available = None
+    if acc.device.type == "cuda" and "auto" in (t.chunk_size, t.embed_chunk_size):
+        device = acc.device
+        encoder.to(device)
+        length = max(encoder.query_max_length, encoder.document_max_length)
+
+        def embed(features: dict[str, torch.Tensor]) -> torch.Tensor:
+            with acc.autocast():  # the precision the run trains in
+                return encoder(features)
+
+        def measure(grad: bool) -> float:
+            vocab = len(encoder.tokenizer)
+            return probe_bytes_per_text(embed, encoder, device, length, vocab, grad)
+
+        texts = t.batch_size // acc.num_processes * (2 + config.data.negatives)
+        fixed = fixed_costs(encoder, config.model.dtype == "bfloat16", texts, encoder.embedding_dim)
+
+        def available() -> int:
+            return budget_bytes(t.memory_gb, device) - torch.cuda.memory_allocated(device) - fixed
+
+    return plan_chunk_sizes(
+        t.chunk_size,
+        t.embed_chunk_size,
+        dropout=dropout_probability(encoder.model),
+        device=acc.device,
+        measure=measure,
+        available=available,
+    )

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from retriever.train.data import Batch, Collator, TrainSet, epoch_batches
+from retriever.train.batches import Batch, Collator
+from retriever.train.data import TrainSet, epoch_batches
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from retriever.gradcache import backward_from_cached_grads, embed_without_grad
 from retriever.loss import InfoNCELoss
-from retriever.train.data import Batch, TokenChunk
+from retriever.train.batches import Batch, TokenChunk
 
 
 def cached_step(

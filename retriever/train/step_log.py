@@ -1,0 +1,59 @@
+"""What training writes as it goes: ``log.jsonl`` (one record per logging window: loss, learning
+rate, temperature, throughput, time per step and waiting for data, gradient norm, peak memory),
+``eval.jsonl`` and ``mining.jsonl``, the trackers, and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class StepLog:
+    """Sums a window of steps and writes its record every ``logging_steps``."""
+
+    def __init__(self, accelerator: Any, output_dir: Path, batch_size: int) -> None:
+        self.acc, self.output_dir, self.batch_size = accelerator, output_dir, batch_size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.steps, self.tokens, self.data_wait = 0.0, 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens
+
+    def write(self, name: str, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``name`` (main process)."""
+        if self.acc.is_main_process:
+            with open(self.output_dir / name, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def flush(self, state: Any, lr: float, temperature: float, grad_norm: Any) -> dict[str, Any]:
+        """The window's record (losses averaged over steps and processes), written and logged."""
+        acc = self.acc
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        local = torch.tensor([self.loss, float(self.tokens)], device=acc.device)
+        total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+        record = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "loss": float(total[0]) / self.steps / acc.num_processes,
+            "lr": lr,
+            "temperature": temperature,
+            "queries_per_s": self.steps * self.batch_size / elapsed,
+            "tokens_per_s": float(total[1]) / elapsed,
+            "step_s": elapsed / self.steps,
+            "data_wait_s": self.data_wait / self.steps,  # waiting for the loader
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if acc.device.type == "cuda":
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        self.write("log.jsonl", record)
+        acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
+        self._reset()
+        return record
