@@ -11,12 +11,14 @@ throughput, the index settings and what the loader dropped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from retriever.eval.data import RetrievalTask
@@ -49,49 +51,22 @@ def evaluate_task(
     config = index if isinstance(index, IndexConfig) else IndexConfig(kind=index)
     doc_ids, doc_texts = task.document_texts()
     query_ids, query_texts = task.query_texts()
+    encode_options = {"batch_size": batch_size, "dtype": dtype, "show_progress": show_progress}
     timings: dict[str, float] = {}
 
-    start = time.perf_counter()
-    cache_path = None
-    if cache_dir is not None:
-        cache_path = corpus_cache_path(encoder, doc_texts, cache_dir, dtype=dtype)
-    corpus_cached = cache_path is not None and cache_path.is_file()
-    doc_embeddings = encode_corpus(
-        encoder,
-        doc_texts,
-        batch_size=batch_size,
-        cache_path=cache_path,
-        dtype=dtype,
-        show_progress=show_progress,
-    )
-    timings["encode_corpus_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    query_embeddings = encoder.encode(
-        query_texts, "query", batch_size=batch_size, dtype=dtype, show_progress=show_progress
-    )
-    timings["encode_queries_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    search_index = SearchIndex(doc_embeddings, config)
-    timings["index_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    top_k = ks[-1] + int(ignore_identical_ids)
-    scores, positions = search_index.search(query_embeddings, top_k)
-    timings["search_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    metrics = evaluate_ranked(
-        task.qrels,
-        query_ids,
-        positions,
-        scores,
-        ks,
-        corpus_ids=doc_ids,
-        ignore_identical_ids=ignore_identical_ids,
-    )
-    timings["evaluate_s"] = time.perf_counter() - start
+    with _timed(timings, "encode_corpus_s"):
+        doc_embeddings, corpus_cached = _encode_documents(
+            encoder, doc_texts, cache_dir, **encode_options
+        )
+    with _timed(timings, "encode_queries_s"):
+        query_embeddings = encoder.encode(query_texts, "query", **encode_options)
+    with _timed(timings, "index_s"):
+        search_index = SearchIndex(doc_embeddings, config)
+    with _timed(timings, "search_s"):
+        top_k = ks[-1] + int(ignore_identical_ids)
+        scores, positions = search_index.search(query_embeddings, top_k)
+    with _timed(timings, "evaluate_s"):
+        metrics = _score(task, query_ids, doc_ids, positions, scores, ks, ignore_identical_ids)
     timings["total_s"] = sum(timings.values())
 
     return {
@@ -111,3 +86,58 @@ def evaluate_task(
         "ignore_identical_ids": ignore_identical_ids,
         "dropped": dataclasses.asdict(task.report),
     }
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Record the seconds the block takes as ``timings[name]``."""
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start
+
+
+def _encode_documents(
+    encoder: Encoder,
+    doc_texts: list[str],
+    cache_dir: str | os.PathLike | None,
+    *,
+    batch_size: int,
+    dtype: torch.dtype | None,
+    show_progress: bool,
+) -> tuple[np.ndarray, bool]:
+    """The corpus embeddings, read from or written to ``cache_dir`` when given, and whether
+    they came from the cache."""
+    cache_path = None
+    if cache_dir is not None:
+        cache_path = corpus_cache_path(encoder, doc_texts, cache_dir, dtype=dtype)
+    corpus_cached = cache_path is not None and cache_path.is_file()
+    doc_embeddings = encode_corpus(
+        encoder,
+        doc_texts,
+        batch_size=batch_size,
+        cache_path=cache_path,
+        dtype=dtype,
+        show_progress=show_progress,
+    )
+    return doc_embeddings, corpus_cached
+
+
+def _score(
+    task: RetrievalTask,
+    query_ids: list[str],
+    doc_ids: list[str],
+    positions: np.ndarray,
+    scores: np.ndarray,
+    ks: list[int],
+    ignore_identical_ids: bool,
+) -> dict[str, float]:
+    """Mean metrics of the search output (corpus positions per query) against the task's qrels."""
+    return evaluate_ranked(
+        task.qrels,
+        query_ids,
+        positions,
+        scores,
+        ks,
+        corpus_ids=doc_ids,
+        ignore_identical_ids=ignore_identical_ids,
+    )

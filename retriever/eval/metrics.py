@@ -158,73 +158,17 @@ def _evaluate_coded(
         raise ValueError(f"k values must be positive integers, got {list(k_values)}")
     if not query_ids:
         raise ValueError("no query of the run has qrels")
-    n_queries, k_max, n_codes = len(query_ids), ks[-1], max(len(names), 1)
+    n_queries, k_max = len(query_ids), ks[-1]
 
     if ignore_identical_ids:
         own = codes == _lookup(names, [str(q) for q in query_ids])[query_index]
         query_index, codes, scores = query_index[~own], codes[~own], scores[~own]
-
-    # Rank as trec_eval: by query, score descending, then document id descending (Python's
-    # string order is strcmp's order on UTF-8 bytes, and codes follow it).
-    order = np.lexsort((-codes, -scores, query_index))
-    query_index, codes = query_index[order], codes[order]
-    starts = np.searchsorted(query_index, np.arange(n_queries))
-    rank = np.arange(len(query_index)) - starts[query_index]
-    top = rank < k_max
-    query_index, codes, rank = query_index[top], codes[top], rank[top]
-
-    # Grade of each retrieved document: look (query, code) up among the judged pairs.
-    judged_q, judged_doc, judged_grade, positive_grades = [], [], [], []
-    for i, q in enumerate(query_ids):
-        judged = qrels[q]
-        judged_q.extend([i] * len(judged))
-        judged_doc.extend(str(d) for d in judged)
-        judged_grade.extend(judged.values())
-        positive = np.array([g for g in judged.values() if g > 0], dtype=np.float64)
-        positive_grades.append(np.sort(positive)[::-1])
-    judged_code = _lookup(names, judged_doc)
-    known = judged_code >= 0  # a judged document never retrieved needs no lookup
-    judged_keys = np.asarray(judged_q, dtype=np.int64)[known] * n_codes + judged_code[known]
-    key_order = np.argsort(judged_keys)
-    judged_keys = judged_keys[key_order]
-    judged_grade = np.asarray(judged_grade, dtype=np.float64)[known][key_order]
-    keys = query_index * n_codes + codes
-    grade = np.zeros(len(keys))
-    if len(judged_keys):
-        pos = np.clip(np.searchsorted(judged_keys, keys), 0, len(judged_keys) - 1)
-        grade = np.where(judged_keys[pos] == keys, judged_grade[pos], 0.0)
-
+    query_index, codes, rank = _rank_top(query_index, codes, scores, n_queries, k_max)
+    grade = _retrieved_grades(qrels, query_ids, names, query_index, codes)
     gains = np.zeros((n_queries, k_max), dtype=np.float64)
     gains[query_index, rank] = np.maximum(grade, 0)  # trec_eval: negative grades gain 0
-    relevant = gains >= 1
-    hits = np.cumsum(relevant, axis=1)
-    num_relevant = np.array(
-        [sum(g >= 1 for g in qrels[q].values()) for q in query_ids], dtype=np.float64
-    )
 
-    discount = 1.0 / np.log2(np.arange(2, k_max + 2))
-    dcg = np.cumsum(gains * discount, axis=1)
-    ideal = np.zeros((n_queries, k_max), dtype=np.float64)
-    for i, grades in enumerate(positive_grades):
-        top_grades = grades[:k_max]
-        ideal[i, : len(top_grades)] = top_grades
-    idcg = np.cumsum(ideal * discount, axis=1)
-
-    ranks_1 = np.arange(1, k_max + 1, dtype=np.float64)
-    ap_terms = np.cumsum(np.where(relevant, hits / ranks_1, 0.0), axis=1)
-    first_hit = np.where(relevant.any(axis=1), relevant.argmax(axis=1), k_max)
-
-    safe_rel = np.where(num_relevant > 0, num_relevant, 1.0)
-    results: dict[str, np.ndarray] = {}
-    for k in ks:
-        c = k - 1
-        results[f"ndcg_at_{k}"] = np.divide(
-            dcg[:, c], idcg[:, c], out=np.zeros(n_queries), where=idcg[:, c] > 0
-        )
-        results[f"mrr_at_{k}"] = np.where(first_hit < k, 1.0 / (first_hit + 1), 0.0)
-        results[f"recall_at_{k}"] = np.where(num_relevant > 0, hits[:, c] / safe_rel, 0.0)
-        results[f"map_at_{k}"] = np.where(num_relevant > 0, ap_terms[:, c] / safe_rel, 0.0)
-        results[f"precision_at_{k}"] = hits[:, c] / k
+    results = _per_query_metrics(qrels, query_ids, gains, ks)
     means = {
         f"{metric}_at_{k}": float(results[f"{metric}_at_{k}"].mean())
         for metric in METRICS
@@ -233,3 +177,113 @@ def _evaluate_coded(
     if per_query:
         return means, results, list(query_ids)
     return means
+
+
+def _rank_top(
+    query_index: np.ndarray, codes: np.ndarray, scores: np.ndarray, n_queries: int, k_max: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs ranked within the first ``k_max`` of their query: (query index, code, rank)."""
+    # Rank as trec_eval: by query, score descending, then document id descending (Python's
+    # string order is strcmp's order on UTF-8 bytes, and codes follow it).
+    order = np.lexsort((-codes, -scores, query_index))
+    query_index, codes = query_index[order], codes[order]
+    starts = np.searchsorted(query_index, np.arange(n_queries))
+    rank = np.arange(len(query_index)) - starts[query_index]
+    top = rank < k_max
+    return query_index[top], codes[top], rank[top]
+
+
+def _retrieved_grades(
+    qrels: Qrels,
+    query_ids: list[str],
+    names: np.ndarray,
+    query_index: np.ndarray,
+    codes: np.ndarray,
+) -> np.ndarray:
+    """Grade of each retrieved (query, code) pair, 0 when unjudged."""
+    # A pair is keyed query * n_codes + code, so that one sorted search finds its judgement.
+    n_codes = max(len(names), 1)
+    judged_q, judged_doc, judged_grade = [], [], []
+    for i, q in enumerate(query_ids):
+        judged = qrels[q]
+        judged_q.extend([i] * len(judged))
+        judged_doc.extend(str(d) for d in judged)
+        judged_grade.extend(judged.values())
+    judged_code = _lookup(names, judged_doc)
+    known = judged_code >= 0  # a judged document never retrieved needs no lookup
+    judged_keys = np.asarray(judged_q, dtype=np.int64)[known] * n_codes + judged_code[known]
+    key_order = np.argsort(judged_keys)
+    judged_keys = judged_keys[key_order]
+    judged_grade = np.asarray(judged_grade, dtype=np.float64)[known][key_order]
+    keys = query_index * n_codes + codes
+    if not len(judged_keys):
+        return np.zeros(len(keys))
+    pos = np.clip(np.searchsorted(judged_keys, keys), 0, len(judged_keys) - 1)
+    return np.where(judged_keys[pos] == keys, judged_grade[pos], 0.0)
+
+
+def _per_query_metrics(
+    qrels: Qrels, query_ids: list[str], gains: np.ndarray, ks: list[int]
+) -> dict[str, np.ndarray]:
+    """Every metric at every k, one value per query, from the [Q, max(ks)] gains of the ranking."""
+    relevant = gains >= 1
+    hits = np.cumsum(relevant, axis=1)
+    num_relevant = np.array(
+        [sum(g >= 1 for g in qrels[q].values()) for q in query_ids], dtype=np.float64
+    )
+    by_metric = {
+        "ndcg": _ndcg_at(gains, _ideal_gains(qrels, query_ids, gains.shape[1]), ks),
+        "mrr": _mrr_at(relevant, ks),
+        "recall": _recall_at(hits, num_relevant, ks),
+        "map": _map_at(relevant, hits, num_relevant, ks),
+        "precision": _precision_at(hits, ks),
+    }
+    return {f"{metric}_at_{k}": by_metric[metric][k] for k in ks for metric in METRICS}
+
+
+def _ideal_gains(qrels: Qrels, query_ids: list[str], k_max: int) -> np.ndarray:
+    """[Q, k_max] gains of the ideal ranking: each query's positive grades, descending."""
+    ideal = np.zeros((len(query_ids), k_max), dtype=np.float64)
+    for i, q in enumerate(query_ids):
+        positive = np.array([g for g in qrels[q].values() if g > 0], dtype=np.float64)
+        top_grades = np.sort(positive)[::-1][:k_max]
+        ideal[i, : len(top_grades)] = top_grades
+    return ideal
+
+
+def _ndcg_at(gains: np.ndarray, ideal: np.ndarray, ks: list[int]) -> dict[int, np.ndarray]:
+    discount = 1.0 / np.log2(np.arange(2, gains.shape[1] + 2))
+    dcg = np.cumsum(gains * discount, axis=1)
+    idcg = np.cumsum(ideal * discount, axis=1)
+    # 0 where the query has no positive grade (idcg 0), as trec_eval.
+    return {
+        k: np.divide(
+            dcg[:, k - 1], idcg[:, k - 1], out=np.zeros(len(gains)), where=idcg[:, k - 1] > 0
+        )
+        for k in ks
+    }
+
+
+def _mrr_at(relevant: np.ndarray, ks: list[int]) -> dict[int, np.ndarray]:
+    k_max = relevant.shape[1]
+    first_hit = np.where(relevant.any(axis=1), relevant.argmax(axis=1), k_max)
+    return {k: np.where(first_hit < k, 1.0 / (first_hit + 1), 0.0) for k in ks}
+
+
+def _recall_at(hits: np.ndarray, num_relevant: np.ndarray, ks: list[int]) -> dict[int, np.ndarray]:
+    safe_rel = np.where(num_relevant > 0, num_relevant, 1.0)
+    return {k: np.where(num_relevant > 0, hits[:, k - 1] / safe_rel, 0.0) for k in ks}
+
+
+def _map_at(
+    relevant: np.ndarray, hits: np.ndarray, num_relevant: np.ndarray, ks: list[int]
+) -> dict[int, np.ndarray]:
+    ranks_1 = np.arange(1, relevant.shape[1] + 1, dtype=np.float64)
+    ap_terms = np.cumsum(np.where(relevant, hits / ranks_1, 0.0), axis=1)
+    safe_rel = np.where(num_relevant > 0, num_relevant, 1.0)
+    return {k: np.where(num_relevant > 0, ap_terms[:, k - 1] / safe_rel, 0.0) for k in ks}
+
+
+def _precision_at(hits: np.ndarray, ks: list[int]) -> dict[int, np.ndarray]:
+    # trec_eval's P.k divides by k even when fewer than k documents were retrieved.
+    return {k: hits[:, k - 1] / k for k in ks}

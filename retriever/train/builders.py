@@ -193,3 +193,37 @@ def flat_hparams(config: TrainConfig) -> dict[str, Any]:
                 value = json.dumps(value)
             out[f"{section}.{name}"] = value
     return out
+
+
+def build_train_set(
+    config: TrainConfig, encoder: Encoder, accelerator: Any
+) -> tuple[TrainSet, int]:
+    """The training set of ``data.*``, tokenised through the token cache, and its batches per
+    epoch; a batch larger than the distinct positives allow is an error naming the option."""
+    from retriever.examples import load_examples
+    from retriever.train.data import epoch_batches
+    from retriever.train.tokens import default_cache_dir
+
+    t, d = config.training, config.data
+    examples = load_examples(
+        d.train, format=d.format, split=d.split, negatives=d.negatives, max_examples=d.max_examples
+    )
+    train_set = TrainSet(examples, d.negatives, t.seed)
+    first = epoch_batches(train_set, 0, t.batch_size)
+    if not first:
+        distinct = len({p for e in examples for p in e.positives})
+        raise ConfigError(
+            f"{config.where('training.batch_size')}: training.batch_size ({t.batch_size}) "
+            f"is larger than any batch of distinct positives the data can make "
+            f"({len(examples)} examples, {distinct} distinct positive texts)"
+        )
+    cache_dir = None if d.token_cache == "off" else Path(d.token_cache or default_cache_dir())
+    with accelerator.main_process_first():  # the main process fills the cache
+        train_set.attach_tokens(
+            encoder.tokenizer,
+            encoder.side_settings("query"),
+            encoder.side_settings("document"),
+            cache_dir,
+            show_progress=accelerator.is_local_main_process,
+        )
+    return train_set, len(first)

@@ -3,6 +3,7 @@ not change when it is (read-only: the trainer writes only once everything has lo
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -106,3 +107,22 @@ def plan_run_directory(
             "continue it or --overwrite to replace it"
         )
     return None
+
+
+def check_same_data(config: TrainConfig, checkpoint: Path, fingerprint: str) -> None:
+    """The examples must be those the checkpoint trained on (the same file may have changed)."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    if saved.get("data_fingerprint") not in (None, fingerprint):
+        raise RunError(
+            f"--resume: {config.data.train} is not the training data {checkpoint} was trained "
+            "on (its examples changed); a resumed run must see the same data"
+        )
+
+
+def check_steps_left(config: TrainConfig, checkpoint: Path, step: int, total: int) -> None:
+    if step > total:
+        where = config.where("training.max_steps")
+        raise RunError(
+            f"--resume: {checkpoint} is at step {step}, past the {total} steps this run is to "
+            f"train ({where}); raise training.max_steps or resume an earlier checkpoint"
+        )

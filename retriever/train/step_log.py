@@ -57,3 +57,30 @@ class StepLog:
         acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
         self._reset()
         return record
+
+
+def stop_unless_finite(acc: Any, loss: float, grad_norm: Any, step: int, output_dir: Path) -> None:
+    """A NaN or inf loss or gradient norm stops the run (on every rank together) before the
+    update reaches the model, naming the step and what to do next."""
+    import math
+
+    from retriever.train.run_directory import RunError, list_checkpoints
+
+    norm = float(grad_norm) if grad_norm is not None else 0.0
+    bad = torch.tensor(float(not (math.isfinite(loss) and math.isfinite(norm))))
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad.to(acc.device), reduction="sum").cpu()
+    if not bad.item():
+        return
+    checkpoints = list_checkpoints(output_dir)
+    after = (
+        f"then --resume from the newest checkpoint, {checkpoints[-1]}"
+        if checkpoints
+        else "then start again (nothing was saved)"
+    )
+    raise RunError(
+        f"step {step}: the loss is {loss}"
+        + (f" and the gradient norm {norm}" if grad_norm is not None else "")
+        + "; the model was not updated and training stopped. Lower "
+        f"training.learning_rate or set training.max_grad_norm, {after}"
+    )

@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from retriever.examples import load_examples
 from retriever.fileio import atomic_directory
 from retriever.loss.inputs import resolve_impl
 from retriever.train.batches import Collator
@@ -45,6 +44,7 @@ from retriever.train.builders import (
     build_miner,
     build_optimizer,
     build_scheduler,
+    build_train_set,
     flat_hparams,
     load_eval_task,
 )
@@ -52,10 +52,9 @@ from retriever.train.checkpoints import save_checkpoint
 from retriever.train.chunk_sizes import ChunkSizeError, ChunkSizes, plan_for_run
 from retriever.train.chunk_sizes import describe as describe_chunks
 from retriever.train.config import ConfigError, TrainConfig
-from retriever.train.data import TrainSet, epoch_batches
 from retriever.train.evaluation import evaluate_step
 from retriever.train.loader import Position, StepBatches, run_loader
-from retriever.train.resume import plan_run_directory
+from retriever.train.resume import check_same_data, check_steps_left, plan_run_directory
 from retriever.train.run_directory import (
     RunDirectory,
     RunError,
@@ -65,8 +64,7 @@ from retriever.train.run_directory import (
     truncate_logs,
 )
 from retriever.train.step import cached_step
-from retriever.train.step_log import StepLog
-from retriever.train.tokens import default_cache_dir
+from retriever.train.step_log import StepLog, stop_unless_finite
 
 logger = logging.getLogger(__name__)
 
@@ -164,35 +162,11 @@ class Trainer:
 
     def _load_data(self) -> None:
         config, t = self.config, self.config.training
-        examples = load_examples(
-            config.data.train,
-            format=config.data.format,
-            split=config.data.split,
-            negatives=config.data.negatives,
-            max_examples=config.data.max_examples,
+        self.train_set, self.batches_per_epoch = build_train_set(
+            config, self.encoder, self.accelerator
         )
-        self.train_set = TrainSet(examples, config.data.negatives, t.seed)
         self.data_fingerprint = self.train_set.fingerprint()  # as read, before any re-mining
-        first = epoch_batches(self.train_set, 0, t.batch_size)
-        if not first:
-            distinct = len({p for e in examples for p in e.positives})
-            raise ConfigError(
-                f"{config.where('training.batch_size')}: training.batch_size ({t.batch_size}) "
-                f"is larger than any batch of distinct positives the data can make "
-                f"({len(examples)} examples, {distinct} distinct positive texts)"
-            )
-        self.batches_per_epoch = len(first)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch))
-        cache = config.data.token_cache
-        cache_dir = None if cache == "off" else Path(cache) if cache else default_cache_dir()
-        with self.accelerator.main_process_first():  # the main process fills the cache
-            self.train_set.attach_tokens(
-                self.encoder.tokenizer,
-                self.encoder.side_settings("query"),
-                self.encoder.side_settings("document"),
-                cache_dir,
-                show_progress=self.accelerator.is_local_main_process,
-            )
         self.miner = None
         if config.mining.dynamic:  # keeps the hard negatives hard: retriever/mining/dynamic.py
             self.miner = build_miner(config, self.train_set)
@@ -242,24 +216,12 @@ class Trainer:
             acc.register_for_checkpointing(self.master)
 
     def _load_checkpoint(self, path: Path) -> None:
-        saved = json.loads((path / "trainer_state.json").read_text("utf-8"))
-        fingerprint = saved.get("data_fingerprint")
-        if fingerprint and fingerprint != self.data_fingerprint:
-            raise RunError(
-                f"--resume: {self.config.data.train} is not the training data {path} was "
-                "trained on (its examples changed); a resumed run must see the same data"
-            )
+        check_same_data(self.config, path, self.data_fingerprint)
         try:
             self.accelerator.load_state(str(path))
         except Exception as exc:  # verified files that still do not fit this model or run
             raise RunError(f"--resume: {path} could not be loaded: {exc}") from None
-        if self.state.step > self.total_steps:
-            where = self.config.where("training.max_steps")
-            raise RunError(
-                f"--resume: {path} is at step {self.state.step}, past the {self.total_steps} "
-                f"steps this run is to train ({where}); raise training.max_steps or resume an "
-                "earlier checkpoint"
-            )
+        check_steps_left(self.config, path, self.state.step, self.total_steps)
         logger.info("resumed from %s at step %d", path, self.state.step)
 
     def _prepare_run_directory(self) -> None:
@@ -438,35 +400,13 @@ class Trainer:
         grad_norm = None
         if t.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
-        self._stop_unless_finite(loss, grad_norm)
+        stop_unless_finite(acc, loss, grad_norm, self.state.step + 1, self.output_dir)
         self.optimizer.step()
         if self.master is not None:
             self.master.copy_to_model()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
-
-    def _stop_unless_finite(self, loss: float, grad_norm: Any) -> None:
-        """A NaN or inf loss or gradient stops the run before the update reaches the model."""
-        acc = self.accelerator
-        norm = float(grad_norm) if grad_norm is not None else 0.0
-        bad = torch.tensor(float(not (math.isfinite(loss) and math.isfinite(norm))))
-        if acc.num_processes > 1:  # every rank must stop together
-            bad = acc.reduce(bad.to(acc.device), reduction="sum").cpu()
-        if not bad.item():
-            return
-        checkpoints = list_checkpoints(self.output_dir)
-        after = (
-            f"then --resume from the newest checkpoint, {checkpoints[-1]}"
-            if checkpoints
-            else "then start again (nothing was saved)"
-        )
-        raise RunError(
-            f"step {self.state.step + 1}: the loss is {loss}"
-            + (f" and the gradient norm {norm}" if grad_norm is not None else "")
-            + "; the model was not updated and training stopped. Lower "
-            f"training.learning_rate or set training.max_grad_norm, {after}"
-        )
 
     def _finish(self, evaluations: list[dict[str, Any]], last_loss: float | None) -> dict:
         acc, cfg, state = self.accelerator, self.config, self.state
