@@ -16,7 +16,10 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from retriever import __version__
 from retriever.eval.cli import (
@@ -31,7 +34,11 @@ from retriever.eval.cli import (
     load_encoder,
     positive_int,
 )
-from retriever.mining.miner import SAMPLING, MiningConfig
+from retriever.mining.miner import SAMPLING, Corpus, MinedExample, MiningConfig, MiningQuery
+
+if TYPE_CHECKING:
+    from retriever.eval.search import IndexConfig
+    from retriever.mining.files import MinedWriter
 
 # Queries named in the summary of those that got fewer negatives than asked.
 _SHOW_INCOMPLETE = 5
@@ -98,122 +105,180 @@ def _error(message: str) -> int:
     return 2
 
 
+@dataclass
+class _Job:
+    """What a run mines with: the checked settings and the loaded inputs."""
+
+    device: str
+    config: MiningConfig
+    index: IndexConfig
+    queries: list[MiningQuery]
+    corpus: Corpus
+    encoder: Any
+
+
+@dataclass
+class _Tally:
+    """The queries that got fewer negatives than asked: their descriptions for the summary, how
+    many were left out and how many got no negative at all."""
+
+    incomplete: list[str] = field(default_factory=list)
+    dropped: int = 0
+    none: int = 0
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("retriever").setLevel(logging.INFO)
-    from retriever.mining.files import (
-        MinedWriter,
-        MiningDataError,
-        default_corpus,
-        load_corpus,
-        load_queries,
-        output_paths,
-    )
-    from retriever.mining.miner import mine
+    from retriever.mining.files import MinedWriter, MiningDataError
 
     # Refuse early: before minutes of encoding, not after.
-    if str(args.output).endswith(".gz"):
-        return _error(f"--output {args.output}: write a plain .jsonl file (gzip it afterwards)")
-    for path in output_paths(args.output):
-        problem = check_output_file(path, args.overwrite)
-        if problem:
-            return _error(problem.replace(f"--output {path}", f"--output {args.output}"))
+    problem = _output_problem(args.output, args.overwrite)
+    if problem:
+        return _error(problem)
     try:
-        device = check_device(args.device)
-        check_cache_dir(args.cache_dir)
-        config = MiningConfig(
-            num_negatives=args.num_negatives,
-            range_min=args.range_min,
-            range_max=args.range_max,
-            relative_margin=args.relative_margin,
-            absolute_margin=args.absolute_margin,
-            max_score=args.max_score,
-            sampling=args.sampling,
-            seed=args.seed,
-        )
-        index = index_config(args)
-        queries = load_queries(args.data, args.split)
-        corpus = load_corpus(args.corpus) if args.corpus else default_corpus(args.data)
-        index.check_corpus_size(len(corpus))
-        encoder = load_encoder(args)
+        job = _prepare(args)
     except (MiningDataError, ValueError, FileNotFoundError, NotImplementedError, OSError) as exc:
         return _error(str(exc))
-    encoder.to(device)
+    job.encoder.to(job.device)
     print(
-        f"mining {len(queries)} queries against {len(corpus)} documents "
-        f"({args.index} index, {device})",
+        f"mining {len(job.queries)} queries against {len(job.corpus)} documents "
+        f"({args.index} index, {job.device})",
         file=sys.stderr,
     )
     start = time.perf_counter()
-    incomplete: list[str] = []
-    dropped = none = 0
-    with MinedWriter(args.output, corpus, overwrite=args.overwrite) as writer:
-        for example in mine(
-            encoder,
-            queries,
-            corpus,
-            config,
-            index=index,
-            batch_size=args.batch_size,
-            chunk_size=args.chunk_size,
-            cache_dir=args.cache_dir,
-            dtype=_DTYPES[args.dtype],
-            show_progress=not args.no_progress,
-        ):
-            if not example.complete:
-                none += not example.negatives
-                incomplete.append(
-                    f"{example.query.source} ({len(example.negatives)} negatives, "
-                    f"{len(example.candidates)} candidates)"
-                )
-                if args.drop_incomplete:
-                    dropped += 1
-                    continue
-            writer.write(example)
+    with MinedWriter(args.output, job.corpus, overwrite=args.overwrite) as writer:
+        tally = _write_examples(writer, _mined_examples(args, job), args.drop_incomplete)
         seconds = time.perf_counter() - start
-        meta = {
-            "retriever_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "command": " ".join(sys.argv),
-            "model": args.model,
-            "data": str(args.data),
-            "split": args.split,
-            "corpus": str(args.corpus) if args.corpus else f"default of {args.data}",
-            "corpus_size": len(corpus),
-            "mining": vars(config),
-            "index": vars(index),
-            "device": device,
-            "queries": len(queries),
-            "written": writer.count,
-            "incomplete": len(incomplete),
-            "dropped": dropped,
-            "seconds": seconds,
-            "queries_per_s": len(queries) / max(seconds, 1e-9),
-        }
+        meta = _meta(args, job, writer.count, tally, seconds)
         if writer.count == 0:  # an empty training file would only fail later, in train
             return _error(
-                f"no query kept any negative ({len(incomplete)} of {len(queries)} had too few "
-                "candidates after filtering); nothing was written. Loosen --max-score, the "
-                "margins or --range-min/--range-max, or leave out --drop-incomplete"
+                f"no query kept any negative ({len(tally.incomplete)} of {len(job.queries)} had "
+                "too few candidates after filtering); nothing was written. Loosen --max-score, "
+                "the margins or --range-min/--range-max, or leave out --drop-incomplete"
             )
         writer.finish(meta)
     print(
         f"wrote {writer.count} queries to {args.output} in {seconds:.1f}s "
         f"({meta['queries_per_s']:.1f} queries/s, corpus encoding included)"
     )
-    if incomplete:
-        action = "left out" if args.drop_incomplete else "kept with fewer negatives"
+    _warn_incomplete(args, job, tally)
+    return 0
+
+
+def _output_problem(output: Path, overwrite: bool) -> str | None:
+    """Why ``--output`` (or one of its sidecars) cannot be written, or None."""
+    from retriever.mining.files import output_paths
+
+    if str(output).endswith(".gz"):
+        return f"--output {output}: write a plain .jsonl file (gzip it afterwards)"
+    for path in output_paths(output):
+        problem = check_output_file(path, overwrite)
+        if problem:
+            return problem.replace(f"--output {path}", f"--output {output}")
+    return None
+
+
+def _prepare(args: argparse.Namespace) -> _Job:
+    """Check the settings and load the inputs, cheapest first."""
+    from retriever.mining.files import default_corpus, load_corpus, load_queries
+
+    device = check_device(args.device)
+    check_cache_dir(args.cache_dir)
+    config = MiningConfig(
+        num_negatives=args.num_negatives,
+        range_min=args.range_min,
+        range_max=args.range_max,
+        relative_margin=args.relative_margin,
+        absolute_margin=args.absolute_margin,
+        max_score=args.max_score,
+        sampling=args.sampling,
+        seed=args.seed,
+    )
+    index = index_config(args)
+    queries = load_queries(args.data, args.split)
+    corpus = load_corpus(args.corpus) if args.corpus else default_corpus(args.data)
+    index.check_corpus_size(len(corpus))
+    encoder = load_encoder(args)
+    return _Job(device, config, index, queries, corpus, encoder)
+
+
+def _mined_examples(args: argparse.Namespace, job: _Job) -> Iterator[MinedExample]:
+    from retriever.mining.miner import mine
+
+    return mine(
+        job.encoder,
+        job.queries,
+        job.corpus,
+        job.config,
+        index=job.index,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        cache_dir=args.cache_dir,
+        dtype=_DTYPES[args.dtype],
+        show_progress=not args.no_progress,
+    )
+
+
+def _write_examples(
+    writer: MinedWriter, examples: Iterable[MinedExample], drop_incomplete: bool
+) -> _Tally:
+    """Write ``examples`` (the incomplete ones too, unless ``drop_incomplete``)."""
+    tally = _Tally()
+    for example in examples:
+        if not example.complete:
+            tally.none += not example.negatives
+            tally.incomplete.append(
+                f"{example.query.source} ({len(example.negatives)} negatives, "
+                f"{len(example.candidates)} candidates)"
+            )
+            if drop_incomplete:
+                tally.dropped += 1
+                continue
+        writer.write(example)
+    return tally
+
+
+def _meta(
+    args: argparse.Namespace, job: _Job, written: int, tally: _Tally, seconds: float
+) -> dict[str, Any]:
+    """The run's record for the ``.meta.json``."""
+    return {
+        "retriever_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join(sys.argv),
+        "model": args.model,
+        "data": str(args.data),
+        "split": args.split,
+        "corpus": str(args.corpus) if args.corpus else f"default of {args.data}",
+        "corpus_size": len(job.corpus),
+        "mining": vars(job.config),
+        "index": vars(job.index),
+        "device": job.device,
+        "queries": len(job.queries),
+        "written": written,
+        "incomplete": len(tally.incomplete),
+        "dropped": tally.dropped,
+        "seconds": seconds,
+        "queries_per_s": len(job.queries) / max(seconds, 1e-9),
+    }
+
+
+def _warn_incomplete(args: argparse.Namespace, job: _Job, tally: _Tally) -> None:
+    if not tally.incomplete:
+        return
+    config = job.config
+    action = "left out" if args.drop_incomplete else "kept with fewer negatives"
+    print(
+        f"warning: {len(tally.incomplete)} of {len(job.queries)} queries had fewer than "
+        f"{config.num_negatives} candidates in ranks {config.range_min}..{config.range_max} "
+        f"after filtering ({action}): " + "; ".join(tally.incomplete[:_SHOW_INCOMPLETE]),
+        file=sys.stderr,
+    )
+    if tally.none and not args.drop_incomplete:
         print(
-            f"warning: {len(incomplete)} of {len(queries)} queries had fewer than "
-            f"{config.num_negatives} candidates in ranks {config.range_min}..{config.range_max} "
-            f"after filtering ({action}): " + "; ".join(incomplete[:_SHOW_INCOMPLETE]),
+            f"warning: {tally.none} queries got no negative at all; `retriever train` with "
+            "data.negatives > 0 refuses such examples: pass --drop-incomplete, or loosen "
+            "the margins or the rank range",
             file=sys.stderr,
         )
-        if none and not args.drop_incomplete:
-            print(
-                f"warning: {none} queries got no negative at all; `retriever train` with "
-                "data.negatives > 0 refuses such examples: pass --drop-incomplete, or loosen "
-                "the margins or the rank range",
-                file=sys.stderr,
-            )
-    return 0

@@ -37,16 +37,12 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from retriever.mining.files import (
-    MiningDataError,
-    load_corpus,
-    read_candidate_corpus,
-    read_meta,
-)
+from retriever.mining.example_states import ExampleState, read_mining_config, read_states
+from retriever.mining.files import load_corpus, read_candidate_corpus
 from retriever.mining.miner import Corpus, MiningConfig, MiningQuery
 
 logger = logging.getLogger(__name__)
@@ -90,28 +86,15 @@ def stale_negatives(
     return (scores * score_ratio < initial_scores) & (np.abs(scores) < max_abs_score)
 
 
-@dataclass
-class ExampleState:
-    """One example's negatives (corpus ids), their initial scores (None until the first pass
-    when the mined file had none), its ranked list, the ids it has used and where the next
-    replacement search starts in the list."""
+class _Plan(NamedTuple):
+    """One example's replacements in a pass: the slots of its stale negatives that get one,
+    the candidates they get, the current scores of its negatives and its new cursor."""
 
-    negatives: list[str]
-    initial_scores: list[float] | None
-    candidates: list[str]
-    used: list[str]
+    index: int
+    slots: list[int]
+    found: list[str]
+    scores: list[float]
     cursor: int
-
-    def next_candidates(self, count: int) -> tuple[list[str], int]:
-        """Up to ``count`` unused candidates from the cursor on, and the new cursor."""
-        used = set(self.used)
-        found, cursor = [], self.cursor
-        while len(found) < count and cursor < len(self.candidates):
-            candidate = self.candidates[cursor]
-            cursor += 1
-            if candidate not in used:
-                found.append(candidate)
-        return found, cursor
 
 
 class DynamicMiner:
@@ -155,34 +138,15 @@ class DynamicMiner:
         """Read ``path`` (written by ``retriever mine``; its ``.corpus.jsonl`` and
         ``.meta.json`` beside it) for the examples of ``train_set``, which were read from the
         same file. ``corpus`` is searched by refreshes (default: the ``.corpus.jsonl``)."""
-        from retriever.eval.data import read_jsonl
-
         config = config or DynamicMiningConfig()
-        meta = read_meta(path)
-        try:
-            mining = MiningConfig(**meta["mining"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MiningDataError(f"{path}: the mining settings in its .meta.json: {exc}") from None
+        mining = read_mining_config(path)
         candidate_corpus = read_candidate_corpus(path)
         texts = dict(zip(candidate_corpus.ids, candidate_corpus.texts))
         refresh_corpus = None
         if config.refresh_every:
             refresh_corpus = load_corpus(corpus) if corpus else candidate_corpus
             texts.update(zip(refresh_corpus.ids, refresh_corpus.texts))
-        examples = train_set.examples
-        states, queries = [], []
-        records = read_jsonl(path)
-        for index, example in enumerate(examples):
-            line_no, record = next(records, (None, None))
-            if record is None:
-                raise MiningDataError(
-                    f"{path}: {len(examples)} training examples but only {index} lines"
-                )
-            where = f"{path}:{line_no}"
-            state = _state_from_record(record, example, texts, mining.range_min, where)
-            states.append(state)
-            positive_ids = tuple(i for i in record.get("pos_ids") or () if i is not None)
-            queries.append(MiningQuery(example.query, example.positives, positive_ids, None, where))
+        states, queries = read_states(path, train_set.examples, texts, mining.range_min)
         return cls(train_set, states, texts, config, mining, queries, refresh_corpus)
 
     # -- the trainer's calls
@@ -258,75 +222,54 @@ class DynamicMiner:
     def compute(self, encoder: Any, indices: Sequence[int], refresh: bool = False) -> dict:
         """The changes one pass makes to the examples ``indices`` (nothing is applied)."""
         indices = list(indices)
-        states = {i: self.states[i] for i in indices}
-        new_lists = self._refresh(encoder, indices) if refresh else {}
-        if new_lists:  # work on copies: apply() makes the change
-            states = {
-                i: dataclasses.replace(s, candidates=new_lists[i], cursor=self.mining.range_min)
-                for i, s in states.items()
-            }
-        stats = dict.fromkeys(
-            (
-                "examples",
-                "examples_remined",
-                "negatives",
-                "replaced",
-                "exhausted",
-                "initialised",
-                "score_before",
-                "score_after",
-            ),
-            0,
-        )
-        stats["examples"] = len(indices)
+        states = self._pass_states(encoder, indices, refresh)
+        stats = _empty_stats(len(indices))
         if not indices:
             return {"changes": [], "stats": stats}
         query_vectors = self._encode(
             encoder, [self.train_set.examples[i].query for i in indices], "query"
         )
         current = self._score(encoder, query_vectors, [states[i].negatives for i in indices])
-        plans = []
-        for row, i in enumerate(indices):
-            state, scores = states[i], current[row]
-            stats["negatives"] += len(scores)
-            stats["score_before"] += float(scores.sum())
-            if state.initial_scores is None:  # the file had no scores: these are the baseline
-                stats["initialised"] += 1
-                plans.append((i, [], [], scores.tolist(), state.cursor))
-                continue
-            stale = stale_negatives(
-                scores,
-                np.asarray(state.initial_scores, dtype=np.float64),
-                self.config.score_ratio,
-                self.config.max_abs_score,
-            )
-            slots = np.flatnonzero(stale).tolist()
-            found, cursor = state.next_candidates(len(slots))
-            stats["exhausted"] += len(slots) - len(found)
-            plans.append((i, slots[: len(found)], found, scores.tolist(), cursor))
-        new_scores = self._score(encoder, query_vectors, [plan[2] for plan in plans])
-        changes = []
-        for (i, slots, found, scores, cursor), added in zip(plans, new_scores):
-            state = states[i]
-            negatives = list(state.negatives)
-            initial = list(state.initial_scores) if state.initial_scores is not None else scores
-            after = list(scores)
-            for slot, doc_id, score in zip(slots, found, added.tolist()):
-                negatives[slot], initial[slot], after[slot] = doc_id, score, score
-            stats["score_after"] += sum(after)
-            stats["replaced"] += len(found)
-            stats["examples_remined"] += bool(found)
-            changes.append(
-                {
-                    "index": i,
-                    "negatives": negatives,
-                    "initial_scores": initial,
-                    "used_added": found,
-                    "cursor": cursor,
-                    "candidates": state.candidates if refresh else None,
-                }
-            )
+        plans = [self._plan(i, states[i], scores, stats) for i, scores in zip(indices, current)]
+        added = self._score(encoder, query_vectors, [plan.found for plan in plans])
+        changes = [
+            _change(states[plan.index], plan, scores, refresh, stats)
+            for plan, scores in zip(plans, added)
+        ]
         return {"changes": changes, "stats": stats}
+
+    def _pass_states(
+        self, encoder: Any, indices: list[int], refresh: bool
+    ) -> dict[int, ExampleState]:
+        """The states of ``indices`` that a pass starts from: with ``refresh``, copies with the
+        new ranked lists (apply() makes the change)."""
+        states = {i: self.states[i] for i in indices}
+        new_lists = self._refresh(encoder, indices) if refresh else {}
+        if new_lists:
+            states = {
+                i: dataclasses.replace(s, candidates=new_lists[i], cursor=self.mining.range_min)
+                for i, s in states.items()
+            }
+        return states
+
+    def _plan(self, i: int, state: ExampleState, scores: np.ndarray, stats: dict) -> _Plan:
+        """Which of example ``i``'s negatives (now scoring ``scores``) are stale, and the
+        candidates that replace them; counted in ``stats``."""
+        stats["negatives"] += len(scores)
+        stats["score_before"] += float(scores.sum())
+        if state.initial_scores is None:  # the file had no scores: these are the baseline
+            stats["initialised"] += 1
+            return _Plan(i, [], [], scores.tolist(), state.cursor)
+        stale = stale_negatives(
+            scores,
+            np.asarray(state.initial_scores, dtype=np.float64),
+            self.config.score_ratio,
+            self.config.max_abs_score,
+        )
+        slots = np.flatnonzero(stale).tolist()
+        found, cursor = state.next_candidates(len(slots))
+        stats["exhausted"] += len(slots) - len(found)
+        return _Plan(i, slots[: len(found)], found, scores.tolist(), cursor)
 
     def _refresh(self, encoder: Any, indices: list[int]) -> dict[int, list[str]]:
         """New ranked lists for ``indices``: the refresh corpus searched with this model."""
@@ -387,47 +330,46 @@ class DynamicMiner:
             self._sync_example(i)
 
 
-def _state_from_record(
-    record: dict[str, Any], example: Any, texts: dict[str, str], range_min: int, where: str
-) -> ExampleState:
-    if record.get("query") != example.query:
-        raise MiningDataError(
-            f"{where}: 'query' differs from the training example read from the same line; "
-            "data.train must be the mined file itself"
-        )
-    for key in ("neg_ids", "candidates"):
-        value = record.get(key)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise MiningDataError(
-                f"{where}: field '{key}' must be a list of corpus ids (dynamic mining needs a "
-                "file written by `retriever mine`)"
-            )
-    negatives, candidates = record["neg_ids"], record["candidates"]
-    if len(negatives) != len(example.negatives):
-        raise MiningDataError(
-            f"{where}: 'neg_ids' has {len(negatives)} ids for {len(example.negatives)} 'neg' texts"
-        )
-    for doc_id, text in zip(negatives, example.negatives):
-        if texts.get(doc_id) != text.strip():
-            raise MiningDataError(
-                f"{where}: 'neg_ids' id {doc_id!r} is not the text in 'neg' (or is missing "
-                "from the .corpus.jsonl)"
-            )
-    missing = [c for c in candidates if c not in texts]
-    if missing:
-        raise MiningDataError(
-            f"{where}: 'candidates' names {missing[0]!r}, which the .corpus.jsonl lacks"
-        )
-    scores = record.get("neg_scores")
-    if scores is not None:
-        if (
-            not isinstance(scores, list)
-            or len(scores) != len(negatives)
-            or not all(isinstance(s, (int, float)) for s in scores)
-        ):
-            raise MiningDataError(f"{where}: 'neg_scores' must be one number per negative")
-        scores = [float(s) for s in scores]
-    return ExampleState(list(negatives), scores, list(candidates), list(negatives), range_min)
+# What a pass counts; _merge sums them over the ranks and run() reports them.
+_PASS_COUNTS = (
+    "examples",
+    "examples_remined",
+    "negatives",
+    "replaced",
+    "exhausted",
+    "initialised",
+    "score_before",
+    "score_after",
+)
+
+
+def _empty_stats(examples: int) -> dict[str, Any]:
+    stats = dict.fromkeys(_PASS_COUNTS, 0)
+    stats["examples"] = examples
+    return stats
+
+
+def _change(
+    state: ExampleState, plan: _Plan, added: np.ndarray, refresh: bool, stats: dict
+) -> dict[str, Any]:
+    """What ``plan`` makes of ``state`` (``added``: its replacements' scores, which become
+    their initial scores), as :meth:`DynamicMiner.apply` takes it; counted in ``stats``."""
+    negatives = list(state.negatives)
+    initial = list(state.initial_scores) if state.initial_scores is not None else plan.scores
+    after = list(plan.scores)
+    for slot, doc_id, score in zip(plan.slots, plan.found, added.tolist()):
+        negatives[slot], initial[slot], after[slot] = doc_id, score, score
+    stats["score_after"] += sum(after)
+    stats["replaced"] += len(plan.found)
+    stats["examples_remined"] += bool(plan.found)
+    return {
+        "index": plan.index,
+        "negatives": negatives,
+        "initial_scores": initial,
+        "used_added": plan.found,
+        "cursor": plan.cursor,
+        "candidates": state.candidates if refresh else None,
+    }
 
 
 def _merge(parts: list[dict]) -> dict:

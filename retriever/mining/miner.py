@@ -233,7 +233,7 @@ class HardNegativeMiner:
     ) -> list[MinedExample]:
         """Mine for a chunk of queries; ``first_index`` is the first one's position in the
         whole input (it seeds random sampling)."""
-        config, n_docs = self.config, len(self.corpus)
+        config = self.config
         outside = outside_positives or {}
         limits, excluded, positive_scores = [], [], []
         for query, vector in zip(queries, query_embeddings):
@@ -241,6 +241,37 @@ class HardNegativeMiner:
             positive_scores.append(scores)
             limits.append(config.score_limit(min(scores)))
             excluded.append(self.positive_positions(query))
+        ranked = self._ranked_lists(queries, query_embeddings, excluded, limits)
+        out = []
+        for i, (query, (candidates, candidate_scores)) in enumerate(zip(queries, ranked)):
+            rng = None
+            if config.sampling == "random":
+                rng = np.random.default_rng([config.seed, first_index + i])
+            ranks = select_negatives(len(candidates), config, rng)
+            out.append(
+                MinedExample(
+                    index=first_index + i,
+                    query=query,
+                    positive_scores=positive_scores[i],
+                    negatives=[candidates[r] for r in ranks],
+                    negative_scores=[candidate_scores[r] for r in ranks],
+                    candidates=candidates,
+                    candidate_scores=candidate_scores,
+                    complete=len(ranks) == config.num_negatives,
+                )
+            )
+        return out
+
+    def _ranked_lists(
+        self,
+        queries: Sequence[MiningQuery],
+        query_embeddings: np.ndarray,
+        excluded: list[set[int]],
+        limits: list[float],
+    ) -> list[tuple[list[int], list[float]]]:
+        """Each query's ranked list (see :func:`rank_candidates`), without the corpus positions
+        ``excluded[i]`` and scores above ``limits[i]``."""
+        config, n_docs = self.config, len(self.corpus)
         # Positives, repeated texts and margins use up search results: ask for a little more
         # than the list, and search again deeper (doubling, up to the whole corpus or 16k
         # results) for the queries that came up short.
@@ -267,26 +298,7 @@ class HardNegativeMiner:
             if k >= max_k:
                 break
             todo, k = np.asarray(short, dtype=np.int64), min(max_k, 2 * k)
-        out = []
-        for i, query in enumerate(queries):
-            candidates, candidate_scores = ranked[i]  # type: ignore[misc]
-            rng = None
-            if config.sampling == "random":
-                rng = np.random.default_rng([config.seed, first_index + i])
-            ranks = select_negatives(len(candidates), config, rng)
-            out.append(
-                MinedExample(
-                    index=first_index + i,
-                    query=query,
-                    positive_scores=positive_scores[i],
-                    negatives=[candidates[r] for r in ranks],
-                    negative_scores=[candidate_scores[r] for r in ranks],
-                    candidates=candidates,
-                    candidate_scores=candidate_scores,
-                    complete=len(ranks) == config.num_negatives,
-                )
-            )
-        return out
+        return ranked  # type: ignore[return-value]
 
 
 def mine(
