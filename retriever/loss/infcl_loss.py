@@ -15,7 +15,7 @@ the two names ``MatryoshkaLoss`` looks for on a gradient-caching loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retriever.gradcache import backward_from_cached_grads, embed_without_grad, split_features
+from retriever.gradcache import backward_from_cached_grads, embed_without_grad
+from retriever.loss.columns import column_rows, embed_columns_like_mnrl, feature_devices
 from retriever.loss.functional import contrastive_loss
 from retriever.loss.inputs import IMPLS
+from retriever.loss.mini_batches import chunk_ends, plan_column, trim_padding
 from retriever.model.sdpa import attention_backends
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+# The mini-batch helpers' former names here, which the tests import.
+_chunk_ends, _trim_padding = chunk_ends, trim_padding
 
 SIMILARITIES = ("cosine", "dot")
 LOSS_DTYPES = {
@@ -258,7 +263,7 @@ class InfCLLoss(nn.Module):
             )
         if self.mini_batch_size is None:
             with attention_backends(cudnn=self.cudnn_attention):
-                embeddings = _embed_columns(self.model, features)
+                embeddings = embed_columns_like_mnrl(self.model, features)
             return self.compute_loss_from_embeddings([self._finish(e) for e in embeddings])
         return self._forward_cached(features, labels)
 
@@ -270,7 +275,7 @@ class InfCLLoss(nn.Module):
         for column, column_features in enumerate(features):
             column_chunks, order = self._plan(column_features, column)
             embedded, column_states = embed_without_grad(
-                self._embed, column_chunks, _devices(column_features)
+                self._embed, column_chunks, feature_devices(column_features)
             )
             if not leaves:
                 batch, dim = embedded.shape
@@ -282,7 +287,7 @@ class InfCLLoss(nn.Module):
                 raise ValueError(
                     f"column {column} has {embedded.shape[0]} rows but column 0 has {batch}"
                 )
-            rows = _column_rows(leaves, column, batch)
+            rows = column_rows(leaves, column, batch)
             if order is None:
                 rows.copy_(embedded.detach())
             else:
@@ -306,7 +311,7 @@ class InfCLLoss(nn.Module):
         del anchors, candidates, reps, leaves
         cached = grads[0].new_empty((batch * len(features), grads[0].shape[1]))
         for column, order in enumerate(orders):
-            rows = _column_rows(grads, column, batch)
+            rows = column_rows(grads, column, batch)
             cached[column * batch : (column + 1) * batch] = rows if order is None else rows[order]
         del grads
         loss = loss.detach().requires_grad_()
@@ -331,28 +336,8 @@ class InfCLLoss(nn.Module):
             backward_from_cached_grads(self._embed, chunks, states, grads, no_sync=no_sync)
 
     def _plan(self, features: dict[str, Any], column: int) -> tuple[list[dict], Tensor | None]:
-        """Split one column into mini-batches (longest texts first when sorting), each trimmed
-        of the padding it does not need. Returns the chunks and the row order (None: as is)."""
-        batch = _batch_size(features, column)
-        # Values not indexed by row (prompt length, router task, modality) go to every chunk.
-        rows = {k: v for k, v in features.items() if _is_row_tensor(v, batch)}
-        extras = {k: v for k, v in features.items() if k not in rows}
-        for key, value in extras.items():
-            if isinstance(value, Tensor) and value.numel() > 1:
-                # e.g. a VLM's flattened pixel values: no row slicing would be right for them.
-                raise ValueError(
-                    f"column {column}: mini_batch_size cannot split feature {key!r} of shape "
-                    f"{tuple(value.shape)} (the batch has {batch} rows); use mini_batch_size=None"
-                )
-        order = None
-        mask = rows.get("attention_mask")
-        if self.sort_by_length and mask is not None and mask.dim() == 2:
-            order = torch.argsort(mask.sum(dim=1), descending=True, stable=True)
-            rows = {k: v[order] for k, v in rows.items()}
-        pieces = split_features(rows, self.mini_batch_size)
-        ends = _chunk_ends(rows.get("attention_mask"), self.mini_batch_size, len(pieces))
-        chunks = [{**_trim_padding(piece, end), **extras} for piece, end in zip(pieces, ends)]
-        return chunks, order
+        """One column's mini-batches and row order, as `plan_column` makes them."""
+        return plan_column(features, column, self.mini_batch_size, self.sort_by_length)
 
     # -- sentence-transformers bookkeeping ----------------------------------------------------
 
@@ -388,80 +373,5 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     raise ValueError(f"loss_dtype must be None or one of {sorted(LOSS_DTYPES)}, got {dtype!r}")
 
 
-def _embed_columns(model: nn.Module, features: list[dict[str, Any]]) -> list[Tensor]:
-    """Embed every column with gradients exactly as MultipleNegativesRankingLoss does (recent
-    sentence-transformers merge the candidate columns into one forward), so the two losses draw
-    the same dropout masks."""
-    try:
-        from sentence_transformers.base.losses.merged_forward import embed_columns
-    except ImportError:  # sentence-transformers < 6: one forward per column
-        return [model(f)["sentence_embedding"] for f in features]
-    return embed_columns(model, features)
-
-
-def _column_rows(leaves: list[Tensor], column: int, batch: int) -> Tensor:
-    """Column `column`'s rows in the (anchors, candidates) pair: anchors, then candidate columns
-    back to back."""
-    if column == 0:
-        return leaves[0]
-    return leaves[1][(column - 1) * batch : column * batch]
-
-
 def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, nn.parallel.DistributedDataParallel)
-
-
-def _devices(features: Mapping[str, Any]) -> list[torch.device]:
-    return sorted({v.device for v in features.values() if isinstance(v, Tensor)}, key=str)
-
-
-def _is_row_tensor(value: Any, batch: int) -> bool:
-    return isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch
-
-
-def _batch_size(features: Mapping[str, Any], column: int) -> int:
-    if "cu_seq_lens_q" in features:
-        raise ValueError(
-            f"column {column}: mini_batch_size does not support flattened (unpadded) inputs "
-            "('cu_seq_lens_q'); use padded batches or mini_batch_size=None"
-        )
-    for key in ("input_ids", "attention_mask"):
-        value = features.get(key)
-        if isinstance(value, Tensor) and value.dim() == 2:
-            return value.shape[0]
-    raise ValueError(
-        f"column {column}: mini_batch_size needs padded token features ('input_ids' or "
-        f"'attention_mask' of shape [batch, tokens]), got keys {sorted(features)}; use "
-        "mini_batch_size=None for this model"
-    )
-
-
-def _chunk_ends(mask: Any, chunk_size: int, n_chunks: int) -> list[int | None]:
-    """For each chunk of `chunk_size` rows, one past the last token column any of its rows
-    attends to (None: nothing to trim).
-
-    One read of the whole column's mask back to the host, instead of one per mini-batch: each
-    such read waits for the GPU, so per-chunk reads would keep the CPU from queueing the next
-    mini-batch while the GPU runs the current one.
-    """
-    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[0] == 0:
-        return [None] * n_chunks
-    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-    last = (mask.bool() * positions).amax(dim=1).tolist()  # per row; 0 for an empty row
-    return [max(last[start : start + chunk_size]) for start in range(0, len(last), chunk_size)]
-
-
-def _trim_padding(chunk: dict[str, Any], end: int | None) -> dict[str, Any]:
-    """Drop the trailing token columns (from `end` on) that are padding in every row of the chunk.
-
-    Only trailing (right) padding is dropped, so positions are unchanged; the model sees the same
-    tokens with the same mask, as sentence-transformers' cached losses do for their mini-batches.
-    """
-    mask = chunk.get("attention_mask")
-    if end is None or not end or not isinstance(mask, Tensor) or end >= mask.shape[1]:
-        return chunk
-    width = mask.shape[1]
-    return {
-        k: v[:, :end] if isinstance(v, Tensor) and v.dim() >= 2 and v.shape[1] == width else v
-        for k, v in chunk.items()
-    }

@@ -23,7 +23,6 @@ leaves it unchanged).
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -31,107 +30,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from retriever.loss.inputs import (
-    FLOAT_DTYPES,
-    check_inputs,
-    resolve_impl,
-    scale_tensor,
-    tile_backend,
-)
-
-# What every rank tells the others before any block moves (one int64 per field).
-_FIELDS = (
-    "ok",
-    "n_queries",
-    "n_candidates",
-    "dim",
-    "dtype",
-    "has_ids",
-    "symmetric",
-    "needs_grad",
-    "scale_grad",
-    "scale_bits",
-)
-_DTYPE_CODES = {dtype: code for code, dtype in enumerate(FLOAT_DTYPES)}
-_MESSAGE_BYTES = 1024
-
-
-def _comm_device(group: dist.ProcessGroup, device: torch.device) -> torch.device:
-    """Where tensors must live to go through `group`: gloo moves CUDA tensors only for a few
-    collectives, so with gloo everything is staged through host memory."""
-    config = dist.get_backend_config(group)  # e.g. "cpu:gloo,cuda:nccl" or "gloo"
-    if ":" in config:
-        backend = dict(item.split(":", 1) for item in config.split(",")).get(device.type, "")
-    else:
-        backend = config
-    if not backend or (backend == "nccl" and device.type != "cuda"):
-        raise ValueError(
-            f"the process group ({config!r}) cannot move {device.type} tensors: put the "
-            "embeddings on the GPU for NCCL, or use a gloo group"
-        )
-    return torch.device("cpu") if backend == "gloo" else device
-
-
-class _Transfer:
-    """Sends and receives in flight; `wait` returns the received tensors on the compute device."""
-
-    def __init__(self, works: list, sends: list[Tensor], recvs: list[Tensor], device) -> None:
-        self._works, self._sends, self._recvs, self._device = works, sends, recvs, device
-
-    def wait(self) -> list[Tensor]:
-        for work in self._works:
-            work.wait()
-        self._sends = []  # the sent buffers may be freed only now
-        return [t.to(self._device) for t in self._recvs]
-
-
-class _Ring:
-    """The ranks of `group` arranged in a ring: send to rank + 1, receive from rank - 1."""
-
-    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.device = device
-        self.comm_device = _comm_device(group, device)
-        self._next = dist.get_global_rank(group, (self.rank + 1) % self.world)
-        self._prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
-
-    def shift(self, tensors: list[Tensor], incoming: list[tuple[tuple, torch.dtype]]) -> _Transfer:
-        """Start sending `tensors` to the next rank and receiving tensors of the given shapes and
-        dtypes from the previous one.  Every rank posts the same pattern, so nothing waits on a
-        send that no one receives."""
-        sends = [t.contiguous().to(self.comm_device) for t in tensors]
-        recvs = [
-            torch.empty(shape, dtype=dtype, device=self.comm_device) for shape, dtype in incoming
-        ]
-        # Several tensors go the same way: tags keep gloo from matching them out of order.
-        ops = [
-            dist.P2POp(dist.isend, t, self._next, self.group, tag) for tag, t in enumerate(sends)
-        ]
-        ops += [
-            dist.P2POp(dist.irecv, t, self._prev, self.group, tag) for tag, t in enumerate(recvs)
-        ]
-        return _Transfer(dist.batch_isend_irecv(ops), sends, recvs, self.device)
-
-    def all_gather(self, t: Tensor) -> Tensor:
-        """[W, *t.shape]: every rank's `t`, on the compute device."""
-        t = t.to(self.comm_device)
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t, group=self.group)
-        return torch.stack(parts).to(self.device)
-
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        t = t.to(self.comm_device)
-        dist.all_reduce(t, group=self.group)
-        return t.to(self.device)
+from retriever.loss.inputs import check_inputs, resolve_impl, scale_tensor, tile_backend
+from retriever.loss.ring_agreement import FIELDS, agree, local_meta
+from retriever.loss.ring_transport import Ring
 
 
 @dataclass
 class _Plan:
     """Everything the autograd Function needs besides the embeddings and the scale."""
 
-    ring: _Ring
+    ring: Ring
     backend: ModuleType
     labels: Tensor  # [Bq] local index of each query's positive in this rank's candidates
     ids: Tensor | None  # [Bd] local candidate ids
@@ -319,86 +227,6 @@ class RingLoss(torch.autograd.Function):
         )
 
 
-def _float_bits(value: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", value))[0]
-
-
-def _local_meta(queries, candidates, scale_t, candidate_ids, symmetric) -> list[int]:
-    wants_grad = any(
-        isinstance(t, Tensor) and t.requires_grad for t in (queries, candidates, scale_t)
-    )
-    return [
-        1,
-        queries.shape[0],
-        candidates.shape[0],
-        queries.shape[1],
-        _DTYPE_CODES[queries.dtype],
-        int(candidate_ids is not None),
-        int(symmetric),
-        int(torch.is_grad_enabled() and wants_grad),
-        int(torch.is_grad_enabled() and scale_t.requires_grad),
-        _float_bits(float(scale_t.detach())),
-    ]
-
-
-def _by_value(column: list[int], show=str) -> str:
-    groups: dict[int, list[int]] = {}
-    for rank, value in enumerate(column):
-        groups.setdefault(value, []).append(rank)
-    return "; ".join(f"{show(v)} on ranks {ranks}" for v, ranks in groups.items())
-
-
-def _mismatch(table: list[dict[str, int]]) -> str | None:
-    """What the ranks disagree on, described the same way on every rank (None if nothing)."""
-    dtypes = {code: str(dtype) for dtype, code in _DTYPE_CODES.items()}
-    checks = (
-        ("dim", "the embedding size D differs across ranks", str),
-        ("dtype", "the embedding dtype differs across ranks", dtypes.get),
-        (
-            "has_ids",
-            "candidate_ids must be given on every rank or on none",
-            ("absent", "given").__getitem__,
-        ),
-        ("symmetric", "symmetric must be the same on every rank", lambda v: str(bool(v))),
-        (
-            "needs_grad",
-            "every rank must compute gradients (and call backward) or none",
-            ("no gradients", "gradients").__getitem__,
-        ),
-        (
-            "scale_bits",
-            "scale must be the same on every rank",
-            lambda v: repr(struct.unpack("<f", struct.pack("<i", v))[0]),
-        ),
-    )
-    for field, what, show in checks:
-        column = [row[field] for row in table]
-        if len(set(column)) > 1:
-            return f"{what}: {_by_value(column, show)}"
-    return None
-
-
-def _agree(ring: _Ring, meta: list[int], error: str | None) -> list[dict[str, int]]:
-    """Exchange every rank's sizes and settings; raise the same ValueError on every rank when
-    any rank's inputs are invalid or the ranks disagree, so that no rank is left waiting."""
-    table_t = ring.all_gather(torch.tensor(meta, dtype=torch.int64, device=ring.device))
-    table = [dict(zip(_FIELDS, row)) for row in table_t.tolist()]
-    failed = [rank for rank, row in enumerate(table) if not row["ok"]]
-    if failed:
-        # Every rank knows someone failed, so every rank joins this second exchange.
-        text = (error or "").encode()[:_MESSAGE_BYTES]
-        buf = torch.zeros(_MESSAGE_BYTES, dtype=torch.uint8)
-        buf[: len(text)] = torch.tensor(list(text), dtype=torch.uint8)
-        messages = ring.all_gather(buf.to(ring.device)).cpu()
-        texts = [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in messages]
-        details = "; ".join(f"rank {r}: {texts[r]}" for r in failed)
-        raise ValueError(f"contrastive_loss(group=...): invalid inputs on {details}")
-    mismatch = _mismatch(table)
-    if mismatch is not None:
-        raise ValueError(f"contrastive_loss(group=...): {mismatch}")
-    return table
-
-
 def ring_loss(
     queries: Tensor,
     candidates: Tensor,
@@ -440,18 +268,18 @@ def ring_loss(
     device = next(
         (t.device for t in (queries, candidates) if isinstance(t, Tensor)), torch.device("cpu")
     )
-    ring = _Ring(group, device)
-    meta, error = [0] * len(_FIELDS), None
+    ring = Ring(group, device)
+    meta, error = [0] * len(FIELDS), None
     try:
         check_inputs(queries, candidates, labels, candidate_ids)
         if not isinstance(symmetric, bool):
             raise ValueError(f"symmetric must be a bool, got {type(symmetric).__name__}")
         backend = tile_backend(resolve_impl(impl, 0, 0, device, tiled=True))
         scale_t = scale_tensor(scale, device)
-        meta = _local_meta(queries, candidates, scale_t, candidate_ids, symmetric)
+        meta = local_meta(queries, candidates, scale_t, candidate_ids, symmetric)
     except (ValueError, RuntimeError) as exc:
         error = str(exc)
-    table = _agree(ring, meta, error)
+    table = agree(ring, meta, error)
 
     if labels is None:
         labels = torch.arange(queries.shape[0], device=device)
