@@ -193,3 +193,15 @@ def error_bounds(
         reverse = Bounds(reverse.loss, reverse.dd, reverse.dq, reverse.dscale)
         bounds = (bounds + reverse).scaled(0.5)
     return bounds.scaled(SLACK)
+
+
+def reference_cosent(first, second, scores, scale):
+    """log(1 + sum over pairs (i, j) with y_i > y_j of exp(s (cos_j - cos_i))), in float64."""
+    first, second = first.double(), second.double()
+    cosine = [float(torch.dot(a, b) / (a.norm() * b.norm())) for a, b in zip(first, second)]
+    total = 1.0
+    for i, yi in enumerate(scores.tolist()):
+        for j, yj in enumerate(scores.tolist()):
+            if yi > yj:
+                total += math.exp(scale * (cosine[j] - cosine[i]))
+    return math.log(total)

@@ -73,6 +73,34 @@ def test_top_k_larger_than_corpus_and_bad_shapes(vectors):
         SearchIndex(np.zeros((0, 4), dtype=np.float32))
 
 
+def test_set_search_params_changes_the_faiss_knobs_without_a_rebuild(vectors):
+    queries, docs = vectors
+    config = IndexConfig(kind="ivf", nlist=16, nprobe=2)
+    ivf = SearchIndex(docs, config)
+    built = ivf._faiss
+    ivf.set_search_params(nprobe=16)
+    assert ivf._faiss is built and built.nprobe == 16 and ivf.config.nprobe == 16
+    assert config.nprobe == 2  # the caller's config is not changed
+    np.testing.assert_array_equal(ivf.search(queries, 10)[1], _brute_force(queries, docs, 10)[1])
+    ivf.set_search_params(nprobe=1000)  # at most nlist, as when the index is built
+    assert built.nprobe == 16
+    ivf.set_search_params()  # nothing given: nothing changes
+    assert built.nprobe == 16
+
+    hnsw = SearchIndex(docs, IndexConfig(kind="hnsw", ef_search=16))
+    hnsw.set_search_params(ef_search=99)
+    assert hnsw._faiss.hnsw.efSearch == 99 and hnsw.config.ef_search == 99
+
+    with pytest.raises(ValueError, match="nprobe applies to 'ivf' indexes only"):
+        hnsw.set_search_params(nprobe=4)
+    with pytest.raises(ValueError, match="ef_search applies to 'hnsw' indexes only"):
+        SearchIndex(docs, IndexConfig(kind="torch")).set_search_params(ef_search=4)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="nprobe must be an integer >= 1"):
+            ivf.set_search_params(nprobe=bad)
+    assert built.nprobe == 16
+
+
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     return Encoder.from_pretrained(str(save_tiny_bert(tmp_path_factory.mktemp("tiny"))))

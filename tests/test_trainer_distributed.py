@@ -79,3 +79,50 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(
         assert b["loss"] == pytest.approx(a["loss"], rel=100 * atol)
         assert b["temperature"] == pytest.approx(a["temperature"], rel=atol)
     assert logs[0][-1]["temperature"] != pytest.approx(0.05, rel=1e-4)  # it did learn
+
+
+def test_two_processes_match_one_process_with_two_sources_and_uneven_shares(tmp_path):
+    """Cross-GPU batch balance: every process holds a share of both sources (here 4 + 3
+    retrieval queries and 1 + 1 STS pairs a step), the ring gives the retrieval source its
+    whole global batch and CoSENT gathers every pair: the parameters of one process on the
+    concatenated batch."""
+    import json
+    import random
+
+    from train_helpers import WORDS
+
+    model = make_tiny_model(tmp_path / "model", dropout=0.0)
+    data = write_examples(tmp_path / "train.jsonl", n=40, negatives=2)
+    rng = random.Random(0)
+    with open(tmp_path / "sts.jsonl", "w") as f:
+        for i in range(12):
+            words = rng.sample(WORDS, 4)
+            pair = {"sentence1": " ".join(words), "sentence2": " ".join(words[:2]) + f" {i}",
+                    "score": float(rng.randint(0, 5))}  # fmt: skip
+            f.write(json.dumps(pair) + "\n")
+    config = {
+        "model": {"name_or_path": model, "query_max_length": 16, "document_max_length": 24},
+        "data": {
+            "train": [{"path": data, "weight": 7, "negatives": 1},
+                      {"path": str(tmp_path / "sts.jsonl"), "task": "sts", "weight": 2}],
+            "num_workers": 0,
+        },  # fmt: skip
+        "training": {"batch_size": 9, "chunk_size": 3, "max_steps": 3, "learning_rate": 1e-3,
+                     "warmup_steps": 0, "logging_steps": 1, "report_to": [], "cpu": True},
+    }  # fmt: skip
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "-m", "retriever", "train", str(config_file), "--output-dir",
+               str(tmp_path / "two")]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one = load_config(config_file)
+    one.training.output_dir = str(tmp_path / "one")
+    train(one)
+    want, got = load_weights(tmp_path / "one" / "final"), load_weights(tmp_path / "two" / "final")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    start = load_weights(tmp_path / "model")["embeddings.word_embeddings.weight"]
+    assert not torch.equal(want["embeddings.word_embeddings.weight"], start)  # it trained

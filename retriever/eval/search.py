@@ -16,6 +16,9 @@ Indexes (``kind``):
 * ``torch``: exact, a chunked matrix product and top-k in PyTorch on any device: the exact GPU
   search when faiss has no GPU support.
 
+The search-time knobs of a built index (``nprobe``, ``ef_search``) change through
+:meth:`SearchIndex.set_search_params`, without a rebuild.
+
 Corpus embeddings can be cached on disk (``cache_dir``). The key hashes the model's weights and
 tokenizer, the encoder's settings, the encoding dtype and device type, and every document text,
 so a changed model or corpus is a different file and never a stale hit.
@@ -23,6 +26,7 @@ so a changed model or corpus is a different file and never a stale hit.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -144,6 +148,33 @@ class SearchIndex:
             self.device = "cuda"
         index.add(x)
         return index
+
+    def set_search_params(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the search-time knobs of a built index, without rebuilding it: ``nprobe``
+        (IVF cells searched, at most the index's ``nlist``) or ``ef_search`` (HNSW search
+        width). ``None`` leaves a knob as it is; ``self.config`` records the new values.
+
+        Raises ValueError for a value below 1 or a knob of another kind of index (``nprobe``
+        for ``ivf`` only, ``ef_search`` for ``hnsw`` only), as IndexConfig does."""
+        changes = {}
+        for name, value, kind in (("nprobe", nprobe, "ivf"), ("ef_search", ef_search, "hnsw")):
+            if value is None:
+                continue
+            if self.config.kind != kind:
+                raise ValueError(
+                    f"{name} applies to {kind!r} indexes only (this index is {self.config.kind!r})"
+                )
+            _require_positive(name, value)
+            changes[name] = value
+        if not changes:
+            return
+        # A copy: the caller's IndexConfig (often shared with other indexes) stays as it was.
+        self.config = dataclasses.replace(self.config, **changes)
+        if nprobe is not None:
+            # GPU IVF indexes (faiss GPU builds) take the attribute as well.
+            self._faiss.nprobe = min(nprobe, self._faiss.nlist)
+        if ef_search is not None:
+            self._faiss.hnsw.efSearch = ef_search
 
     def search(
         self, queries: np.ndarray | torch.Tensor, top_k: int

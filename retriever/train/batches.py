@@ -133,6 +133,11 @@ class Batch:
     candidate_ids: Tensor
     num_queries: int
     num_tokens: int
+    scores: Tensor | None = None  # gold scores of scored pairs (an STS source), in batch order
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.document_order.shape[0])
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can be asynchronous."""
@@ -144,6 +149,7 @@ class Batch:
             self.candidate_ids.pin_memory(),
             self.num_queries,
             self.num_tokens,
+            None if self.scores is None else self.scores.pin_memory(),
         )
 
 

@@ -4,6 +4,7 @@ value becomes a `ConfigError` naming the option."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -169,19 +170,73 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def load_eval_task(config: TrainConfig) -> Any:
-    """The (shrunk) evaluation task of ``eval.data``, or None; errors name the option."""
-    if not config.eval.data:
-        return None
+def load_eval_tasks(config: TrainConfig) -> list[Any]:
+    """The tasks of ``eval.data`` (retrieval tasks, shrunk as ``eval.max_*`` say, and STS
+    sets), and a check that ``eval.metric`` names a score they report; errors name the option."""
+    from retriever.eval.sts import is_sts, load_sts
+
+    specs = [config.eval.data] if isinstance(config.eval.data, str) else config.eval.data or []
+    tasks = []
+    for i, spec in enumerate(specs):
+        key = "eval.data" if isinstance(config.eval.data, str) else f"eval.data[{i}]"
+        try:
+            tasks.append(
+                load_sts(spec, config.eval.split)
+                if is_sts(spec, config.eval.split)
+                else _retrieval_task(config, spec)
+            )
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            # A BEIR directory without that split's qrels: the split is what to change.
+            if f"qrels/{config.eval.split}.tsv" in str(exc):
+                key = "eval.split"
+            raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
+    _check_metric_task(config, tasks)
+    return tasks
+
+
+def _retrieval_task(config: TrainConfig, spec: str) -> Any:
     from retriever.eval.data import load_task
 
-    try:
-        task = load_task(config.eval.data, config.eval.split)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        # A BEIR directory without that split's qrels: the split is what to change.
-        key = "eval.split" if f"qrels/{config.eval.split}.tsv" in str(exc) else "eval.data"
-        raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
+    task = load_task(spec, config.eval.split)
     return shrink_task(task, config.eval.max_queries, config.eval.max_documents)
+
+
+def _check_metric_task(config: TrainConfig, tasks: list[Any]) -> None:
+    """eval.metric must be a score of the tasks loaded: ``TASK/METRIC`` of one of them, or a
+    plain metric of the only one, or ``mean_main_score``."""
+    from retriever.eval.metrics import metric_names
+    from retriever.eval.sts import STSTask
+
+    metric, by_name = config.eval.metric, {t.name: t for t in tasks}
+    where = config.where("eval.metric")
+    if not tasks or metric == "mean_main_score":
+        return
+    if "/" in metric:
+        name, score = metric.rsplit("/", 1)
+        if name not in by_name:
+            raise ConfigError(
+                f"{where}: eval.metric: {metric!r} names no evaluation task (tasks: "
+                f"{', '.join(by_name)})"
+            )
+        task = by_name[name]
+    elif len(tasks) > 1:
+        raise ConfigError(
+            f"{where}: eval.metric: {metric!r} is ambiguous with {len(tasks)} tasks; use "
+            f"TASK/METRIC (e.g. {tasks[0].name}/main_score) or mean_main_score"
+        )
+    else:
+        task, score = tasks[0], metric
+    reported = (
+        ["main_score", "spearman", "pearson"]
+        if isinstance(task, STSTask)
+        else ["main_score", *metric_names()]
+    )
+    if score not in reported:
+        kind = "an STS" if isinstance(task, STSTask) else "a retrieval"
+        raise ConfigError(
+            f"{where}: eval.metric: {task.name} is {kind} task, which does not report "
+            f"{score!r} (e.g. {', '.join(reported[:3])})"
+        )
 
 
 def flat_hparams(config: TrainConfig) -> dict[str, Any]:
@@ -195,35 +250,69 @@ def flat_hparams(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def build_train_set(
-    config: TrainConfig, encoder: Encoder, accelerator: Any
-) -> tuple[TrainSet, int]:
-    """The training set of ``data.*``, tokenised through the token cache, and its batches per
-    epoch; a batch larger than the distinct positives allow is an error naming the option."""
-    from retriever.examples import load_examples
-    from retriever.train.data import epoch_batches
+def build_datasets(config: TrainConfig, encoder: Encoder, accelerator: Any) -> list[Any]:
+    """Every source's examples (a TrainSet for retrieval, a PairSet for STS), tokenised through
+    the token cache with the source's own prefixes."""
+    from retriever.train.sources import sources_of
     from retriever.train.tokens import default_cache_dir
 
-    t, d = config.training, config.data
-    examples = load_examples(
-        d.train, format=d.format, split=d.split, negatives=d.negatives, max_examples=d.max_examples
-    )
-    train_set = TrainSet(examples, d.negatives, t.seed)
-    first = epoch_batches(train_set, 0, t.batch_size)
-    if not first:
-        distinct = len({p for e in examples for p in e.positives})
-        raise ConfigError(
-            f"{config.where('training.batch_size')}: training.batch_size ({t.batch_size}) "
-            f"is larger than any batch of distinct positives the data can make "
-            f"({len(examples)} examples, {distinct} distinct positive texts)"
-        )
+    d = config.data
     cache_dir = None if d.token_cache == "off" else Path(d.token_cache or default_cache_dir())
+    datasets = []
     with accelerator.main_process_first():  # the main process fills the cache
-        train_set.attach_tokens(
-            encoder.tokenizer,
-            encoder.side_settings("query"),
-            encoder.side_settings("document"),
-            cache_dir,
-            show_progress=accelerator.is_local_main_process,
+        for source in sources_of(config):
+            datasets.append(_source_dataset(config, source, encoder, cache_dir, accelerator))
+    return datasets
+
+
+def _source_dataset(
+    config: TrainConfig, source: Any, encoder: Encoder, cache_dir: Any, accelerator: Any
+) -> Any:
+    from retriever.examples import load_examples
+    from retriever.train.pairs import PairSet
+
+    settings = encoder.settings
+    query = dataclasses.replace(
+        settings.side("query"), prefix=_prefix(source.query_prefix, settings.query_prefix)
+    )
+    document = dataclasses.replace(
+        settings.side("document"), prefix=_prefix(source.document_prefix, settings.document_prefix)
+    )
+    progress = accelerator.is_local_main_process
+    if source.task == "sts":
+        pairs = PairSet(source.path, source.split, config.training.seed, source.max_examples)
+        pairs.attach_tokens(encoder.tokenizer, query, cache_dir, show_progress=progress)
+        return pairs
+    examples = load_examples(
+        source.path,
+        format=source.format,
+        split=source.split,
+        negatives=source.negatives,
+        max_examples=source.max_examples,
+    )
+    train_set = TrainSet(examples, source.negatives, config.training.seed)
+    train_set.attach_tokens(encoder.tokenizer, query, document, cache_dir, show_progress=progress)
+    return train_set
+
+
+def _prefix(own: str | None, model: str) -> str:
+    return model if own is None else own
+
+
+def batches_per_epoch(config: TrainConfig, dataset: Any, share: int, where: str) -> int:
+    """How many batches of ``share`` one epoch of ``dataset`` makes; none is an error."""
+    plan = dataset.epoch_plan(0, share)
+    if not plan:
+        size = config.training.batch_size
+        examples = getattr(dataset, "examples", None)
+        what = (
+            f"any batch of distinct positives {where} can make ({len(examples)} examples, "
+            f"{len({p for e in examples for p in e.positives})} distinct positive texts)"
+            if examples is not None
+            else f"the {len(dataset)} pairs of {where}"
         )
-    return train_set, len(first)
+        raise ConfigError(
+            f"{config.where('training.batch_size')}: training.batch_size ({size}) asks for "
+            f"{share} rows of it a step, more than {what}"
+        )
+    return len(plan)

@@ -99,6 +99,10 @@ def options(section: str) -> list[dataclasses.Field]:
     return list(dataclasses.fields(SECTIONS[section]))
 
 
+def _field(section: str, name: str) -> dataclasses.Field:
+    return next(f for f in options(section) if f.name == name)
+
+
 def _type_of(section: str, name: str) -> Any:
     return typing.get_type_hints(SECTIONS[section])[name]
 
@@ -128,6 +132,14 @@ def convert(value: Any, section: str, name: str, where: str) -> Any:
         if optional:
             return None
         raise fail("a value (null is not allowed here)")
+    items = _field(section, name).metadata.get("items")
+    if items is not None:  # one path, or a list (of sources, of tasks)
+        if isinstance(value, str) and value:
+            return value
+        kind = "mappings" if items is dict else "strings"
+        if not isinstance(value, list) or not all(isinstance(v, items) for v in value):
+            raise fail(f"a path or a list of {kind}")
+        return list(value)
     if base is bool:
         if not isinstance(value, bool):
             raise fail("true or false")
@@ -159,7 +171,7 @@ def convert(value: Any, section: str, name: str, where: str) -> Any:
         out = list(value)
     else:  # pragma: no cover - a new option type
         raise TypeError(f"unsupported option type {tp} for {key}")
-    choices = next(f for f in options(section) if f.name == name).metadata["choices"]
+    choices = _field(section, name).metadata["choices"]
     if choices is not None and out not in choices:
         raise fail(f"one of {', '.join(choices)}")
     return out
@@ -208,6 +220,9 @@ def apply_mapping(config: TrainConfig, mapping_node: yaml.Node, path: str) -> No
             value = yaml.safe_load(yaml.serialize(value_node))
             setattr(getattr(config, section), name, convert(value, section, name, where))
             config.sources[f"{section}.{name}"] = where
+            if isinstance(value_node, yaml.SequenceNode):  # each entry of a list, by its line
+                for i, item in enumerate(value_node.value):
+                    config.sources[f"{section}.{name}[{i}]"] = _line(item, path)
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
@@ -251,15 +266,35 @@ def _check(config: TrainConfig, key: str, ok: bool, expected: str) -> None:
         )
 
 
+def _check_sources(config: TrainConfig) -> None:
+    """data.train's sources, parsed now so that a bad entry stops the start before any load."""
+    from retriever.train.sources import SourceError, sources_of
+
+    try:
+        sources = sources_of(config)
+    except SourceError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.mining.dynamic and (len(sources) > 1 or sources[0].task != "retrieval"):
+        raise ConfigError(
+            f"{config.where('mining.dynamic')}: mining.dynamic re-mines one retrieval source; "
+            "data.train lists several"
+        )
+
+
 def _check_metric(config: TrainConfig) -> None:
+    """eval.metric: a metric the evaluators report (retrieval's, or STS's spearman / pearson),
+    ``TASK/METRIC`` for one of several tasks, or ``mean_main_score`` (their main scores'
+    mean). Task names are checked once the tasks are loaded."""
     from retriever.eval.metrics import metric_names
 
-    names = ["main_score", *metric_names()]
+    names = ["main_score", "spearman", "pearson", *metric_names()]
     metric = config.eval.metric
-    if metric not in names:
+    name = metric.rsplit("/", 1)[-1]
+    if metric != "mean_main_score" and name not in names:
         raise ConfigError(
             f"{config.where('eval.metric')}: eval.metric: {metric!r} is not a metric the "
-            f"evaluator reports{_suggest(metric, names)} (e.g. ndcg_at_10, recall_at_100)"
+            f"evaluator reports{_suggest(name, names)} (e.g. ndcg_at_10, recall_at_100, "
+            "spearman, TASK/ndcg_at_10 with several tasks, or mean_main_score)"
         )
 
 
@@ -299,6 +334,7 @@ def validate(config: TrainConfig) -> TrainConfig:
         if not config.get(key):
             raise ConfigError(f"{key} is required: set it in the config file or pass {flag}")
     check_bounds(config)
+    _check_sources(config)
     loss = config.loss
     if loss.min_temperature > loss.max_temperature:
         raise ConfigError(

@@ -123,6 +123,13 @@ class TrainSet(torch.utils.data.Dataset):
         positive, negatives = self._pick(epoch, index)
         return example.query, example.positives[positive], [example.negatives[i] for i in negatives]
 
+    def epoch_plan(self, epoch: int, batch_size: int) -> list[list[int]]:
+        """The global batches of ``epoch`` (:func:`epoch_batches`)."""
+        return epoch_batches(self, epoch, batch_size)
+
+    def scores_of(self, indices: Sequence[int]) -> None:
+        return None  # retrieval examples have no gold scores (see train.pairs)
+
     def rows(self, epoch: int, index: int) -> tuple[int, int, list[int]]:
         """The group of ``(epoch, index)`` as (query row, positive row, negative rows)."""
         positive, negatives = self._pick(epoch, index)

@@ -11,25 +11,22 @@ from retriever.fileio import atomic_directory
 
 
 def evaluate_step(
-    acc: Any, encoder: Any, task: Any, config: Any, state: Any, output_dir: Path
-) -> dict:
-    """Scores of ``encoder`` on ``task`` at ``state.step`` (numbers only); updates the best
-    metric and step in ``state`` and keeps ``best/``."""
+    acc: Any, encoder: Any, tasks: list[Any], config: Any, state: Any, output_dir: Path
+) -> dict[str, Any]:
+    """Scores of ``encoder`` on every task at ``state.step`` (numbers only; with several tasks
+    ``TASK/METRIC`` keys and ``mean_main_score``); updates the best metric and step in
+    ``state`` and keeps ``best/``."""
     from accelerate.utils import broadcast_object_list
-
-    from retriever.eval.evaluator import evaluate_task
 
     metric = config.eval.metric
     result: list[Any] = [None]
     if acc.is_main_process:
-        scores = evaluate_task(
-            encoder, task, batch_size=config.eval.batch_size, show_progress=False
-        )
-        result = [{k: v for k, v in scores.items() if isinstance(v, (int, float))}]
-        if state.best_metric is None or result[0][metric] > state.best_metric:
+        scores, details = score_tasks(encoder, tasks, config.eval.batch_size)
+        result = [scores]
+        if state.best_metric is None or scores[metric] > state.best_metric:
             with atomic_directory(output_dir / "best") as best:
                 encoder.save(best)
-                text = json.dumps({"step": state.step, **scores}, indent=2, default=str)
+                text = json.dumps({"step": state.step, **details}, indent=2, default=str)
                 (best / "eval.json").write_text(text + "\n", encoding="utf-8")
     result = broadcast_object_list(result) if acc.num_processes > 1 else result
     scores = result[0]
@@ -37,8 +34,41 @@ def evaluate_step(
         state.best_metric, state.best_step = scores[metric], state.step
     state.evaluated_step = state.step
     acc.log({f"eval/{k}": v for k, v in scores.items()}, step=state.step)
-    acc.print(
-        f"eval at step {state.step}: {metric} = {scores[metric]:.4f} "
-        f"({scores.get('num_queries')} queries, {scores.get('num_documents')} documents)"
-    )
+    acc.print(f"eval at step {state.step}: {metric} = {scores[metric]:.4f} ({_sizes(scores)})")
     return {"step": state.step, **scores}
+
+
+def score_tasks(encoder: Any, tasks: list[Any], batch_size: int) -> tuple[dict, dict]:
+    """(numeric scores, full results): one task's keys as they are; several tasks' prefixed
+    with the task's name, plus the mean of their main scores."""
+    from retriever.eval.evaluator import evaluate_task
+    from retriever.eval.sts import STSTask, evaluate_sts
+
+    results = {}
+    for task in tasks:
+        run = evaluate_sts if isinstance(task, STSTask) else evaluate_task
+        results[task.name] = run(encoder, task, batch_size=batch_size, show_progress=False)
+    numeric = {
+        name: {
+            k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        for name, r in results.items()
+    }
+    if len(tasks) == 1:
+        (only,) = numeric.values()
+        return {**only, "mean_main_score": only["main_score"]}, next(iter(results.values()))
+    scores = {f"{name}/{k}": v for name, r in numeric.items() for k, v in r.items()}
+    scores["mean_main_score"] = sum(r["main_score"] for r in numeric.values()) / len(numeric)
+    return scores, results
+
+
+def _numbers(result: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def _sizes(scores: dict[str, Any]) -> str:
+    if "num_queries" in scores:
+        return f"{scores['num_queries']} queries, {scores.get('num_documents')} documents"
+    return ", ".join(f"{k}={v:.4f}" for k, v in scores.items() if k.endswith("main_score"))

@@ -13,62 +13,76 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from retriever.train.batches import Batch, Collator
-from retriever.train.data import TrainSet, epoch_batches
+from retriever.train.sources import rank_rows
 
 
 @dataclass(frozen=True)
 class Position:
-    """Where the data stands: the next batch is batch ``batch`` of epoch ``epoch``."""
+    """Where a source's data stands: its next batch is batch ``batch`` of epoch ``epoch``."""
 
     epoch: int
     batch: int
 
 
+@dataclass(frozen=True)
+class Stream:
+    """One source in the loader: its examples (a TrainSet or a PairSet: ``epoch_plan``,
+    ``rows``, ``scores_of``), its Collator, its share of each global batch, where it stands."""
+
+    dataset: Any
+    collator: Collator
+    share: int
+    start: Position
+
+
+@dataclass
+class Part:
+    """One source's part of a step: where its data stood, and this process's batch of it."""
+
+    epoch: int
+    index: int
+    batch: Batch
+
+
+def stream_plan(stream: Stream) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, index in the epoch, global batch) of a source, epoch after epoch, without end:
+    a source that runs out starts its next epoch while the others go on."""
+    epoch, skip = stream.start.epoch, stream.start.batch
+    while True:
+        batches = stream.dataset.epoch_plan(epoch, stream.share)
+        if not batches:
+            raise RuntimeError(f"epoch {epoch} makes no batch of {stream.share}")
+        for index in range(skip, len(batches)):
+            yield epoch, index, batches[index]
+        epoch, skip = epoch + 1, 0
+
+
 class StepBatches(torch.utils.data.IterableDataset):
-    """Items ``(epoch, batch index in the epoch, Batch)`` for ``steps`` steps from ``start``;
-    each process collates its own share (``rank`` of ``world``) of every global batch."""
+    """Items: for each of ``steps`` steps, a list of every source's :class:`Part` (each process
+    collates its own rows of every source's global batch: `train.sources.rank_rows`)."""
 
-    def __init__(
-        self,
-        train_set: TrainSet,
-        collator: Collator,
-        batch_size: int,
-        start: Position,
-        steps: int,
-        rank: int = 0,
-        world: int = 1,
-    ) -> None:
-        self.train_set, self.collator = train_set, collator
-        self.batch_size, self.start, self.steps = batch_size, start, steps
-        self.rank, self.world = rank, world
+    def __init__(self, streams: list[Stream], steps: int, rank: int = 0, world: int = 1) -> None:
+        self.streams, self.steps, self.rank, self.world = streams, steps, rank, world
 
-    def plan(self) -> Iterator[tuple[int, int, list[int]]]:
-        """(epoch, index in the epoch, global batch) for every step, in order."""
-        epoch, skip, produced = self.start.epoch, self.start.batch, 0
-        while produced < self.steps:
-            batches = epoch_batches(self.train_set, epoch, self.batch_size)
-            if not batches:
-                raise RuntimeError(f"epoch {epoch} makes no batch of {self.batch_size}")
-            for index in range(skip, len(batches)):
-                if produced == self.steps:
-                    return
-                yield epoch, index, batches[index]
-                produced += 1
-            epoch, skip = epoch + 1, 0
-
-    def __iter__(self) -> Iterator[tuple[int, int, Batch]]:
+    def __iter__(self) -> Iterator[list[Part]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        size = self.batch_size // self.world
-        for step, (epoch, index, batch) in enumerate(self.plan()):
+        plans = [stream_plan(stream) for stream in self.streams]
+        for step in range(self.steps):
+            items = [next(plan) for plan in plans]  # every worker walks every plan
             if step % workers == worker:
-                local = batch[self.rank * size : (self.rank + 1) * size]
-                groups = [self.train_set.rows(epoch, i) for i in local]
-                yield epoch, index, self.collator(groups)
+                yield [self._part(s, *item) for s, item in zip(self.streams, items)]
+
+    def _part(self, stream: Stream, epoch: int, index: int, batch: list[int]) -> Part:
+        local = batch[rank_rows(stream.share, self.rank, self.world)]
+        collated = stream.collator([stream.dataset.rows(epoch, i) for i in local])
+        collated.scores = stream.dataset.scores_of(local)
+        return Part(epoch, index, collated)
 
 
 def run_loader(

@@ -89,11 +89,14 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train: str | None = _opt(
+    train: str | list | None = _opt(
         None,
         "Training data: a JSONL(.gz) file (query, pos, neg), a BEIR directory (with data.split "
         "naming the qrels), a dataset saved with datasets' save_to_disk, or a Hub dataset id "
-        "(with data.format: datasets). Required.",
+        "(with data.format: datasets); or a list of sources, each {path, task: retrieval|sts, "
+        "weight, name, split, format, negatives, max_examples, query_prefix, "
+        "document_prefix} (docs/training.md, Several sources). Required.",
+        items=dict,
     )
     format: str = _opt(
         "auto",
@@ -132,6 +135,9 @@ class LossArguments:
     min_temperature: float = _opt(0.01, "Lower clamp of a learnable temperature.", gt=0)
     max_temperature: float = _opt(1.0, "Upper clamp of a learnable temperature.", gt=0)
     symmetric: bool = _opt(False, "Also the positive-to-query direction (average of both).")
+    cosent_scale: float = _opt(
+        20.0, "Scale of the CoSENT loss of STS sources (docs/training.md, Several sources).", gt=0
+    )
     impl: str = _opt(
         "auto",
         "Loss implementation: auto, naive, torch (tiled PyTorch) or triton (fused kernels).",
@@ -230,12 +236,20 @@ class TrainingArguments:
         "Trackers: tensorboard, wandb (any of them; [] for none). Logs go to OUTPUT_DIR/logs.",
     )
     run_name: str = _opt("retriever", "Tracker project / run name.")
+    push_to_hub: str | None = _opt(
+        None,
+        "Upload final/ (with its model card) to this Hugging Face Hub model repository when "
+        "training ends (created if needed; needs a token); null: never.",
+    )
 
 
 @dataclass
 class EvalArguments:
-    data: str | None = _opt(
-        None, "Retrieval task evaluated during training: a BEIR directory or a Hub id; null: none."
+    data: str | list | None = _opt(
+        None,
+        "What is evaluated during training: a retrieval task (a BEIR directory or a Hub id) or "
+        "an STS set (JSONL with sentence1, sentence2, score), or a list of them; null: none.",
+        items=str,
     )
     split: str = _opt("test", "Qrels split of the evaluation task.")
     steps: int | None = _opt(

@@ -14,8 +14,9 @@ while activation memory is that of one chunk, whatever the batch size.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +24,18 @@ from torch import Tensor
 
 from retriever.gradcache import backward_from_cached_grads, embed_without_grad
 from retriever.loss import InfoNCELoss
+from retriever.loss.cosent import cosent_loss
 from retriever.train.batches import Batch, TokenChunk
+
+
+@dataclass
+class LossPart:
+    """One source's share of a step: its batch, the loss of its (queries, documents) embeddings
+    in batch order, and that loss's weight in the sum that is backpropagated."""
+
+    batch: Batch
+    loss: Callable[[Tensor, Tensor, Batch], Tensor]
+    weight: float = 1.0
 
 
 def cached_step(
@@ -47,21 +59,68 @@ def cached_step(
     network without dropout (the trainer checks). Returns this process's loss (detached; the
     mean over processes is the global loss).
     """
+    ids = batch.candidate_ids.to(device, non_blocking=True)
+    part = LossPart(batch, lambda q, d, _: loss_fn(q, d, candidate_ids=ids, group=group))
+    total, _ = cached_parts_step(
+        embed, [part], device=device, chunk_size=chunk_size, no_sync=no_sync
+    )
+    return total
+
+
+def cached_parts_step(
+    embed: Callable[[dict[str, Any]], Tensor],
+    parts: Sequence[LossPart],
+    *,
+    device: torch.device | str = "cpu",
+    chunk_size: int | None = None,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """:func:`cached_step` for several sources at once: every part's chunks are embedded in
+    one cache, each part's loss sees only its own embeddings (no source's texts are another's
+    negatives), and one backward runs on the weighted sum. Returns (the sum, each part's
+    loss), detached."""
     device = torch.device(device)
 
     def embed_on_device(chunk: TokenChunk) -> Tensor:
         return embed(chunk.features(device))
 
-    chunks = batch.query_chunks + batch.document_chunks
+    chunks = [c for p in parts for c in p.batch.query_chunks + p.batch.document_chunks]
     rng_devices = [device] if device.type == "cuda" else []
     cache, states = embed_without_grad(embed_on_device, chunks, rng_devices)
-    queries = cache[: batch.num_queries][batch.query_order.to(device, non_blocking=True)]
-    documents = cache[batch.num_queries :][batch.document_order.to(device, non_blocking=True)]
-    ids = batch.candidate_ids.to(device, non_blocking=True)
-    loss = loss_fn(queries, documents, candidate_ids=ids, group=group)
-    loss.backward()  # fills cache.grad (and a learnable temperature's gradient)
+    losses, offset = [], 0
+    for part in parts:
+        b = part.batch
+        rows = cache[offset : offset + b.num_queries + b.num_documents]
+        offset += b.num_queries + b.num_documents
+        queries = rows[: b.num_queries][b.query_order.to(device, non_blocking=True)]
+        documents = rows[b.num_queries :][b.document_order.to(device, non_blocking=True)]
+        losses.append(part.loss(queries, documents, b))
+    total = sum(part.weight * loss for part, loss in zip(parts, losses))
+    total.backward()  # fills cache.grad (and a learnable temperature's gradient)
     grad_chunks, replay = chunks, states
     if chunk_size is not None and any(c.size > chunk_size for c in chunks):
         grad_chunks, replay = [piece for c in chunks for piece in c.split(chunk_size)], None
     backward_from_cached_grads(embed_on_device, grad_chunks, replay, cache.grad, no_sync=no_sync)
-    return loss.detach()
+    return total.detach(), [loss.detach() for loss in losses]
+
+
+def loss_part(
+    source: Any,
+    batch: Batch,
+    weight: float,
+    loss_fn: InfoNCELoss,
+    cosent_scale: float,
+    device: torch.device,
+    group: object | None,
+) -> LossPart:
+    """A source's loss on its part of the step: InfoNCE within its own batch (tiled; the ring
+    across processes) for retrieval, CoSENT on the pairs' gold scores for STS."""
+    if source.task == "sts":
+        scores = batch.scores.to(device, non_blocking=True)
+        return LossPart(
+            batch,
+            lambda a, b, _: cosent_loss(a, b, scores, scale=cosent_scale, group=group),
+            weight,
+        )
+    ids = batch.candidate_ids.to(device, non_blocking=True)
+    return LossPart(batch, lambda q, d, _: loss_fn(q, d, candidate_ids=ids, group=group), weight)

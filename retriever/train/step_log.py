@@ -21,10 +21,13 @@ class StepLog:
 
     def _reset(self) -> None:
         self.loss, self.steps, self.tokens, self.data_wait = 0.0, 0, 0, 0.0
+        self.by_source: dict[str, float] = {}
         self.start = time.perf_counter()
 
-    def add(self, loss: float, tokens: int) -> None:
+    def add(self, loss: float, tokens: int, by_source: dict[str, float] | None = None) -> None:
         self.loss, self.steps, self.tokens = self.loss + loss, self.steps + 1, self.tokens + tokens
+        for name, value in (by_source or {}).items():
+            self.by_source[name] = self.by_source.get(name, 0.0) + value
 
     def write(self, name: str, record: dict[str, Any]) -> None:
         """Append ``record`` to ``name`` (main process)."""
@@ -49,6 +52,8 @@ class StepLog:
             "step_s": elapsed / self.steps,
             "data_wait_s": self.data_wait / self.steps,  # waiting for the loader
         }
+        if len(self.by_source) > 1:  # each source's own loss (this process's value)
+            record.update({f"loss/{k}": v / self.steps for k, v in self.by_source.items()})
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if acc.device.type == "cuda":

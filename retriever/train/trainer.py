@@ -38,22 +38,24 @@ from retriever.fileio import atomic_directory
 from retriever.loss.inputs import resolve_impl
 from retriever.train.batches import Collator
 from retriever.train.builders import (
+    batches_per_epoch,
     build_accelerator,
+    build_datasets,
     build_encoder,
     build_loss,
     build_miner,
     build_optimizer,
     build_scheduler,
-    build_train_set,
     flat_hparams,
-    load_eval_task,
+    load_eval_tasks,
 )
 from retriever.train.checkpoints import save_checkpoint
 from retriever.train.chunk_sizes import ChunkSizeError, ChunkSizes, plan_for_run
 from retriever.train.chunk_sizes import describe as describe_chunks
 from retriever.train.config import ConfigError, TrainConfig
 from retriever.train.evaluation import evaluate_step
-from retriever.train.loader import Position, StepBatches, run_loader
+from retriever.train.loader import Part, Position, StepBatches, Stream, run_loader
+from retriever.train.model_card import model_card, push_to_hub
 from retriever.train.resume import check_same_data, check_steps_left, plan_run_directory
 from retriever.train.run_directory import (
     RunDirectory,
@@ -63,7 +65,8 @@ from retriever.train.run_directory import (
     remove_checkpoint,
     truncate_logs,
 )
-from retriever.train.step import cached_step
+from retriever.train.sources import batch_shares, sources_of
+from retriever.train.step import cached_parts_step, loss_part
 from retriever.train.step_log import StepLog, stop_unless_finite
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ class TrainState:
     best_metric: float | None = None
     best_step: int | None = None
     evaluated_step: int | None = None  # the step of the last evaluation
+    positions: list[list[int]] | None = None  # each source's [epoch, next batch]
     chunk_sizes: list[int] | None = None  # [gradient pass, no-grad pass], also when auto
     data_fingerprint: str | None = None  # of the training examples, checked on resume
 
@@ -110,11 +114,6 @@ class Trainer:
 
     def _set_up(self, resume: bool | str | None, overwrite: bool) -> None:
         config, acc, t = self.config, self.accelerator, self.config.training
-        if t.batch_size % acc.num_processes:
-            raise ConfigError(
-                f"{config.where('training.batch_size')}: training.batch_size ({t.batch_size}) "
-                f"must be divisible by the number of processes ({acc.num_processes})"
-            )
         if acc.is_main_process:
             repaired = self.run_dir.recover()  # what an interrupted --overwrite left
             if repaired:
@@ -135,20 +134,20 @@ class Trainer:
         self.encoder.train()  # from_pretrained leaves the network in eval mode: no dropout
         self.loss_fn = build_loss(config).to(acc.device)
         self._load_data()
-        self.task = load_eval_task(config)
+        self.tasks = load_eval_tasks(config)
         self.chunks = self._plan_chunks()  # before the optimizer: the probe makes gradients
         self._prepare_optimization()
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
+        if self.state.positions is None:  # a new run, or a checkpoint of one source
+            first = [self.state.epoch, self.state.batch_in_epoch]
+            self.state.positions = [first] + [[0, 0] for _ in self.sources[1:]]
         self.state.data_fingerprint = self.data_fingerprint
         self.state.chunk_sizes = [self.chunks.grad, self.chunks.embed]
-        self.collator = Collator(
-            self.train_set.queries,
-            self.train_set.documents,
-            self.encoder.tokenizer,
-            self.chunks.embed,
-            t.sort_by_length,
-        )
+        self.collators = [
+            Collator(*_pools(dataset), self.encoder.tokenizer, self.chunks.embed, t.sort_by_length)
+            for dataset in self.datasets
+        ]
         self.log = StepLog(acc, self.output_dir, t.batch_size)
         self.group = dist.group.WORLD if acc.num_processes > 1 else None
 
@@ -161,12 +160,21 @@ class Trainer:
             acc.init_trackers(t.run_name, config=flat_hparams(config))
 
     def _load_data(self) -> None:
-        config, t = self.config, self.config.training
-        self.train_set, self.batches_per_epoch = build_train_set(
-            config, self.encoder, self.accelerator
-        )
-        self.data_fingerprint = self.train_set.fingerprint()  # as read, before any re-mining
-        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch))
+        """Every source's examples and its share of each step; the number of steps (epochs
+        count those of the first source)."""
+        config, t, acc = self.config, self.config.training, self.accelerator
+        self.sources = sources_of(config)
+        self.source_names = [source.name for source in self.sources]
+        self.shares = batch_shares(t.batch_size, self.sources, acc.num_processes)
+        self.datasets = build_datasets(config, self.encoder, acc)
+        self.batches_per_epoch = [
+            batches_per_epoch(config, dataset, share, f"source {source.name!r}")
+            for source, dataset, share in zip(self.sources, self.datasets, self.shares)
+        ]
+        # As read, before any re-mining: a resumed run must see the same examples.
+        self.data_fingerprint = "/".join(d.fingerprint() for d in self.datasets)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch[0]))
+        self.train_set = self.datasets[0]
         self.miner = None
         if config.mining.dynamic:  # keeps the hard negatives hard: retriever/mining/dynamic.py
             self.miner = build_miner(config, self.train_set)
@@ -244,30 +252,42 @@ class Trainer:
     def _loader(self) -> torch.utils.data.DataLoader:
         """One loader from the current position to the last step (across epochs)."""
         acc, state, t = self.accelerator, self.state, self.config.training
+        streams = [
+            Stream(dataset, collator, share, Position(*position))
+            for dataset, collator, share, position in zip(
+                self.datasets, self.collators, self.shares, state.positions
+            )
+        ]
         dataset = StepBatches(
-            self.train_set,
-            self.collator,
-            t.batch_size,
-            Position(state.epoch, state.batch_in_epoch),
-            self.total_steps - state.step,
-            rank=acc.process_index,
-            world=acc.num_processes,
+            streams, self.total_steps - state.step, acc.process_index, acc.num_processes
         )
         return run_loader(dataset, self.config.data.num_workers, acc.device.type == "cuda", t.seed)
 
-    def _step(self, batch: Any) -> torch.Tensor:
-        acc = self.accelerator
+    def _step(self, parts: list[Part]) -> torch.Tensor:
+        """The gradient of one step over every source (the per-source losses go to the log)."""
+        acc, device = self.accelerator, self.accelerator.device
         # A learnable temperature lives outside DDP; the ring gives every rank the gradient of
         # the global loss for it, so it needs no all-reduce.
-        loss = cached_step(
+        loss_parts = [
+            loss_part(
+                source,
+                part.batch,
+                share / self.config.training.batch_size,
+                self.loss_fn,
+                self.config.loss.cosent_scale,
+                device,
+                self.group,
+            )
+            for source, part, share in zip(self.sources, parts, self.shares)
+        ]
+        loss, per_source = cached_parts_step(
             self.model,
-            batch,
-            self.loss_fn,
-            device=acc.device,
+            loss_parts,
+            device=device,
             chunk_size=self.chunks.grad,
-            group=self.group,
             no_sync=None if self.master is not None else lambda: acc.no_sync(self.model),
         )
+        self.source_losses = [float(x) for x in per_source]
         if self.master is not None and acc.num_processes > 1:
             self.master.all_reduce()
         return loss
@@ -292,9 +312,11 @@ class Trainer:
         path = save_checkpoint(
             acc,
             checkpoint_dir(self.output_dir, self.state.step),
-            {"trainer_state.json": json.dumps(self.state.state_dict(), indent=2) + "\n",
-             "config.yaml": self.config.to_yaml()},
-        )  # fmt: skip
+            {
+                "trainer_state.json": json.dumps(self.state.state_dict(), indent=2) + "\n",
+                "config.yaml": self.config.to_yaml(),
+            },
+        )
         if acc.is_main_process:
             self.run_dir.discard_replaced()  # the new run now stands on its own
             limit = self.config.training.save_total_limit
@@ -307,7 +329,7 @@ class Trainer:
         """Evaluate on eval.data (main process); keep best/ when eval.metric improves."""
         encoder = self.accelerator.unwrap_model(self.model)
         record = evaluate_step(
-            self.accelerator, encoder, self.task, self.config, self.state, self.output_dir
+            self.accelerator, encoder, self.tasks, self.config, self.state, self.output_dir
         )
         self.log.write("eval.jsonl", record)
         return record
@@ -330,12 +352,16 @@ class Trainer:
         acc, cfg, state = self.accelerator, self.config, self.state
         t = cfg.training
         evaluations = []
-        if self.task is not None and cfg.eval.at_start and state.step == 0:
+        if self.tasks and cfg.eval.at_start and state.step == 0:
             evaluations.append(self.evaluate())
         acc.print(
-            f"training {self.total_steps} steps of {t.batch_size} queries "
-            f"(+{cfg.data.negatives} hard negatives each) on {acc.num_processes} process(es), "
-            f"{self.batches_per_epoch} batches per epoch"
+            f"training {self.total_steps} steps of {t.batch_size} queries on "
+            f"{acc.num_processes} process(es): "
+            + "; ".join(
+                f"{s.name} ({s.task}) {share} a step (+{s.negatives} hard negatives each), "
+                f"{batches} batches an epoch"
+                for s, share, batches in zip(self.sources, self.shares, self.batches_per_epoch)
+            )
         )
         progress = tqdm(
             total=self.total_steps,
@@ -357,11 +383,12 @@ class Trainer:
                 self.log.data_wait += time.perf_counter() - waited
                 if item is None:
                     break
-                state.epoch, index, batch = item
-                state.batch_in_epoch = index + 1
-                loss, grad_norm = self._optimizer_step(batch, params)
+                state.positions = [[part.epoch, part.index + 1] for part in item]
+                state.epoch, state.batch_in_epoch = state.positions[0]
+                loss, grad_norm = self._optimizer_step(item, params)
                 state.step += 1
-                self.log.add(loss, batch.num_tokens)
+                tokens = sum(part.batch.num_tokens for part in item)
+                self.log.add(loss, tokens, dict(zip(self.source_names, self.source_losses)))
                 progress.update(1)
                 if state.step % t.logging_steps == 0 or state.step == self.total_steps:
                     last_loss = self._log(grad_norm, progress)
@@ -387,7 +414,7 @@ class Trainer:
         remined = self.miner is not None and self.miner.due(state.step)
         if remined:
             self._remine()
-        if self.task is not None and cfg.eval.steps and state.step % cfg.eval.steps == 0:
+        if self.tasks and cfg.eval.steps and state.step % cfg.eval.steps == 0:
             evaluations.append(self.evaluate())
         if cfg.training.save_steps and state.step % cfg.training.save_steps == 0:
             self.save_checkpoint()
@@ -408,9 +435,26 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
+    def _last_evaluation(self) -> dict[str, Any] | None:
+        """The newest eval.jsonl record (also when an earlier process of this run wrote it)."""
+        path = self.output_dir / "eval.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        return json.loads(lines[-1]) if lines else None
+
+    def _push(self, folder: Path, repo: str) -> None:
+        try:
+            url = push_to_hub(folder, repo)
+        except Exception as exc:  # offline, no token, no rights: the local model stands
+            raise RunError(
+                f"{self.config.where('training.push_to_hub')}: training.push_to_hub: could not "
+                f"push {folder} to {repo!r} ({type(exc).__name__}: {exc}); the model is saved "
+                "there, push it later with huggingface-cli upload"
+            ) from None
+        self.accelerator.print(f"pushed the final model to {url}")
+
     def _finish(self, evaluations: list[dict[str, Any]], last_loss: float | None) -> dict:
         acc, cfg, state = self.accelerator, self.config, self.state
-        if self.task is not None and state.evaluated_step != state.step:
+        if self.tasks and state.evaluated_step != state.step:
             evaluations.append(self.evaluate())
         self.save_checkpoint()
         if acc.is_main_process:
@@ -418,8 +462,12 @@ class Trainer:
             if self.master is not None:  # save the fp32 master weights, not their bf16 copy
                 encoder.float()
                 self.master.copy_to_model()
+            card = model_card(cfg, self.sources, self.shares, state, self._last_evaluation())
             with atomic_directory(self.output_dir / "final") as final:
                 encoder.save(final)
+                (final / "README.md").write_text(card, encoding="utf-8")
+            if cfg.training.push_to_hub:
+                self._push(self.output_dir / "final", cfg.training.push_to_hub)
         acc.wait_for_everyone()
         acc.end_training()
         summary = {
@@ -440,6 +488,13 @@ class Trainer:
             )
         acc.print(f"final model: {self.output_dir / 'final'}")
         return summary
+
+
+def _pools(dataset: Any) -> tuple[Any, Any]:
+    """A dataset's (query, document) token pools; a PairSet's pairs share one."""
+    if hasattr(dataset, "pool"):
+        return dataset.pool, dataset.pool
+    return dataset.queries, dataset.documents
 
 
 def train(

@@ -1,0 +1,78 @@
+"""The saved model describes itself: a model card (README.md, as sentence-transformers writes
+one) naming the base model, the training sources and their weights, the loss, the batch and the
+last evaluation; and, when asked (``training.push_to_hub``), the final model on the Hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def model_card(
+    config: Any,
+    sources: list[Any],
+    shares: list[int],
+    state: Any,
+    evaluation: dict[str, Any] | None,
+) -> str:
+    """Markdown with a YAML header (library, tags, base model), for final/ and the Hub."""
+    m, t, loss = config.model, config.training, config.loss
+    rows = "\n".join(
+        f"| {s.name} | {s.task} | `{s.path}` | {s.weight:g} | {share} | {s.negatives} |"
+        for s, share in zip(sources, shares)
+    )
+    objective = (
+        f"InfoNCE, temperature {loss.temperature:g}"
+        + (" (learnable)" if loss.learnable_temperature else "")
+        + (", symmetric" if loss.symmetric else "")
+        + ", within each retrieval source's batch (tiled, the ring across processes)"
+    )
+    if any(s.task == "sts" for s in sources):
+        objective += f"; CoSENT (scale {loss.cosent_scale:g}) for STS sources"
+    scores = "not evaluated"
+    if evaluation:
+        shown = {k: v for k, v in evaluation.items() if "main_score" in k or k.endswith("_at_10")}
+        scores = f"at step {evaluation.get('step')}: " + json.dumps(shown, default=str)
+    return f"""---
+library_name: sentence-transformers
+pipeline_tag: sentence-similarity
+tags: [sentence-transformers, feature-extraction, retriever]
+base_model: {m.name_or_path}
+---
+
+# {Path(t.output_dir).name}
+
+Fine-tuned from `{m.name_or_path}` with [retriever](https://github.com) for {state.step} steps
+of {t.batch_size} queries (chunks of {t.chunk_size} texts; learning rate {t.learning_rate:g}).
+
+| source | task | data | weight | rows a step | hard negatives |
+|---|---|---|---|---|---|
+{rows}
+
+Loss: {objective}.
+
+Last evaluation {scores}.
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("PATH_OR_REPO")
+embeddings = model.encode_query(["a query"]), model.encode_document(["a document"])
+```
+"""
+
+
+def push_to_hub(folder: Path, repo: str) -> str:
+    """Upload ``folder`` to the Hub model repository ``repo`` (created if needed); its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, repo_type="model", exist_ok=True)
+    info = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo,
+        repo_type="model",
+        commit_message="retriever train: final model",
+    )
+    return str(getattr(info, "commit_url", repo))

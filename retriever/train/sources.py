@@ -1,0 +1,154 @@
+"""Several training sources in one run (Conan-embedding's multi-task training): what each is, and
+how a global batch is shared between them.
+
+``data.train`` is one path (a single retrieval source, configured by the other ``data.*``
+options) or a list of sources::
+
+    data:
+      train:
+        - {name: scifact, path: ../shared/data/scifact, split: train, task: retrieval, weight: 3}
+        - {name: stsb, path: ../shared/data/stsb/train.jsonl, task: sts, weight: 1}
+
+Every step holds every source (no alternating between tasks): the global batch is split by
+weight, and each source's share is split again over the processes, so that each source's global
+batch is the same every step (cross-GPU batch balance). A bad entry is an error naming the
+source (its index and name), the field and the line it was set on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+TASKS = ("retrieval", "sts")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source. Unset fields take the ``data.*`` option of the same name (and the
+    model's prefixes)."""
+
+    name: str
+    path: str
+    task: str = "retrieval"
+    weight: float = 1.0
+    split: str = "train"
+    format: str = "auto"
+    negatives: int = 0
+    max_examples: int | None = None
+    query_prefix: str | None = None  # an instruction for this source's queries
+    document_prefix: str | None = None
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "path": (str,),
+    "task": (str,),
+    "weight": (int, float),
+    "split": (str,),
+    "format": (str,),
+    "negatives": (int,),
+    "max_examples": (int, type(None)),
+    "query_prefix": (str, type(None)),
+    "document_prefix": (str, type(None)),
+}
+
+
+class SourceError(ValueError):
+    """A bad source entry; the message names the source, the field and where it was set."""
+
+
+def sources_of(config: Any) -> list[Source]:
+    """The sources ``config.data.train`` names (one for a plain path)."""
+    d = config.data
+    if isinstance(d.train, str):
+        name = Path(d.train.rstrip("/")).name.split(".")[0] or "train"
+        return [Source(name, d.train, "retrieval", 1.0, d.split, d.format, d.negatives,
+                       d.max_examples)]  # fmt: skip
+    sources = [_parse(config, i, entry) for i, entry in enumerate(d.train)]
+    if not sources:
+        raise SourceError(f"{config.where('data.train')}: data.train: the list of sources is empty")
+    seen: dict[str, int] = {}
+    for i, source in enumerate(sources):
+        if source.name in seen:
+            raise SourceError(
+                f"{config.where(f'data.train[{i}]')}: data.train[{i}]: name {source.name!r} is "
+                f"already the name of data.train[{seen[source.name]}]; names must differ"
+            )
+        seen[source.name] = i
+    return sources
+
+
+def _parse(config: Any, index: int, entry: Any) -> Source:
+    where = config.where(f"data.train[{index}]")
+    label = f"data.train[{index}]"
+    if not isinstance(entry, dict):
+        raise SourceError(f"{where}: {label}: expected a mapping (path, task, weight, ...)")
+    if isinstance(entry.get("name"), str):
+        label += f" ({entry['name']})"
+    for key, value in entry.items():
+        if key not in _TYPES:
+            close = difflib.get_close_matches(str(key), list(_TYPES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SourceError(f"{where}: {label}: unknown field {key!r}{hint}; fields are "
+                              f"{', '.join(_TYPES)}")  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
+            raise SourceError(f"{where}: {label}: {key}: got {value!r}, of the wrong type")
+    if "path" not in entry:
+        raise SourceError(f"{where}: {label}: missing field 'path'")
+    d = config.data
+    values = {
+        "name": entry.get("name", f"source{index}"),
+        "split": d.split,
+        "format": d.format,
+        "negatives": d.negatives if entry.get("task", "retrieval") == "retrieval" else 0,
+        **entry,
+    }
+    source = Source(**{f.name: values[f.name] for f in fields(Source) if f.name in values})
+    _check(source, where, label)
+    return source
+
+
+def _check(source: Source, where: str, label: str) -> None:
+    if source.task not in TASKS:
+        tasks = ", ".join(TASKS)
+        raise SourceError(f"{where}: {label}: task: {source.task!r} is not one of {tasks}")
+    if not (math.isfinite(source.weight) and source.weight > 0):
+        raise SourceError(f"{where}: {label}: weight: expected a number > 0, got {source.weight}")
+    if source.negatives < 0:
+        raise SourceError(f"{where}: {label}: negatives: expected an integer >= 0")
+    if source.task == "sts" and source.negatives:
+        raise SourceError(f"{where}: {label}: negatives: an sts source has none (pairs only)")
+    if source.max_examples is not None and source.max_examples < 1:
+        raise SourceError(f"{where}: {label}: max_examples: expected a positive integer")
+
+
+def batch_shares(batch_size: int, sources: list[Source], processes: int) -> list[int]:
+    """Each source's share of a global batch of ``batch_size``, by weight (largest remainders
+    get the rows that rounding leaves); every share must give every process a row."""
+    total = sum(s.weight for s in sources)
+    exact = [batch_size * s.weight / total for s in sources]
+    shares = [math.floor(x) for x in exact]
+    for i in sorted(range(len(sources)), key=lambda i: shares[i] - exact[i])[
+        : batch_size - sum(shares)
+    ]:
+        shares[i] += 1
+    for source, share in zip(sources, shares):
+        if share < processes:
+            raise SourceError(
+                f"data.train: source {source.name!r} gets {share} of the {batch_size} queries a "
+                f"step, fewer than the {processes} processes: raise training.batch_size or its "
+                "weight"
+            )
+    return shares
+
+
+def rank_rows(share: int, rank: int, processes: int) -> slice:
+    """The rows of a source's global share that process ``rank`` holds (the first
+    ``share % processes`` ranks hold one more)."""
+    base, extra = divmod(share, processes)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (rank < extra))
