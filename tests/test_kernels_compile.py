@@ -16,6 +16,7 @@ import pytest
 
 COMPILE = textwrap.dedent(
     """
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -29,8 +30,8 @@ COMPILE = textwrap.dedent(
         signature = {**types, **{name: "constexpr" for name in constants}}
         triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target)
 
-    for sixteen_bit, meta in tiles._FORWARD_CONFIGS.items():
-        dtype = "*bf16" if sixteen_bit else "*fp32"
+    for torch_dtype, dtype in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+        meta = tiles.tile_config(torch_dtype)
         blocks = {k: v for k, v in meta.items() if k.startswith("BLOCK")}
         common = dict(q_ptr=dtype, c_ptr=dtype, scale_ptr="*fp32")
         build(tiles._row_lse_kernel,
@@ -68,3 +69,25 @@ def test_triton_kernels_compile_for_sm90():
     if "ptxas" in done.stderr and "not found" in done.stderr:
         pytest.skip("this Triton wheel ships no ptxas")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_a_tile_config_applies_within_its_block_only(monkeypatch):
+    pytest.importorskip("triton")
+    import torch
+
+    from retriever.loss import triton_tiles as tiles
+
+    monkeypatch.setattr(tiles, "interpreting", lambda: False)  # the GPU tables, not the CPU one
+    before = tiles.tile_config(torch.float16)
+    tuned = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=2)
+    with tiles.use_tile_config(torch.float16, tuned):
+        assert tiles.tile_config(torch.bfloat16) == tuned  # one table for 16-bit inputs
+        assert tiles.tile_config(torch.float32) != tuned
+    assert tiles.tile_config(torch.float16) == before
+    for bad, message in [
+        ({**tuned, "BLOCK_N": 512}, "BLOCK_N must divide 256"),
+        ({**tuned, "BLOCK_K": 48}, "BLOCK_K must be a power of two"),
+        ({"BLOCK_M": 64}, "exactly the keys"),
+    ]:
+        with pytest.raises(ValueError, match=message), tiles.use_tile_config(torch.float16, bad):
+            pass

@@ -335,9 +335,9 @@ def dynamic_run(tmp_path_factory):
     batches, pools = [], [_pools(trainer)]
     step, run = trainer._step, trainer.miner.run
 
-    def record_step(batch):
-        batches.append(_query_negatives(batch, trainer))
-        return step(batch)
+    def record_step(parts):  # one part: the step's batch of the one source
+        batches.append(_query_negatives(parts[0].batch, trainer))
+        return step(parts)
 
     def record_run(*a, **kw):
         result = run(*a, **kw)

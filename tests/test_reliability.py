@@ -113,6 +113,8 @@ def model_files(directory: Path) -> dict[str, object]:
             if isinstance(data, dict):
                 data.pop("local_files_only", None)
             out[str(path.relative_to(directory))] = data
+        elif path.name == "README.md":  # the model card, titled by the run directory's name
+            out["README.md"] = path.read_text().replace(directory.parent.name, "RUN")
         elif path.is_file():
             out[str(path.relative_to(directory))] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out

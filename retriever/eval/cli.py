@@ -1,10 +1,12 @@
-"""``retriever eval``: evaluate a model on one or more retrieval tasks.
+"""``retriever eval``: evaluate a model on one or more retrieval or STS tasks.
 
-    retriever eval --model PATH --data ../shared/data/scifact --split test --output results.json
+    retriever eval --model PATH --data ../shared/data/scifact ../shared/data/stsb \
+        --split test --output results.json
 
-Prints a table and writes JSON: the model, split, device and command, and one result per task
-(every metric, counts, timings; see :mod:`retriever.eval.evaluator`). An existing output file
-is never replaced without ``--overwrite``.
+Prints a table per kind of task and writes JSON: the model, split, device and command, and one
+result per task (every metric, counts, timings; see :mod:`retriever.eval.evaluator` and
+:mod:`retriever.eval.sts`). An existing output file is never replaced without ``--overwrite``,
+and is replaced whole.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from retriever import __version__
 from retriever.eval.metrics import DEFAULT_K_VALUES
 from retriever.eval.search import INDEX_KINDS, IndexConfig
+from retriever.fileio import write_text_atomically
 
 if TYPE_CHECKING:
     from retriever.model import Encoder
@@ -178,9 +181,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--data", required=True, nargs="+", metavar="DIR_OR_HUB_ID", help="BEIR dirs or Hub ids"
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="DIR_OR_HUB_ID",
+        help="BEIR dirs or Hub ids (retrieval), STS JSONL files or dirs (sentence1, sentence2, "
+        "score)",
     )
-    data.add_argument("--split", default="test", help="qrels split (default: test)")
+    data.add_argument(
+        "--split", default="test", help="qrels split, or STS dir's SPLIT.jsonl (default: test)"
+    )
     data.add_argument(
         "--ignore-identical-ids",
         action="store_true",
@@ -201,7 +211,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """A plain-text table of the main metrics, one row per task."""
+    """Plain-text tables of the main metrics, one row per task: retrieval tasks, then STS."""
+    retrieval = [r for r in results if r.get("task_type") != "sts"]
+    sts = [r for r in results if r.get("task_type") == "sts"]
     header = ["task", "split", *(h for _, h in _COLUMNS), "queries", "docs", "time"]
     rows = [
         [
@@ -212,8 +224,20 @@ def format_table(results: list[dict[str, Any]]) -> str:
             str(r["num_documents"]),
             f"{r['timings']['total_s']:.1f}s",
         ]
-        for r in results
+        for r in retrieval
     ]
+    sts_rows = [
+        [r["task"], r["split"], f"{r['spearman']:.4f}", f"{r['pearson']:.4f}",
+         str(r["num_pairs"]), f"{r['seconds']:.1f}s"]
+        for r in sts
+    ]  # fmt: skip
+    tables = [_table(header, rows)] if retrieval else []
+    if sts:
+        tables.append(_table(["task", "split", "Spearman", "Pearson", "pairs", "time"], sts_rows))
+    return "\n\n".join(tables)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
@@ -231,17 +255,18 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"retriever eval: error: {problem}", file=sys.stderr)
         return 2
-    from retriever.eval.data import load_task
-    from retriever.eval.evaluator import evaluate_task
+    from retriever.eval.data import RetrievalTask
+    from retriever.eval.tasks import load_any_task, run_task
 
     # Load every task first: a bad path fails in seconds, not after the first task's encoding.
     try:
         device = check_device(args.device)
         check_cache_dir(args.cache_dir)
         index = index_config(args)
-        tasks = [load_task(spec, args.split) for spec in args.data]
+        tasks = [load_any_task(spec, args.split) for spec in args.data]
         for task in tasks:
-            index.check_corpus_size(len(task.corpus))
+            if isinstance(task, RetrievalTask):
+                index.check_corpus_size(len(task.corpus))
         encoder = load_encoder(args)
     except (FileNotFoundError, ValueError, NotImplementedError, OSError) as exc:
         print(f"retriever eval: error: {exc}", file=sys.stderr)
@@ -249,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     encoder.to(device)
     results = []
     for task in tasks:
-        result = evaluate_task(
+        result = run_task(
             encoder,
             task,
             k_values=args.k_values,
@@ -279,6 +304,6 @@ def run(args: argparse.Namespace) -> int:
             "results": results,
         }
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        write_text_atomically(args.output, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0

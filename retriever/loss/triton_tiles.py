@@ -32,6 +32,7 @@ TRITON_INTERPRET=1 the same kernels run on CPU tensors in exact fp32, which is h
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -70,6 +71,35 @@ def _config(table: dict, dtype: torch.dtype) -> dict:
     return dict(table[dtype != torch.float32])
 
 
+TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def tile_config(dtype: torch.dtype) -> dict[str, int]:
+    """The tile shape both kernels use for ``dtype`` inputs (``TILE_KEYS``)."""
+    return _config(_FORWARD_CONFIGS, dtype)
+
+
+@contextlib.contextmanager
+def use_tile_config(dtype: torch.dtype, config: dict[str, int]) -> Iterator[None]:
+    """Within the block, both kernels use ``config`` for ``dtype`` inputs (for tuning, as
+    scripts/tune_triton.py does). Block sizes are powers of two and BLOCK_N divides
+    ``SPLIT_ALIGN``, so a column tile never straddles two column splits."""
+    if set(config) != set(TILE_KEYS):
+        raise ValueError(f"a tile config has exactly the keys {', '.join(TILE_KEYS)}: {config}")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        if config[key] < 16 or config[key] & (config[key] - 1):
+            raise ValueError(f"{key} must be a power of two >= 16, got {config[key]}")
+    if SPLIT_ALIGN % config["BLOCK_N"]:
+        raise ValueError(f"BLOCK_N must divide {SPLIT_ALIGN}, got {config['BLOCK_N']}")
+    key = dtype != torch.float32
+    saved = _FORWARD_CONFIGS[key], _BACKWARD_CONFIGS[key]
+    _FORWARD_CONFIGS[key] = _BACKWARD_CONFIGS[key] = dict(config)
+    try:
+        yield
+    finally:
+        _FORWARD_CONFIGS[key], _BACKWARD_CONFIGS[key] = saved
+
+
 @triton.jit
 def _tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -99,26 +129,13 @@ def _tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
 
 @triton.jit
 def _row_lse_kernel(
-    q_ptr,
-    c_ptr,
-    scale_ptr,
-    labels_ptr,
-    row_ids_ptr,
-    col_ids_ptr,
+    q_ptr, c_ptr, scale_ptr, labels_ptr, row_ids_ptr, col_ids_ptr,
     lse2_ptr,  # [n_split, n_rows] fp32 out: base-2 logsumexp over this split's columns
     pos_ptr,  # [n_split, n_rows] fp32 out: positive logit if it lies in this split, else 0
-    n_rows,
-    n_cols,
-    dim,
-    cols_per_split,
-    stride_q,
-    stride_c,
-    HAS_IDS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    n_rows, n_cols, dim, cols_per_split, stride_q, stride_c,
+    HAS_IDS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,27 +180,16 @@ def _row_lse_kernel(
 
 @triton.jit
 def _softmax_grad_kernel(
-    q_ptr,
-    c_ptr,
-    scale_ptr,
+    q_ptr, c_ptr, scale_ptr,
     lse2_ptr,  # [n_rows] fp32: final base-2 logsumexp of each row
     w_ptr,  # [n_rows] fp32: row weight dL/dloss_i divided by max|w|
     labels_ptr,  # [n_rows] positive's column within this slab (anything else if not in it)
-    row_ids_ptr,
-    col_ids_ptr,
+    row_ids_ptr, col_ids_ptr,
     g_ptr,  # [n_rows, n_cols] out, input dtype: G = (P - Y) * w
-    n_rows,
-    n_cols,
-    dim,
-    stride_q,
-    stride_c,
-    stride_g,
-    HAS_IDS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    n_rows, n_cols, dim, stride_q, stride_c, stride_g,
+    HAS_IDS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -115,9 +115,16 @@ def build_miner(config: TrainConfig, train_set: TrainSet) -> Any:
         raise ConfigError(f"mining.dynamic: {exc}") from None
 
 
-def build_loss(config: TrainConfig) -> InfoNCELoss:
+def build_loss(config: TrainConfig, device: torch.device) -> InfoNCELoss:
+    """The InfoNCE loss on ``device``; a ``loss.impl`` that cannot run there is refused."""
+    from retriever.loss.inputs import resolve_impl
+
     c = config.loss
-    return InfoNCELoss(
+    try:
+        resolve_impl(c.impl, 1 << 16, 1 << 16, device)
+    except ValueError as exc:
+        raise ConfigError(f"{config.where('loss.impl')}: loss.impl: {exc}") from None
+    loss = InfoNCELoss(
         scale=1.0 / c.temperature,
         learnable_scale=c.learnable_temperature,
         min_scale=1.0 / c.max_temperature,
@@ -125,6 +132,7 @@ def build_loss(config: TrainConfig) -> InfoNCELoss:
         symmetric=c.symmetric,
         impl=c.impl,
     )
+    return loss.to(device)
 
 
 def build_optimizer(
@@ -147,6 +155,26 @@ def build_optimizer(
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_epsilon,
     )
+
+
+def prepare_optimization(
+    config: TrainConfig, accelerator: Any, encoder: Encoder, loss_fn: InfoNCELoss, total_steps: int
+) -> tuple[Any, Any, Any, Any]:
+    """(model, optimizer, scheduler, master weights) as Accelerate prepared them. A bf16 network
+    trains on fp32 master weights and gradients (`train.precision`), averaged by hand, so it is
+    not wrapped in DDP; otherwise ``master`` is None."""
+    acc, master = accelerator, None
+    if config.model.dtype == "bfloat16":
+        from retriever.train.precision import MasterWeights
+
+        encoder.to(acc.device)
+        master = MasterWeights(encoder.parameters())
+        optimizer = build_optimizer(config, master.master, loss_fn)
+        scheduler = build_scheduler(config, optimizer, total_steps)
+        return (encoder, *acc.prepare(optimizer, scheduler), master)
+    optimizer = build_optimizer(config, encoder.parameters(), loss_fn)
+    scheduler = build_scheduler(config, optimizer, total_steps)
+    return (*acc.prepare(encoder, optimizer, scheduler), master)
 
 
 def build_scheduler(
@@ -173,18 +201,18 @@ def build_scheduler(
 def load_eval_tasks(config: TrainConfig) -> list[Any]:
     """The tasks of ``eval.data`` (retrieval tasks, shrunk as ``eval.max_*`` say, and STS
     sets), and a check that ``eval.metric`` names a score they report; errors name the option."""
-    from retriever.eval.sts import is_sts, load_sts
+    from retriever.eval.data import RetrievalTask
+    from retriever.eval.tasks import load_any_task
 
     specs = [config.eval.data] if isinstance(config.eval.data, str) else config.eval.data or []
     tasks = []
     for i, spec in enumerate(specs):
         key = "eval.data" if isinstance(config.eval.data, str) else f"eval.data[{i}]"
         try:
-            tasks.append(
-                load_sts(spec, config.eval.split)
-                if is_sts(spec, config.eval.split)
-                else _retrieval_task(config, spec)
-            )
+            task = load_any_task(spec, config.eval.split)
+            if isinstance(task, RetrievalTask):
+                task = shrink_task(task, config.eval.max_queries, config.eval.max_documents)
+            tasks.append(task)
         except (FileNotFoundError, ValueError, OSError) as exc:
             # A BEIR directory without that split's qrels: the split is what to change.
             if f"qrels/{config.eval.split}.tsv" in str(exc):
@@ -192,13 +220,6 @@ def load_eval_tasks(config: TrainConfig) -> list[Any]:
             raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
     _check_metric_task(config, tasks)
     return tasks
-
-
-def _retrieval_task(config: TrainConfig, spec: str) -> Any:
-    from retriever.eval.data import load_task
-
-    task = load_task(spec, config.eval.split)
-    return shrink_task(task, config.eval.max_queries, config.eval.max_documents)
 
 
 def _check_metric_task(config: TrainConfig, tasks: list[Any]) -> None:

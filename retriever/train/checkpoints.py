@@ -1,7 +1,7 @@
-"""Writing a checkpoint so that a kill at any moment leaves it whole or absent: Accelerate's
-state (model, optimizer, scheduler, RNG of every process, registered objects) and the trainer's
-own files go into a hidden ``.step-N.partial`` directory, the manifest (sizes and hashes) is
-written last, and one rename publishes it."""
+"""Writing a checkpoint (and the final model) so that a kill at any moment leaves it whole or
+absent: Accelerate's state (model, optimizer, scheduler, RNG of every process, registered
+objects) and the trainer's own files go into a hidden ``.step-N.partial`` directory, the
+manifest (sizes and hashes) is written last, and one rename publishes it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retriever.fileio import partial_path, publish
+from retriever.fileio import atomic_directory, partial_path, publish
 from retriever.train.run_directory import RunError, list_checkpoints, write_manifest
 
 
@@ -38,3 +38,14 @@ def save_checkpoint(accelerator: Any, path: Path, files: dict[str, str]) -> Path
             + (f"the newest complete one is {newest[-1]}" if newest else "none is complete")
         ) from None
     return path
+
+
+def save_final(encoder: Any, master: Any, folder: Path, card: str) -> None:
+    """The sentence-transformers model in ``folder`` (whole or absent) with its model card;
+    from the fp32 master weights when the network trained in bf16 (``master``)."""
+    if master is not None:  # save the fp32 master weights, not their bf16 copy
+        encoder.float()
+        master.copy_to_model()
+    with atomic_directory(folder) as final:
+        encoder.save(final)
+        (final / "README.md").write_text(card, encoding="utf-8")

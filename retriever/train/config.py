@@ -1,5 +1,5 @@
 """The training configuration: the sections of `retriever.train.options`, read from YAML and the
-command line, and checked.
+command line, and checked (`train.config_checks`).
 
 ``model``, ``data``, ``loss``, ``training``, ``eval`` and ``mining`` are dataclasses whose
 fields carry their help text and bounds (`train.options`). A YAML file
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -25,7 +24,10 @@ from typing import Any
 
 import yaml
 
+from retriever.train.config_checks import suggest, validate
 from retriever.train.options import (
+    SECTIONS,
+    ConfigError,
     DataArguments,
     EvalArguments,
     LossArguments,
@@ -33,20 +35,6 @@ from retriever.train.options import (
     ModelArguments,
     TrainingArguments,
 )
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the file and line (or flag) and the field."""
-
-
-SECTIONS: dict[str, type] = {
-    "model": ModelArguments,
-    "data": DataArguments,
-    "loss": LossArguments,
-    "training": TrainingArguments,
-    "eval": EvalArguments,
-    "mining": MiningArguments,
-}
 
 # Short flags for the options changed most often: flag -> "section.option".
 SHORT_FLAGS: dict[str, str] = {
@@ -60,12 +48,6 @@ SHORT_FLAGS: dict[str, str] = {
     "--learning-rate": "training.learning_rate",
     "--seed": "training.seed",
     "--eval-data": "eval.data",
-}
-
-REQUIRED = {
-    "model.name_or_path": "--model",
-    "data.train": "--data",
-    "training.output_dir": "--output-dir",
 }
 
 
@@ -107,11 +89,6 @@ def _type_of(section: str, name: str) -> Any:
     return typing.get_type_hints(SECTIONS[section])[name]
 
 
-def _suggest(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def convert(value: Any, section: str, name: str, where: str) -> Any:
     """``value`` checked and converted to the type of ``section.name``; errors name ``where``."""
     key = f"{section}.{name}"
@@ -140,41 +117,64 @@ def convert(value: Any, section: str, name: str, where: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, items) for v in value):
             raise fail(f"a path or a list of {kind}")
         return list(value)
-    if base is bool:
-        if not isinstance(value, bool):
-            raise fail("true or false")
-        out: Any = value
-    elif base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise fail("an integer" + (' or "auto"' if str in members else ""))
-        out = value
-    elif base is float:
-        if isinstance(value, bool):
-            raise fail("a number")
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise fail("a number") from None
-        if not isinstance(value, (int, float)):
-            raise fail("a number")
-        out = float(value)
-    elif base is str:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise fail("a string")
-        out = str(value)
-    elif typing.get_origin(base) is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise fail("a list of strings")
-        out = list(value)
-    else:  # pragma: no cover - a new option type
+    kind = "list" if typing.get_origin(base) is list else base
+    if kind not in _CONVERTERS:  # pragma: no cover - a new option type
         raise TypeError(f"unsupported option type {tp} for {key}")
+    out = _CONVERTERS[kind](value, fail, str in members)
     choices = _field(section, name).metadata["choices"]
     if choices is not None and out not in choices:
         raise fail(f"one of {', '.join(choices)}")
     return out
+
+
+# value, fail(expected) -> ConfigError, whether "auto" is allowed -> the converted value
+Fail = typing.Callable[[str], ConfigError]
+
+
+def _to_bool(value: Any, fail: Fail, auto: bool) -> bool:
+    if not isinstance(value, bool):
+        raise fail("true or false")
+    return value
+
+
+def _to_int(value: Any, fail: Fail, auto: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail("an integer" + (' or "auto"' if auto else ""))
+    return value
+
+
+def _to_float(value: Any, fail: Fail, auto: bool) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise fail("a number") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail("a number")
+    return float(value)
+
+
+def _to_str(value: Any, fail: Fail, auto: bool) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise fail("a string")
+    return str(value)
+
+
+def _to_str_list(value: Any, fail: Fail, auto: bool) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise fail("a list of strings")
+    return list(value)
+
+
+_CONVERTERS: dict[Any, typing.Callable[[Any, Fail, bool], Any]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    "list": _to_str_list,
+}
 
 
 def _line(node: yaml.Node, path: str) -> str:
@@ -194,7 +194,7 @@ def apply_mapping(config: TrainConfig, mapping_node: yaml.Node, path: str) -> No
         if section not in SECTIONS:
             raise ConfigError(
                 f"{_line(key_node, path)}: unknown section {section!r}"
-                f"{_suggest(section, list(SECTIONS))}; sections are {', '.join(SECTIONS)}"
+                f"{suggest(section, list(SECTIONS))}; sections are {', '.join(SECTIONS)}"
             )
         if section in seen_sections:
             raise ConfigError(f"{_line(key_node, path)}: section {section!r} appears twice")
@@ -211,9 +211,7 @@ def apply_mapping(config: TrainConfig, mapping_node: yaml.Node, path: str) -> No
             name = option_node.value
             where = _line(option_node, path)
             if name not in names:
-                raise ConfigError(
-                    f"{where}: unknown option {section}.{name}{_suggest(name, names)}"
-                )
+                raise ConfigError(f"{where}: unknown option {section}.{name}{suggest(name, names)}")
             if name in seen:
                 raise ConfigError(f"{where}: {section}.{name} is set twice")
             seen.add(name)
@@ -257,116 +255,6 @@ def set_option(config: TrainConfig, key: str, raw: str, where: str) -> None:
         value = raw  # keep strings verbatim: a prefix like "query: " is not YAML
     setattr(getattr(config, section), name, convert(value, section, name, where))
     config.sources[key] = where
-
-
-def _check(config: TrainConfig, key: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ConfigError(
-            f"{config.where(key)}: {key}: expected {expected}, got {config.get(key)!r}"
-        )
-
-
-def _check_sources(config: TrainConfig) -> None:
-    """data.train's sources, parsed now so that a bad entry stops the start before any load."""
-    from retriever.train.sources import SourceError, sources_of
-
-    try:
-        sources = sources_of(config)
-    except SourceError as exc:
-        raise ConfigError(str(exc)) from None
-    if config.mining.dynamic and (len(sources) > 1 or sources[0].task != "retrieval"):
-        raise ConfigError(
-            f"{config.where('mining.dynamic')}: mining.dynamic re-mines one retrieval source; "
-            "data.train lists several"
-        )
-
-
-def _check_metric(config: TrainConfig) -> None:
-    """eval.metric: a metric the evaluators report (retrieval's, or STS's spearman / pearson),
-    ``TASK/METRIC`` for one of several tasks, or ``mean_main_score`` (their main scores'
-    mean). Task names are checked once the tasks are loaded."""
-    from retriever.eval.metrics import metric_names
-
-    names = ["main_score", "spearman", "pearson", *metric_names()]
-    metric = config.eval.metric
-    name = metric.rsplit("/", 1)[-1]
-    if metric != "mean_main_score" and name not in names:
-        raise ConfigError(
-            f"{config.where('eval.metric')}: eval.metric: {metric!r} is not a metric the "
-            f"evaluator reports{_suggest(name, names)} (e.g. ndcg_at_10, recall_at_100, "
-            "spearman, TASK/ndcg_at_10 with several tasks, or mean_main_score)"
-        )
-
-
-def _expected(f: dataclasses.Field, kind: type) -> str:
-    """What the bounds of field ``f`` ask for, in words."""
-    meta = f.metadata
-    if kind is int:
-        low = meta.get("min")
-        return "a positive integer" if low == 1 else f"an integer >= {low}"
-    if "below" in meta:
-        return f"a number in [{meta.get('min', '-inf')}, {meta['below']})"
-    return f"a number > {meta['gt']}" if "gt" in meta else f"a number >= {meta['min']}"
-
-
-def check_bounds(config: TrainConfig) -> None:
-    """Every field's bounds (its metadata: ``min``, ``gt``, ``below``), for every section."""
-    for section in SECTIONS:
-        for f in options(section):
-            value = getattr(getattr(config, section), f.name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue  # None, "auto", strings, lists: their own checks
-            meta = f.metadata
-            ok = (
-                value >= meta.get("min", float("-inf"))
-                and value > meta.get("gt", float("-inf"))
-                and value < meta.get("below", float("inf"))
-            )
-            if not ok:
-                kind = int if isinstance(value, int) and "gt" not in meta else float
-                _check(config, f"{section}.{f.name}", False, _expected(f, kind))
-
-
-def validate(config: TrainConfig) -> TrainConfig:
-    """Bounds and cross-field checks that single values cannot make; errors name where each
-    value was set."""
-    for key, flag in REQUIRED.items():
-        if not config.get(key):
-            raise ConfigError(f"{key} is required: set it in the config file or pass {flag}")
-    check_bounds(config)
-    _check_sources(config)
-    loss = config.loss
-    if loss.min_temperature > loss.max_temperature:
-        raise ConfigError(
-            f"{config.where('loss.min_temperature')} / {config.where('loss.max_temperature')}: "
-            f"loss.min_temperature ({loss.min_temperature}) is above loss.max_temperature "
-            f"({loss.max_temperature})"
-        )
-    if not loss.min_temperature <= loss.temperature <= loss.max_temperature:
-        raise ConfigError(
-            f"{config.where('loss.temperature')}: loss.temperature ({loss.temperature}) must lie "
-            f"in [loss.min_temperature, loss.max_temperature] = "
-            f"[{loss.min_temperature}, {loss.max_temperature}]"
-        )
-    if config.training.batch_size == 1 and config.data.negatives == 0:
-        raise ConfigError(
-            f"{config.where('training.batch_size')}: training.batch_size 1 with data.negatives 0 "
-            "gives each query its positive as its only candidate: the loss is 0 and nothing is "
-            "learned; use a larger batch or hard negatives"
-        )
-    _check_metric(config)
-    if config.mining.dynamic and config.data.negatives == 0:
-        raise ConfigError(
-            f"{config.where('mining.dynamic')}: mining.dynamic re-mines hard negatives, but "
-            "data.negatives is 0 (in-batch negatives only); set data.negatives"
-        )
-    for tracker in config.training.report_to:
-        if tracker not in ("tensorboard", "wandb"):
-            raise ConfigError(
-                f"{config.where('training.report_to')}: training.report_to: unknown tracker "
-                f"{tracker!r} (tensorboard, wandb)"
-            )
-    return config
 
 
 # --- command line -------------------------------------------------------------------------

@@ -41,19 +41,12 @@ def evaluate_step(
 def score_tasks(encoder: Any, tasks: list[Any], batch_size: int) -> tuple[dict, dict]:
     """(numeric scores, full results): one task's keys as they are; several tasks' prefixed
     with the task's name, plus the mean of their main scores."""
-    from retriever.eval.evaluator import evaluate_task
-    from retriever.eval.sts import STSTask, evaluate_sts
+    from retriever.eval.tasks import run_task
 
     results = {}
     for task in tasks:
-        run = evaluate_sts if isinstance(task, STSTask) else evaluate_task
-        results[task.name] = run(encoder, task, batch_size=batch_size, show_progress=False)
-    numeric = {
-        name: {
-            k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        for name, r in results.items()
-    }
+        results[task.name] = run_task(encoder, task, batch_size=batch_size, show_progress=False)
+    numeric = {name: _numbers(r) for name, r in results.items()}
     if len(tasks) == 1:
         (only,) = numeric.values()
         return {**only, "mean_main_score": only["main_score"]}, next(iter(results.values()))
@@ -72,3 +65,22 @@ def _sizes(scores: dict[str, Any]) -> str:
     if "num_queries" in scores:
         return f"{scores['num_queries']} queries, {scores.get('num_documents')} documents"
     return ", ".join(f"{k}={v:.4f}" for k, v in scores.items() if k.endswith("main_score"))
+
+
+def last_evaluation(output_dir: Path) -> dict[str, Any] | None:
+    """The newest eval.jsonl record (also when an earlier process of this run wrote it)."""
+    path = Path(output_dir) / "eval.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else None
+
+
+def describe_progress(
+    evaluations: list[dict[str, Any]], metric: str, state: Any, best: Path
+) -> str:
+    """The first and last evaluation of this process's run, and the best one."""
+    first, last = evaluations[0], evaluations[-1]
+    return (
+        f"{metric}: {first[metric]:.4f} at step {first['step']} -> "
+        f"{last[metric]:.4f} at step {last['step']} (best {state.best_metric:.4f} at "
+        f"step {state.best_step}, saved in {best})"
+    )

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from retriever.train.run_directory import RunError
+
 
 def model_card(
     config: Any,
@@ -61,6 +63,18 @@ model = SentenceTransformer("PATH_OR_REPO")
 embeddings = model.encode_query(["a query"]), model.encode_document(["a document"])
 ```
 """
+
+
+def push_final(folder: Path, repo: str, where: str) -> str:
+    """:func:`push_to_hub`, a failure named as the option's (``where`` it was set); its URL."""
+    try:
+        return push_to_hub(folder, repo)
+    except Exception as exc:  # offline, no token, no rights: the local model stands
+        raise RunError(
+            f"{where}: training.push_to_hub: could not push {folder} to {repo!r} "
+            f"({type(exc).__name__}: {exc}); the model is saved there, push it later with "
+            "huggingface-cli upload"
+        ) from None
 
 
 def push_to_hub(folder: Path, repo: str) -> str:

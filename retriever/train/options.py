@@ -2,8 +2,8 @@
 
 Each field carries its help text (shown by ``retriever train --help`` and listed in
 docs/training.md) and its bounds as metadata: ``min`` (inclusive), ``gt`` (exclusive) and
-``below`` (exclusive upper), checked by :func:`retriever.train.config.validate` for every field.
-The loading, checking and command-line machinery is in `retriever.train.config`.
+``below`` (exclusive upper), checked for every field by `retriever.train.config_checks`.
+Loading and the command line are in `retriever.train.config`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retriever.mining.dynamic import DynamicMiningConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the file and line (or flag) and the field."""
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **bounds: float) -> Any:
@@ -289,3 +293,13 @@ class MiningArguments(DynamicMiningConfig):
         "Corpus the refresh searches (BEIR directory, corpus.jsonl or training JSONL); null: "
         "the documents of the mined file's candidate lists (its .corpus.jsonl).",
     )
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArguments,
+    "data": DataArguments,
+    "loss": LossArguments,
+    "training": TrainingArguments,
+    "eval": EvalArguments,
+    "mining": MiningArguments,
+}

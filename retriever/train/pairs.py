@@ -40,6 +40,13 @@ class PairSet:
     def __len__(self) -> int:
         return len(self.scores)
 
+    @property
+    def queries(self) -> TextPool | None:
+        """Both sentences' pool: the Collator's query and document pools are this one."""
+        return self.pool
+
+    documents = queries
+
     def attach_tokens(
         self, tokenizer: Any, settings: SideSettings, cache_dir: str | os.PathLike | None,
         **kwargs: Any,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -126,3 +127,30 @@ def check_steps_left(config: TrainConfig, checkpoint: Path, step: int, total: in
             f"--resume: {checkpoint} is at step {step}, past the {total} steps this run is to "
             f"train ({where}); raise training.max_steps or resume an earlier checkpoint"
         )
+
+
+def saved_chunk_sizes(checkpoint: Path | None) -> list[int] | None:
+    """The chunk sizes ``checkpoint`` trained with (an auto size must not change on resume)."""
+    if checkpoint is None:
+        return None
+    saved = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    return saved.get("chunk_sizes")
+
+
+def load_checkpoint(
+    accelerator: Any,
+    config: TrainConfig,
+    checkpoint: Path,
+    fingerprint: str,
+    state: Any,
+    total: int,
+) -> None:
+    """Load ``checkpoint`` into the run (its registered objects, ``state`` among them) once its
+    data is known to be this run's, and check that steps are left to train."""
+    check_same_data(config, checkpoint, fingerprint)
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as exc:  # verified files that still do not fit this model or run
+        raise RunError(f"--resume: {checkpoint} could not be loaded: {exc}") from None
+    check_steps_left(config, checkpoint, state.step, total)
+    logger.info("resumed from %s at step %d", checkpoint, state.step)

@@ -152,3 +152,12 @@ def rank_rows(share: int, rank: int, processes: int) -> slice:
     base, extra = divmod(share, processes)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
+
+
+def describe_plan(sources: list[Source], shares: list[int], batches: list[int]) -> str:
+    """Each source's task, rows a step, hard negatives and batches an epoch, for the log."""
+    return "; ".join(
+        f"{s.name} ({s.task}) {share} a step (+{s.negatives} hard negatives each), "
+        f"{count} batches an epoch"
+        for s, share, count in zip(sources, shares, batches)
+    )

@@ -22,7 +22,6 @@ Accelerate's process group, and DDP all-reduces the gradients once per step.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -34,8 +33,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from retriever.fileio import atomic_directory
-from retriever.loss.inputs import resolve_impl
 from retriever.train.batches import Collator
 from retriever.train.builders import (
     batches_per_epoch,
@@ -44,54 +41,31 @@ from retriever.train.builders import (
     build_encoder,
     build_loss,
     build_miner,
-    build_optimizer,
-    build_scheduler,
     flat_hparams,
     load_eval_tasks,
+    prepare_optimization,
 )
-from retriever.train.checkpoints import save_checkpoint
+from retriever.train.checkpoints import save_checkpoint, save_final
 from retriever.train.chunk_sizes import ChunkSizeError, ChunkSizes, plan_for_run
 from retriever.train.chunk_sizes import describe as describe_chunks
 from retriever.train.config import ConfigError, TrainConfig
-from retriever.train.evaluation import evaluate_step
+from retriever.train.evaluation import describe_progress, evaluate_step, last_evaluation
 from retriever.train.loader import Part, Position, StepBatches, Stream, run_loader
-from retriever.train.model_card import model_card, push_to_hub
-from retriever.train.resume import check_same_data, check_steps_left, plan_run_directory
+from retriever.train.model_card import model_card, push_final
+from retriever.train.resume import load_checkpoint, plan_run_directory, saved_chunk_sizes
 from retriever.train.run_directory import (
     RunDirectory,
-    RunError,
     checkpoint_dir,
     list_checkpoints,
     remove_checkpoint,
     truncate_logs,
 )
-from retriever.train.sources import batch_shares, sources_of
+from retriever.train.sources import batch_shares, describe_plan, sources_of
+from retriever.train.state import TrainState
 from retriever.train.step import cached_parts_step, loss_part
 from retriever.train.step_log import StepLog, stop_unless_finite
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Where training is: saved in every checkpoint (Accelerate custom state)."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already trained on
-    best_metric: float | None = None
-    best_step: int | None = None
-    evaluated_step: int | None = None  # the step of the last evaluation
-    positions: list[list[int]] | None = None  # each source's [epoch, next batch]
-    chunk_sizes: list[int] | None = None  # [gradient pass, no-grad pass], also when auto
-    data_fingerprint: str | None = None  # of the training examples, checked on resume
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 class Trainer:
@@ -122,31 +96,29 @@ class Trainer:
         self.resume_from = plan_run_directory(config, resume, overwrite)
         # Replace what is there: on --overwrite, or the leftovers of a start that saved nothing.
         self.replace = self.resume_from is None and bool(self.run_dir.artifacts())
-        try:
-            resolve_impl(config.loss.impl, 1 << 16, 1 << 16, acc.device)
-        except ValueError as exc:
-            raise ConfigError(f"{config.where('loss.impl')}: loss.impl: {exc}") from None
+        self.loss_fn = build_loss(config, acc.device)
 
         from accelerate.utils import set_seed
 
         set_seed(t.seed)
         self.encoder = build_encoder(config)
         self.encoder.train()  # from_pretrained leaves the network in eval mode: no dropout
-        self.loss_fn = build_loss(config).to(acc.device)
         self._load_data()
         self.tasks = load_eval_tasks(config)
         self.chunks = self._plan_chunks()  # before the optimizer: the probe makes gradients
         self._prepare_optimization()
         if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
-        if self.state.positions is None:  # a new run, or a checkpoint of one source
-            first = [self.state.epoch, self.state.batch_in_epoch]
-            self.state.positions = [first] + [[0, 0] for _ in self.sources[1:]]
+            load_checkpoint(
+                acc, config, self.resume_from, self.data_fingerprint, self.state, self.total_steps
+            )
+        self.state.start_positions(len(self.sources))
         self.state.data_fingerprint = self.data_fingerprint
         self.state.chunk_sizes = [self.chunks.grad, self.chunks.embed]
         self.collators = [
-            Collator(*_pools(dataset), self.encoder.tokenizer, self.chunks.embed, t.sort_by_length)
-            for dataset in self.datasets
+            Collator(
+                d.queries, d.documents, self.encoder.tokenizer, self.chunks.embed, t.sort_by_length
+            )
+            for d in self.datasets
         ]
         self.log = StepLog(acc, self.output_dir, t.batch_size)
         self.group = dist.group.WORLD if acc.num_processes > 1 else None
@@ -182,10 +154,7 @@ class Trainer:
     def _plan_chunks(self) -> ChunkSizes:
         """The chunk sizes of both passes: as configured, measured (``auto``), or as the
         checkpoint being resumed recorded them (an auto size must not change on resume)."""
-        recorded = None
-        if self.resume_from is not None:
-            saved = json.loads((self.resume_from / "trainer_state.json").read_text("utf-8"))
-            recorded = saved.get("chunk_sizes")
+        recorded = saved_chunk_sizes(self.resume_from)
         try:
             sizes = plan_for_run(self.config, self.accelerator, self.encoder, recorded)
         except ChunkSizeError as exc:
@@ -195,42 +164,16 @@ class Trainer:
         return sizes
 
     def _prepare_optimization(self) -> None:
-        """Optimizer and schedule (on fp32 master weights for a bf16 network), and what a
-        checkpoint holds."""
-        acc, config = self.accelerator, self.config
-        self.master = None
-        if config.model.dtype == "bfloat16":
-            # bf16 network, fp32 master weights and gradients (retriever/precision.py). The
-            # master gradients are averaged by hand, so the model is not wrapped in DDP.
-            from retriever.train.precision import MasterWeights
-
-            self.encoder.to(acc.device)
-            self.master = MasterWeights(self.encoder.parameters())
-            optimizer = build_optimizer(config, self.master.master, self.loss_fn)
-            scheduler = build_scheduler(config, optimizer, self.total_steps)
-            self.optimizer, self.scheduler = acc.prepare(optimizer, scheduler)
-            self.model = self.encoder
-        else:
-            optimizer = build_optimizer(config, self.encoder.parameters(), self.loss_fn)
-            scheduler = build_scheduler(config, optimizer, self.total_steps)
-            self.model, self.optimizer, self.scheduler = acc.prepare(
-                self.encoder, optimizer, scheduler
-            )
+        """Optimizer and schedule, and what a checkpoint holds."""
+        acc = self.accelerator
+        self.model, self.optimizer, self.scheduler, self.master = prepare_optimization(
+            self.config, acc, self.encoder, self.loss_fn, self.total_steps
+        )
         self.state = TrainState()
         acc.register_for_checkpointing(self.state, self.loss_fn)
-        if self.miner is not None:
-            acc.register_for_checkpointing(self.miner)
-        if self.master is not None:
-            acc.register_for_checkpointing(self.master)
-
-    def _load_checkpoint(self, path: Path) -> None:
-        check_same_data(self.config, path, self.data_fingerprint)
-        try:
-            self.accelerator.load_state(str(path))
-        except Exception as exc:  # verified files that still do not fit this model or run
-            raise RunError(f"--resume: {path} could not be loaded: {exc}") from None
-        check_steps_left(self.config, path, self.state.step, self.total_steps)
-        logger.info("resumed from %s at step %d", path, self.state.step)
+        for extra in (self.miner, self.master):
+            if extra is not None:
+                acc.register_for_checkpointing(extra)
 
     def _prepare_run_directory(self) -> None:
         """Main process: set a replaced run aside (restored if this one fails before its first
@@ -268,16 +211,9 @@ class Trainer:
         acc, device = self.accelerator, self.accelerator.device
         # A learnable temperature lives outside DDP; the ring gives every rank the gradient of
         # the global loss for it, so it needs no all-reduce.
+        size, scale = self.config.training.batch_size, self.config.loss.cosent_scale
         loss_parts = [
-            loss_part(
-                source,
-                part.batch,
-                share / self.config.training.batch_size,
-                self.loss_fn,
-                self.config.loss.cosent_scale,
-                device,
-                self.group,
-            )
+            loss_part(source, part.batch, share / size, self.loss_fn, scale, device, self.group)
             for source, part, share in zip(self.sources, parts, self.shares)
         ]
         loss, per_source = cached_parts_step(
@@ -295,12 +231,8 @@ class Trainer:
     def _remine(self) -> None:
         """A dynamic-mining pass (every process takes part), logged to mining.jsonl."""
         acc = self.accelerator
-        record = self.miner.run(
-            acc.unwrap_model(self.model),
-            self.state.step,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-        )
+        encoder, step = acc.unwrap_model(self.model), self.state.step
+        record = self.miner.run(encoder, step, rank=acc.process_index, world_size=acc.num_processes)
         self.log.write("mining.jsonl", record)
         acc.log({f"mining/{k}": v for k, v in record.items() if k != "step"}, step=self.state.step)
         acc.print(self.miner.describe(record))
@@ -357,11 +289,7 @@ class Trainer:
         acc.print(
             f"training {self.total_steps} steps of {t.batch_size} queries on "
             f"{acc.num_processes} process(es): "
-            + "; ".join(
-                f"{s.name} ({s.task}) {share} a step (+{s.negatives} hard negatives each), "
-                f"{batches} batches an epoch"
-                for s, share, batches in zip(self.sources, self.shares, self.batches_per_epoch)
-            )
+            + describe_plan(self.sources, self.shares, self.batches_per_epoch)
         )
         progress = tqdm(
             total=self.total_steps,
@@ -383,10 +311,8 @@ class Trainer:
                 self.log.data_wait += time.perf_counter() - waited
                 if item is None:
                     break
-                state.positions = [[part.epoch, part.index + 1] for part in item]
-                state.epoch, state.batch_in_epoch = state.positions[0]
                 loss, grad_norm = self._optimizer_step(item, params)
-                state.step += 1
+                state.advance([[part.epoch, part.index + 1] for part in item])
                 tokens = sum(part.batch.num_tokens for part in item)
                 self.log.add(loss, tokens, dict(zip(self.source_names, self.source_losses)))
                 progress.update(1)
@@ -435,39 +361,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
 
-    def _last_evaluation(self) -> dict[str, Any] | None:
-        """The newest eval.jsonl record (also when an earlier process of this run wrote it)."""
-        path = self.output_dir / "eval.jsonl"
-        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-        return json.loads(lines[-1]) if lines else None
-
-    def _push(self, folder: Path, repo: str) -> None:
-        try:
-            url = push_to_hub(folder, repo)
-        except Exception as exc:  # offline, no token, no rights: the local model stands
-            raise RunError(
-                f"{self.config.where('training.push_to_hub')}: training.push_to_hub: could not "
-                f"push {folder} to {repo!r} ({type(exc).__name__}: {exc}); the model is saved "
-                "there, push it later with huggingface-cli upload"
-            ) from None
-        self.accelerator.print(f"pushed the final model to {url}")
-
     def _finish(self, evaluations: list[dict[str, Any]], last_loss: float | None) -> dict:
         acc, cfg, state = self.accelerator, self.config, self.state
         if self.tasks and state.evaluated_step != state.step:
             evaluations.append(self.evaluate())
         self.save_checkpoint()
+        final = self.output_dir / "final"
         if acc.is_main_process:
-            encoder = acc.unwrap_model(self.model)
-            if self.master is not None:  # save the fp32 master weights, not their bf16 copy
-                encoder.float()
-                self.master.copy_to_model()
-            card = model_card(cfg, self.sources, self.shares, state, self._last_evaluation())
-            with atomic_directory(self.output_dir / "final") as final:
-                encoder.save(final)
-                (final / "README.md").write_text(card, encoding="utf-8")
+            evaluation = last_evaluation(self.output_dir)
+            card = model_card(cfg, self.sources, self.shares, state, evaluation)
+            save_final(acc.unwrap_model(self.model), self.master, final, card)
             if cfg.training.push_to_hub:
-                self._push(self.output_dir / "final", cfg.training.push_to_hub)
+                where = cfg.where("training.push_to_hub")
+                url = push_final(final, cfg.training.push_to_hub, where)
+                acc.print(f"pushed the final model to {url}")
         acc.wait_for_everyone()
         acc.end_training()
         summary = {
@@ -479,22 +386,11 @@ class Trainer:
             "output_dir": str(self.output_dir),
         }
         if evaluations:
-            first, last = evaluations[0], evaluations[-1]
-            metric = cfg.eval.metric
             acc.print(
-                f"{metric}: {first[metric]:.4f} at step {first['step']} -> "
-                f"{last[metric]:.4f} at step {last['step']} (best {state.best_metric:.4f} at "
-                f"step {state.best_step}, saved in {self.output_dir / 'best'})"
+                describe_progress(evaluations, cfg.eval.metric, state, self.output_dir / "best")
             )
-        acc.print(f"final model: {self.output_dir / 'final'}")
+        acc.print(f"final model: {final}")
         return summary
-
-
-def _pools(dataset: Any) -> tuple[Any, Any]:
-    """A dataset's (query, document) token pools; a PairSet's pairs share one."""
-    if hasattr(dataset, "pool"):
-        return dataset.pool, dataset.pool
-    return dataset.queries, dataset.documents
 
 
 def train(
