@@ -3,6 +3,8 @@ hard negatives) from JSONL, BEIR directories or ``datasets`` datasets.
 
 * JSONL (optionally gzipped), one example per line: ``query``, ``pos`` (a string or a list) and
   ``neg`` (a list, optional), FlagEmbedding's format; ``positive`` / ``negative`` also work.
+  Optional teacher scores, one number per positive / negative: ``pos_scores``, ``neg_scores``
+  (as mined files and FlagEmbedding's distillation data carry them).
 * A BEIR directory and a qrels split: one example per query, its positives the documents
   judged > 0 (embedded as ``title + " " + text``, like evaluation does).
 * A ``datasets`` dataset (saved with ``save_to_disk``, or a Hub id) with ``anchor`` /
@@ -14,6 +16,7 @@ Every problem is a :class:`DataError` naming the file and line (or row) at fault
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +38,8 @@ class Example:
     positives: tuple[str, ...]
     negatives: tuple[str, ...]
     source: str  # "file.jsonl:12", for messages
+    positive_scores: tuple[float, ...] | None = None  # a teacher's, one per positive
+    negative_scores: tuple[float, ...] | None = None  # one per negative
 
 
 # Accepted names for each field, in order of preference.
@@ -82,7 +87,29 @@ def example_from_record(record: Mapping[str, Any], where: str) -> Example:
     )
     for key in numbered:
         negatives += _texts(record[key], where, key, allow_empty=False)
-    return Example(query, positives, negatives, where)
+    return Example(
+        query,
+        positives,
+        negatives,
+        where,
+        _scores(record, "pos_scores", len(positives), where),
+        _scores(record, "neg_scores", len(negatives), where),
+    )
+
+
+def _scores(record: Mapping[str, Any], key: str, count: int, where: str) -> tuple | None:
+    """A line's teacher scores under ``key``: one finite number per text, or absent."""
+    value = record.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, list) and len(value) == count
+    if ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        if all(math.isfinite(v) for v in value):
+            return tuple(float(v) for v in value)
+    texts = "positive" if key == "pos_scores" else "negative"
+    raise DataError(
+        f"{where}: '{key}' must be a list of {count} finite numbers, one per {texts}, got {value!r}"
+    )
 
 
 def read_jsonl_examples(path: str | os.PathLike, limit: int | None = None) -> list[Example]:

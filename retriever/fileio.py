@@ -12,6 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def directory_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be, or become, a directory this process writes in (it is a file; a
+    parent is a file; no write permission), or None. Checked before any work starts."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a directory"
+        return None if os.access(path, os.W_OK) else f"{path}: no permission to write there"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"{path}: {parent} is a file, not a directory"
+    if parent is not None and not os.access(parent, os.W_OK):
+        return f"{path}: cannot create it under {parent} (no permission to write there)"
+    return None
+
+
 def fsync_directory(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every platform can open a directory
         fd = os.open(path, os.O_RDONLY)

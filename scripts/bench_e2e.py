@@ -25,18 +25,27 @@ Every (peer, case) runs in its own process; results are appended to --output as 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Results  # noqa: E402
+from harness import (
+    GIB,
+    OUT_OF_MEMORY,
+    Results,
+    Stopwatch,
+    is_oom,
+    now,
+    peak_memory,
+    profiled,
+    sync,
+)
 
 PEERS = ("retriever", "st-cmnrl")
 
@@ -105,17 +114,17 @@ def run_retriever(args, batch: int, negatives: int, steps: int, data: Path, out:
                 },
             }
         )  # fmt: skip
-        begin = time.perf_counter()
-        trainer = Trainer(config)
-        record[f"startup_{start}_s"] = time.perf_counter() - begin
+        with Stopwatch(args.device) as startup:
+            trainer = Trainer(config)
+        record[f"startup_{start}_s"] = startup.seconds
         if start == "warm":
             break
         record["chunk_sizes"] = [trainer.chunks.grad, trainer.chunks.embed]
         if args.profile_step:
             profile_one_step(trainer, args.profile_step, record)
-        begin = time.perf_counter()
-        trainer.train()
-        record["train_s"] = time.perf_counter() - begin
+        with Stopwatch(args.device) as training:
+            trainer.train()
+        record["train_s"] = training.seconds
         logs = [json.loads(line) for line in open(out / "run-cold" / "log.jsonl")]
         record.update(step_summary([r["step_s"] for r in logs], [r["data_wait_s"] for r in logs],
                                    batch, args.skip_first))  # fmt: skip
@@ -128,22 +137,18 @@ def run_retriever(args, batch: int, negatives: int, steps: int, data: Path, out:
 
 def profile_one_step(trainer: Any, step: int, record: dict) -> None:
     """Profile optimizer step ``step`` (1-based) and record its GPU kernel time."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    real = trainer._optimizer_step
-
-    def optimizer_step(batch, params):
-        if trainer.state.step + 1 != step:
-            return real(batch, params)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            out = real(batch, params)
-            torch.cuda.synchronize()
+    @contextlib.contextmanager
+    def around(number: int):
+        if number != step:
+            yield
+            return
+        with profiled("cuda") as prof:
+            yield
         record["profiled_step"] = step
         record["profiled_gpu_kernel_s"] = kernel_seconds(prof)
-        return out
 
-    trainer._optimizer_step = optimizer_step
+    trainer.step_context = around
 
 
 def kernel_seconds(prof: Any) -> float:
@@ -168,7 +173,7 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
     from retriever.model.network import set_dropout
 
     record: dict[str, Any] = {}
-    begin = time.perf_counter()
+    startup = Stopwatch(args.device).start()
     model = SentenceTransformer(locate_model(args.model), device=args.device,
                                 model_kwargs={"attn_implementation": "sdpa"})  # fmt: skip
     model.max_seq_length = args.document_length  # one length for every column
@@ -180,18 +185,17 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
         columns[f"negative_{j + 1}"] = [r["neg"][j] for r in rows]
     dataset = datasets.Dataset.from_dict(columns)
     del rows, columns
-    record["startup_cold_s"] = time.perf_counter() - begin
+    record["startup_cold_s"] = startup.stop()
     loss = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.chunk_size)
     marks: dict[str, list[float]] = {"begin": [], "end": []}
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            marks["begin"].append(time.perf_counter())
+            marks["begin"].append(now())
 
         def on_step_end(self, *a, **k):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            marks["end"].append(time.perf_counter())
+            sync(args.device)
+            marks["end"].append(now())
 
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "st"),
@@ -211,17 +215,16 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
     )
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset,
                                          loss=loss, callbacks=[Timer()])  # fmt: skip
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    begin = time.perf_counter()
+    memory = peak_memory(args.device).start()
+    begin = now()
     trainer.train()
-    record["train_s"] = time.perf_counter() - begin
+    record["train_s"] = now() - begin
     ends = [begin, *marks["end"]]
     walls = [b - a for a, b in zip(ends, ends[1:])]
     waits = [s - e for s, e in zip(marks["begin"], ends)]
     record.update(step_summary(walls, waits, batch, args.skip_first))
-    if torch.cuda.is_available():
-        record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if memory.stop() is not None:
+        record["peak_memory_gb"] = memory.peak / GIB
     record["finish_s"] = record["train_s"] - sum(walls)
     return record
 
@@ -265,7 +268,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.one:
         return run_one(args)
-    results = Results(args.output, settings=vars(args))
+    results = Results(args.output, vars(args), args.device)
     for case in args.cases:
         batch, negatives, steps = parse_case(case)
         for peer in args.peers:
@@ -284,8 +287,8 @@ def main() -> int:
                         record.update(json.load(open(f.name)), status="ok")
                     else:
                         tail = done.stderr.strip().splitlines()[-3:]
-                        oom = "OutOfMemoryError" in done.stderr
-                        record["status"] = "out of memory" if oom else f"failed: {tail}"
+                        oom = is_oom(done.stderr)
+                        record["status"] = OUT_OF_MEMORY if oom else f"failed: {tail}"
             results.add(record)
     return 0
 

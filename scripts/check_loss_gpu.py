@@ -6,16 +6,19 @@ The float64 reference is computed in row chunks on the GPU (the fp64 matrix unit
     P = softmax_j(S),  dq = s/Bq (P - Y) d,  dd = s/Bq (P - Y)^T q,  ds = 1/Bq sum (P - Y) * q d^T
 
     python scripts/check_loss_gpu.py --batches 4096 65536 --output errors.json
+
+--output gets the run header (scripts/harness.py) and the records under "results", rewritten
+after every record.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import Results
 
 from retriever.loss import contrastive_loss
 
@@ -49,6 +52,21 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def errors(q_in, d_in, want, impl: str, scale: float) -> dict[str, float]:
+    """Relative errors of ``impl``'s loss and gradients against the float64 ``want``."""
+    q = q_in.clone().requires_grad_()
+    d = d_in.clone().requires_grad_()
+    s = torch.tensor(scale, device=q.device, requires_grad=True)
+    loss = contrastive_loss(q, d, scale=s, impl=impl)
+    loss.backward()
+    return dict(
+        loss=rel(loss, want[0]),
+        d_queries=rel(q.grad, want[1]),
+        d_candidates=rel(d.grad, want[2]),
+        d_scale=rel(s.grad, want[3]),
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batches", nargs="+", type=int, default=[4096, 16384, 65536])
@@ -59,8 +77,9 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=20.0)
     p.add_argument("--output", type=Path)
     args = p.parse_args()
-    records = []
-    print(f"device: {torch.cuda.get_device_name()}", flush=True)
+    # Every record is written to --output as it comes, after the run header.
+    results = Results(args.output, vars(args), "cuda", echo=False, indent=1)
+    print(f"device: {results.data['device']}", flush=True)
     for batch in args.batches:
         g = torch.Generator(device="cuda").manual_seed(batch)
         q32 = F.normalize(torch.randn(batch, args.dim, device="cuda", generator=g), dim=-1)
@@ -74,33 +93,17 @@ def main() -> None:
             q_in, d_in = q32.to(dtype), d32.to(dtype)
             want = reference(q_in, d_in, args.scale)
             for impl in args.impls:
-                q = q_in.clone().requires_grad_()
-                d = d_in.clone().requires_grad_()
-                s = torch.tensor(args.scale, device="cuda", requires_grad=True)
-                try:
-                    loss = contrastive_loss(q, d, scale=s, impl=impl)
-                    loss.backward()
-                except torch.cuda.OutOfMemoryError:
-                    records.append(dict(batch=batch, dtype=dtype_name, impl=impl, status="oom"))
-                    print(f"B={batch} {dtype_name} {impl}: out of memory", flush=True)
-                    torch.cuda.empty_cache()
-                    continue
-                errs = dict(
-                    loss=rel(loss, want[0]),
-                    d_queries=rel(q.grad, want[1]),
-                    d_candidates=rel(d.grad, want[2]),
-                    d_scale=rel(s.grad, want[3]),
-                )
-                records.append(dict(batch=batch, dtype=dtype_name, impl=impl, status="ok", **errs))
-                print(
-                    f"B={batch} Bd={d.shape[0]} {dtype_name} {impl}: "
-                    + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()),
-                    flush=True,
-                )
-                del q, d, loss
-                torch.cuda.empty_cache()
-    if args.output:
-        args.output.write_text(json.dumps(records, indent=1))
+                record = dict(batch=batch, dtype=dtype_name, impl=impl)
+                with results.case(record, "cuda"):  # out of memory: recorded, not raised
+                    errs = errors(q_in, d_in, want, impl, args.scale)
+                    record.update(status="ok", **errs)
+                    print(
+                        f"B={batch} Bd={d_in.shape[0]} {dtype_name} {impl}: "
+                        + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()),
+                        flush=True,
+                    )
+                if record["status"] != "ok":
+                    print(f"B={batch} {dtype_name} {impl}: {record['status']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from harness import Results
 
 from retriever.examples import load_examples
 from retriever.loss import InfoNCELoss
@@ -178,24 +179,19 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     model_path = locate_model(args.model)
-    on_gpu = torch.device(args.device).type == "cuda"
-    report: dict = {
-        "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-        "torch": torch.__version__,
-    }
-    report["gradients"] = [
-        gradient_check(model_path, args.data, mode, args.device, not args.torch_layer_norm)
-        for mode in ("fp32", "bf16-autocast", "bf16-weights")
-    ]
-    print(json.dumps(report["gradients"], indent=2), flush=True)
+    # The "gradients" and "resume" sections, --output rewritten after every check.
+    report = Results(args.output, vars(args), args.device, key=None, echo=False,
+                     fields={"torch": torch.__version__})  # fmt: skip
+    for mode in ("fp32", "bf16-autocast", "bf16-weights"):
+        report.add(
+            gradient_check(model_path, args.data, mode, args.device, not args.torch_layer_norm),
+            "gradients",
+        )
+    print(json.dumps(report.records("gradients"), indent=2), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        report["resume"] = [
-            resume_check(args.model, args.data, dtype, Path(tmp), args)
-            for dtype in ("float32", "bfloat16")
-        ]
-    print(json.dumps(report["resume"], indent=2))
-    if args.output:
-        args.output.write_text(json.dumps(report, indent=2) + "\n")
+        for dtype in ("float32", "bfloat16"):
+            report.add(resume_check(args.model, args.data, dtype, Path(tmp), args), "resume")
+    print(json.dumps(report.records("resume"), indent=2))
     return 0
 
 

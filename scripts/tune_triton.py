@@ -1,7 +1,8 @@
-"""Sweep the Triton kernels' tile shapes on this GPU (the table in retriever/loss/triton_tiles.py).
+"""Sweep the Triton kernels' tile shapes on this GPU (the table in retriever/loss/tile_configs.py).
 
 Times the forward kernel and the whole backward (slab kernel + GEMMs) per config, at one square
-batch, and prints the best per (dtype, D).
+batch, and prints the best per (dtype, D). --output gets the run header (scripts/harness.py) and
+one record per config that ran (under "results"), rewritten after every config.
 
     python scripts/tune_triton.py --batch 32768 --dims 768 --output tune.json
 """
@@ -10,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import torch
-import triton
+from harness import Results, do_bench
 
-from retriever.loss import triton_tiles
+from retriever.loss import tile_configs, triton_tiles
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -33,10 +33,10 @@ def candidates(dtype_name: str):
 
 def time_config(q, c, scale, labels, lse, w) -> tuple[float, float]:
     """Milliseconds of the forward kernel and of the whole backward, with the current config."""
-    fwd = triton.testing.do_bench(lambda: triton_tiles.forward_block(q, c, scale, labels), rep=200)
+    fwd = do_bench(lambda: triton_tiles.forward_block(q, c, scale, labels), rep=200)
     dq = torch.zeros_like(q)
     dc = torch.zeros(c.shape, device=c.device)
-    bwd = triton.testing.do_bench(
+    bwd = do_bench(
         lambda: triton_tiles.backward_block(q, c, scale, lse, w, labels, None, None, dq, dc),
         rep=200,
     )
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--output", type=Path)
     args = p.parse_args()
     n = args.batch
-    results = []
+    results = Results(args.output, vars(args), "cuda", echo=False, indent=1)
     for dtype_name, dim in itertools.product(args.dtypes, args.dims):
         dtype = DTYPES[dtype_name]
         q = torch.nn.functional.normalize(torch.randn(n, dim, device="cuda"), dim=-1).to(dtype)
@@ -60,14 +60,12 @@ def main() -> None:
         scale = torch.tensor(20.0, device="cuda")
         lse, _ = triton_tiles.forward_block(q, c, scale, labels)
         w = torch.full((n,), 1.0 / n, device="cuda")
-        key = dtype != torch.float32
         flops_fwd = 2 * n * n * dim
         for cfg in candidates(dtype_name):
-            triton_tiles._FORWARD_CONFIGS[key] = cfg
-            triton_tiles._BACKWARD_CONFIGS[key] = cfg
             row = dict(dtype=dtype_name, dim=dim, batch=n, **cfg)
             try:
-                fwd, bwd = time_config(q, c, scale, labels, lse, w)
+                with tile_configs.use_tile_config(dtype, cfg):  # the public way to choose one
+                    fwd, bwd = time_config(q, c, scale, labels, lse, w)
             except Exception as exc:  # out of resources for this tile shape
                 print(f"{row}: {type(exc).__name__}", flush=True)
                 continue
@@ -77,26 +75,17 @@ def main() -> None:
                 forward_tflops=flops_fwd / fwd / 1e9,
                 total_tflops_counted=3 * flops_fwd / (fwd + bwd) / 1e9,
             )
-            results.append(row)
+            results.add(row)
             print(
                 f"{dtype_name} D={dim} {cfg}: fwd {fwd:.2f} ms "
                 f"({row['forward_tflops']:.0f} TFLOP/s)"
                 f" bwd {bwd:.2f} ms; counted {row['total_tflops_counted']:.0f} TFLOP/s",
                 flush=True,
             )
-        best_f = min(
-            (r for r in results if r["dtype"] == dtype_name and r["dim"] == dim),
-            key=lambda r: r["forward_ms"],
-            default=None,
-        )
-        best_b = min(
-            (r for r in results if r["dtype"] == dtype_name and r["dim"] == dim),
-            key=lambda r: r["backward_ms"],
-            default=None,
-        )
+        done = [r for r in results.records() if r["dtype"] == dtype_name and r["dim"] == dim]
+        best_f = min(done, key=lambda r: r["forward_ms"], default=None)
+        best_b = min(done, key=lambda r: r["backward_ms"], default=None)
         print(f"BEST {dtype_name} D={dim} forward: {best_f}\nBEST backward: {best_b}", flush=True)
-    if args.output:
-        args.output.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

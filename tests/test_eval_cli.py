@@ -127,7 +127,9 @@ def test_cli_reports_bad_data_without_a_traceback(model_dir, tmp_path, capsys):
         (["--index", "hnsw", "--hnsw-m", "1"], r"--hnsw-m: expected an integer >= 2"),
         (["--index", "flat", "--nlist", "200"], r"--nlist applies to --index ivf only"),
         (["--device", "tpu9"], r"--device tpu9: not a device"),
-        (["--cache-dir", "AFILE"], r"--cache-dir .*: is a file"),
+        (["--cache-dir", "AFILE"], r"--cache-dir .*afile is a file, not a directory"),
+        (["--cache-dir", "AFILE_SUB"], r"--cache-dir .*afile/sub: .*afile is a file"),
+        (["--truncate-dim", "0"], r"--truncate-dim: expected a positive integer"),
         (["--document-max-length", "1000"], r"--document-max-length: 1000 tokens, more than"),
         (["--index", "ivf", "--nprobe", "0"], r"--nprobe: expected a positive integer"),
         (["--index", "ivf", "--nlist", "0"], r"--nlist: expected a positive integer"),
@@ -147,6 +149,7 @@ def test_bad_options_are_refused_before_any_work(model_dir, tmp_path, capsys, op
         "EMPTY": str(tmp_path / "empty"),
         "OUTDIR": str(tmp_path / "outdir"),
         "AFILE": str(tmp_path / "afile"),
+        "AFILE_SUB": str(tmp_path / "afile" / "sub"),
     }
     options = [where.get(o, o) for o in options]
     argv = ["eval", "--model", model_dir, "--data", str(root), "--no-progress", *options]

@@ -1,4 +1,5 @@
-"""The Triton kernels compile for a Hopper GPU, on a machine without one.
+"""The Triton kernels (InfoNCE's, the sigmoid loss's, the LayerNorm's) compile for a Hopper
+GPU, on a machine without one.
 
 CI runs the kernels in Triton's interpreter, which executes their Python and so accepts things
 the GPU compiler refuses (a global that is not a ``tl.constexpr`` instance, say). This test asks
@@ -22,7 +23,7 @@ COMPILE = textwrap.dedent(
     from triton.compiler import ASTSource
 
     from retriever.model import layer_norm
-    from retriever.loss import triton_tiles as tiles
+    from retriever.loss import sigmoid_triton as sigmoid, tile_configs, triton_tiles as tiles
 
     target = GPUTarget("cuda", 90, 32)
 
@@ -31,7 +32,7 @@ COMPILE = textwrap.dedent(
         triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target)
 
     for torch_dtype, dtype in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
-        meta = tiles.tile_config(torch_dtype)
+        meta = tile_configs.tile_config(torch_dtype)
         blocks = {k: v for k, v in meta.items() if k.startswith("BLOCK")}
         common = dict(q_ptr=dtype, c_ptr=dtype, scale_ptr="*fp32")
         build(tiles._row_lse_kernel,
@@ -43,6 +44,18 @@ COMPILE = textwrap.dedent(
               dict(**common, lse2_ptr="*fp32", w_ptr="*fp32", labels_ptr="*i64",
                    row_ids_ptr="*i64", col_ids_ptr="*i64", g_ptr=dtype, n_rows="i32",
                    n_cols="i32", dim="i32", stride_q="i32", stride_c="i32", stride_g="i32"),
+              dict(HAS_IDS=True, UPCAST=False, **blocks))
+        build(sigmoid._sigmoid_row_kernel,
+              dict(q_ptr=dtype, c_ptr=dtype, params_ptr="*fp32", labels_ptr="*i64",
+                   row_ids_ptr="*i64", col_ids_ptr="*i64", out_ptr="*fp32", n_rows="i32",
+                   n_cols="i32", dim="i32", cols_per_split="i32", stride_q="i32",
+                   stride_c="i32"),
+              dict(HAS_IDS=True, UPCAST=False, **blocks))
+        build(sigmoid._sigmoid_grad_kernel,
+              dict(q_ptr=dtype, c_ptr=dtype, params_ptr="*fp32", w_ptr="*fp32",
+                   labels_ptr="*i64", row_ids_ptr="*i64", col_ids_ptr="*i64", g_ptr=dtype,
+                   n_rows="i32", n_cols="i32", dim="i32", stride_q="i32", stride_c="i32",
+                   stride_g="i32"),
               dict(HAS_IDS=True, UPCAST=False, **blocks))
     for kernel, types in (
         (layer_norm._forward_kernel,
@@ -75,7 +88,7 @@ def test_a_tile_config_applies_within_its_block_only(monkeypatch):
     pytest.importorskip("triton")
     import torch
 
-    from retriever.loss import triton_tiles as tiles
+    from retriever.loss import tile_configs as tiles
 
     monkeypatch.setattr(tiles, "interpreting", lambda: False)  # the GPU tables, not the CPU one
     before = tiles.tile_config(torch.float16)

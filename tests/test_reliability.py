@@ -219,6 +219,9 @@ FAILING_STARTS = {
         "loss.min_temperature (0.5) is above loss.max_temperature",
     ),
     "triton on a CPU": (["--loss.impl", "triton"], "loss.impl"),
+    "token cache is a file": (["--data.token_cache", "AFILE"], "afile is a file, not a directory"),
+    "eval qrels not UTF-8": (["--eval-data", "BINQ"], "qrels/test.tsv:14: not UTF-8 text"),
+    "no teacher scores": (["--loss.distill_weight", "1"], "train.jsonl:1: no teacher scores"),
 }
 
 
@@ -234,11 +237,17 @@ def test_overwrite_with_a_failing_start_leaves_the_old_run_intact(
     (tmp_path / "bad.jsonl").write_text('{"query": "q"}\n')
     (tmp_path / "notgz.jsonl.gz").write_text('{"query": "q", "pos": "p"}\n')
     (tmp_path / "binary.jsonl").write_bytes(b'{"query": "q", "pos": "p"}\n\xff\xfe\n')
+    (tmp_path / "afile").write_text("x")
+    shutil.copytree(workspace["task"], tmp_path / "binq")
+    with open(tmp_path / "binq" / "qrels" / "test.tsv", "ab") as f:
+        f.write(b"\xff\n")
     files = {
         "EMPTY": str(tmp_path / "empty"),
         "BAD": str(tmp_path / "bad.jsonl"),
         "NOTGZ": str(tmp_path / "notgz.jsonl.gz"),
         "BINARY": str(tmp_path / "binary.jsonl"),
+        "AFILE": str(tmp_path / "afile"),
+        "BINQ": str(tmp_path / "binq"),
     }
     options, message = FAILING_STARTS[case]
     assert cli("--output-dir", str(output), "--overwrite", *[files.get(a, a) for a in options]) == 2
@@ -424,3 +433,18 @@ def test_resume_refuses_changed_data_and_steps_already_past(
     assert "is not the training data" in capsys.readouterr().err
     assert cli("--output-dir", str(output), "--resume", str(output)) == 2
     assert "that is a run directory, not a checkpoint" in capsys.readouterr().err
+
+
+def test_paths_that_cannot_be_used_are_named_before_any_work(workspace, tmp_path, cli, capsys):
+    import argparse
+
+    (tmp_path / "afile").write_text("x")
+    assert cli("--output-dir", str(tmp_path / "afile" / "run")) == 2
+    err = capsys.readouterr().err
+    assert "training.output_dir: " in err and "afile is a file, not a directory" in err
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes(b"model:\n  name_or_path: caf\xe9\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args([str(config)])) == 2
+    assert "latin1.yaml:2: not UTF-8 text" in capsys.readouterr().err

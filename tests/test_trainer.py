@@ -254,3 +254,22 @@ def test_master_weights_accumulate_chunk_gradients_in_fp32():
     master.copy_to_model()
     for m, p in zip(master.master, master.params):
         assert torch.equal(p, m.to(torch.bfloat16))
+
+
+def test_step_context_is_entered_around_every_step(tmp_path):
+    import contextlib
+
+    model = make_tiny_model(tmp_path / "model")
+    data = write_examples(tmp_path / "train.jsonl", n=32, negatives=1)
+    trainer = Trainer(tiny_config(model, data, tmp_path / "run", training={"max_steps": 3}))
+    entered = []
+
+    @contextlib.contextmanager
+    def around(step):
+        entered.append(step)
+        yield
+        assert trainer.state.step == step - 1  # the step is counted after its update
+
+    trainer.step_context = around
+    trainer.train()
+    assert entered == [1, 2, 3]

@@ -12,6 +12,7 @@ and is replaced whole.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import torch
 from retriever import __version__
 from retriever.eval.metrics import DEFAULT_K_VALUES
 from retriever.eval.search import INDEX_KINDS, IndexConfig
-from retriever.fileio import write_text_atomically
+from retriever.fileio import directory_problem, write_text_atomically
 
 if TYPE_CHECKING:
     from retriever.model import Encoder
@@ -89,8 +90,9 @@ def check_device(name: str | None) -> str:
 
 
 def check_cache_dir(path: Path | None) -> None:
-    if path is not None and path.exists() and not path.is_dir():
-        raise ValueError(f"--cache-dir {path}: is a file, not a directory")
+    problem = None if path is None else directory_problem(path)
+    if problem:
+        raise ValueError(f"--cache-dir {problem}")
 
 
 def check_output_file(path: Path | None, overwrite: bool) -> str | None:
@@ -121,6 +123,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument(
         "--document-max-length", type=positive_int, help="default: from the model, else 256"
     )
+    model.add_argument(
+        "--truncate-dim",
+        type=positive_int,
+        help="keep the first K dimensions of each embedding, re-normalised (a Matryoshka "
+        "model's prefix); default: the model's truncate_dim, else all",
+    )
 
 
 def load_encoder(args: argparse.Namespace) -> Encoder:
@@ -141,6 +149,11 @@ def load_encoder(args: argparse.Namespace) -> Encoder:
         query_max_length=args.query_max_length,
         document_max_length=args.document_max_length,
     )
+    if args.truncate_dim is not None:
+        size = int(encoder.model.config.hidden_size)
+        if args.truncate_dim > size:
+            raise ValueError(f"--truncate-dim {args.truncate_dim}: the model has {size} dimensions")
+        encoder.settings = dataclasses.replace(encoder.settings, truncate_dim=args.truncate_dim)
     for side, length, limit in max_length_problems(encoder):
         raise ValueError(
             f"--{side}-max-length: {length} tokens, more than the model's {limit} positions "
@@ -227,10 +240,16 @@ def format_table(results: list[dict[str, Any]]) -> str:
         for r in retrieval
     ]
     sts_rows = [
-        [r["task"], r["split"], f"{r['spearman']:.4f}", f"{r['pearson']:.4f}",
-         str(r["num_pairs"]), f"{r['seconds']:.1f}s"]
+        [
+            r["task"],
+            r["split"],
+            f"{r['spearman']:.4f}",
+            f"{r['pearson']:.4f}",
+            str(r["num_pairs"]),
+            f"{r['seconds']:.1f}s",
+        ]
         for r in sts
-    ]  # fmt: skip
+    ]
     tables = [_table(header, rows)] if retrieval else []
     if sts:
         tables.append(_table(["task", "split", "Spearman", "Pearson", "pairs", "time"], sts_rows))

@@ -18,10 +18,10 @@ import csv
 import gzip
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from retriever.texts import read_jsonl
 
@@ -86,10 +86,19 @@ def document_text(doc: Mapping[str, Any]) -> str:
     return (str(doc.get("title") or "") + " " + str(doc.get("text") or "")).strip()
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line, decoded one by one so that a byte that is not UTF-8
+    is named by its line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                yield line_no, raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}:{line_no}: not UTF-8 text ({exc.reason})") from None
+    except (OSError, EOFError) as exc:  # a .gz that is not gzip, a truncated archive, ...
+        raise ValueError(f"{path}: cannot be read ({exc})") from None
 
 
 def _find(path: Path) -> Path | None:
@@ -157,33 +166,42 @@ def load_qrels(path: str | os.PathLike, report: LoadReport | None = None) -> Qre
     path = Path(path)
     report = report if report is not None else LoadReport()
     qrels: Qrels = {}
-    with _open_text(path) as f:
-        for line_no, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-            if not row or not "".join(row).strip():
-                continue
-            if line_no == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue
-            if len(row) == 4:  # TREC format: qid 0 docid score
-                row = [row[0], row[2], row[3]]
-            if len(row) != 3:
-                raise ValueError(
-                    f"{path}:{line_no}: expected 3 tab-separated fields "
-                    f"(query-id, corpus-id, score), got {len(row)}"
-                )
-            query_id, doc_id, score = (x.strip() for x in row)
-            try:
-                value = float(score)
-            except ValueError:
-                raise ValueError(f"{path}:{line_no}: score {score!r} is not a number") from None
-            if value != int(value):
-                raise ValueError(f"{path}:{line_no}: score {score!r} is not an integer grade")
-            judged = qrels.setdefault(query_id, {})
-            if doc_id in judged:
-                report.duplicate_qrels += 1
-            judged[doc_id] = int(value)
+    for line_no, line in _text_lines(path):
+        judgement = _judgement(path, line_no, line)
+        if judgement is None:
+            continue
+        query_id, doc_id, grade = judgement
+        judged = qrels.setdefault(query_id, {})
+        if doc_id in judged:
+            report.duplicate_qrels += 1
+        judged[doc_id] = grade
     if not qrels:
         raise ValueError(f"{path}: no relevance judgements")
     return qrels
+
+
+def _judgement(path: Path, line_no: int, line: str) -> tuple[str, str, int] | None:
+    """(query id, document id, grade) of a qrels line; None for a blank or header line."""
+    row = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE), [])
+    if not row or not "".join(row).strip():
+        return None
+    if line_no == 1 and row[0].strip().lower() in ("query-id", "query_id", "qid"):
+        return None
+    if len(row) == 4:  # TREC format: qid 0 docid score
+        row = [row[0], row[2], row[3]]
+    if len(row) != 3:
+        raise ValueError(
+            f"{path}:{line_no}: expected 3 tab-separated fields (query-id, corpus-id, score), "
+            f"got {len(row)}"
+        )
+    query_id, doc_id, score = (x.strip() for x in row)
+    try:
+        value = float(score)
+    except ValueError:
+        raise ValueError(f"{path}:{line_no}: score {score!r} is not a number") from None
+    if value != int(value):
+        raise ValueError(f"{path}:{line_no}: score {score!r} is not an integer grade")
+    return query_id, doc_id, int(value)
 
 
 def restrict_to_known(

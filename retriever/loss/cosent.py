@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from retriever.loss.gather import gather_rows
+
 
 def cosent_loss(
     first: Tensor,
@@ -49,20 +51,3 @@ def cosent_loss(
     diff = scale * (cosine[None, :] - cosine[:, None])
     diff = diff.masked_fill(~(gold[:, None] > gold[None, :]), float("-inf"))
     return torch.logsumexp(torch.cat([diff.new_zeros(1), diff.flatten()]), dim=0)
-
-
-def gather_rows(x: Tensor, group: object) -> Tensor:
-    """All ranks' rows of ``x`` [n_r, ...] concatenated in rank order, differentiable: the
-    gradient for a rank's rows is the sum over ranks of the gradient each computed. Ranks may
-    hold different numbers of rows."""
-    import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
-
-    world = dist.get_world_size(group)
-    size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    counts = [int(s) for s in sizes]
-    padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(counts) - x.shape[0]))
-    parts = dist_fn.all_gather(padded, group=group)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])

@@ -114,3 +114,45 @@ def contrastive_loss(
         positives, queries, scale_t, torch.arange(n_queries, device=device), pos_ids, pos_ids, impl
     )
     return (loss + reverse.mean()) / 2
+
+
+def contrastive_row_losses(
+    queries: Tensor,
+    candidates: Tensor,
+    *,
+    scale: float | Tensor = 20.0,
+    labels: Tensor | None = None,
+    candidate_ids: Tensor | None = None,
+    group: object | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """Each query's InfoNCE loss [Bq] (fp32), lse_i - S_i,labels[i]; arguments as
+    :func:`contrastive_loss` (one direction). The caller weighs the rows (FastCLIP's
+    global contrastive loss does, `retriever.loss.gcl`). With ``group``, the rows are this
+    rank's, each against every rank's candidates; a row's gradient is W times that of the
+    weight the caller gives it (the ring's convention: weights that sum to 1 over all ranks'
+    rows make DDP's average the single-process gradient)."""
+    if group is not None:
+        from retriever.loss.ring import ring_loss
+
+        return ring_loss(
+            queries,
+            candidates,
+            scale=scale,
+            labels=labels,
+            candidate_ids=candidate_ids,
+            symmetric=False,
+            group=group,
+            impl=impl,
+            reduction="none",
+        )
+    check_inputs(queries, candidates, labels, candidate_ids)
+    device = queries.device
+    impl = resolve_impl(impl, queries.shape[0], candidates.shape[0], device)
+    if labels is None:
+        labels = torch.arange(queries.shape[0], device=device)
+    ids = None if candidate_ids is None else candidate_ids.long()
+    pos_ids = None if ids is None else ids[labels.long()]
+    return row_losses(
+        queries, candidates, scale_tensor(scale, device), labels.long(), pos_ids, ids, impl
+    )

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from retriever.loss.functional import contrastive_loss
+from retriever.loss.scaled import ScaledLoss
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(ScaledLoss):
     r"""InfoNCE with a fixed or learnable scale (inverse temperature), for training code.
 
     .. math::
@@ -18,10 +16,7 @@ class InfoNCELoss(nn.Module):
             - s \langle q_i, d_{y_i} \rangle \Big)
 
     The scale is stored as log(s), so a learnable scale stays positive, and kept in
-    [min_scale, max_scale] (CLIP clamps at 100 for the same reason: a runaway temperature makes
-    the loss degenerate). The parameter itself is clamped, in place, each time the loss is
-    computed, not only the value it yields: a clamp of the value alone has zero gradient outside
-    the range, so a parameter that an optimizer step pushed out could never come back.
+    [min_scale, max_scale] (`retriever.loss.scaled.ScaledLoss`).
 
     Args:
         scale: initial s = 1 / temperature (20 is temperature 0.05).
@@ -50,27 +45,10 @@ class InfoNCELoss(nn.Module):
         symmetric: bool = False,
         impl: str = "auto",
     ) -> None:
-        super().__init__()
-        if not 0 < min_scale <= scale <= max_scale:
-            raise ValueError(
-                f"need 0 < min_scale <= scale <= max_scale, got {min_scale}, {scale}, {max_scale}"
-            )
-        self.log_scale = nn.Parameter(
-            torch.tensor(math.log(scale), dtype=torch.float32), requires_grad=learnable_scale
-        )
-        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        super().__init__(scale, learnable_scale, min_scale, max_scale)
         self.symmetric, self.impl = symmetric, impl
 
-    @property
-    def scale(self) -> Tensor:
-        return self.log_scale.clamp(math.log(self.min_scale), math.log(self.max_scale)).exp()
-
-    @torch.no_grad()
-    def clamp_(self) -> None:
-        """Put log(s) back into [log min_scale, log max_scale] (after an optimizer step)."""
-        self.log_scale.clamp_(math.log(self.min_scale), math.log(self.max_scale))
-
-    def forward(
+    def compute(
         self,
         queries: Tensor,
         candidates: Tensor,
@@ -78,7 +56,6 @@ class InfoNCELoss(nn.Module):
         candidate_ids: Tensor | None = None,
         group: object | None = None,
     ) -> Tensor:
-        self.clamp_()  # the gradient below is then that of s itself, also at the range's ends
         return contrastive_loss(
             queries,
             candidates,
@@ -91,11 +68,4 @@ class InfoNCELoss(nn.Module):
         )
 
     def get_config_dict(self) -> dict:
-        return {
-            "scale": float(self.scale.detach()),
-            "learnable_scale": self.log_scale.requires_grad,
-            "min_scale": self.min_scale,
-            "max_scale": self.max_scale,
-            "symmetric": self.symmetric,
-            "impl": self.impl,
-        }
+        return {**self.scale_config(), "symmetric": self.symmetric, "impl": self.impl}

@@ -128,6 +128,16 @@ def resolve_impl(
     return impl
 
 
+def sigmoid_backend(impl: str) -> ModuleType:
+    """The sigmoid loss's block kernels for a resolved tiled implementation."""
+    if impl == "triton":
+        triton_backend()  # the same message when triton is missing
+        return importlib.import_module("retriever.loss.sigmoid_triton")
+    from retriever.loss import sigmoid_tiles
+
+    return sigmoid_tiles
+
+
 def tile_backend(impl: str) -> ModuleType:
     """The module of block kernels for a resolved tiled implementation ("torch" or "triton")."""
     if impl == "triton":

@@ -30,7 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from retriever.loss.inputs import check_inputs, resolve_impl, scale_tensor, tile_backend
+from retriever.loss.inputs import (
+    check_inputs,
+    resolve_impl,
+    scale_tensor,
+    sigmoid_backend,
+    tile_backend,
+)
 from retriever.loss.ring_agreement import FIELDS, agree, local_meta
 from retriever.loss.ring_transport import Ring
 
@@ -47,6 +53,7 @@ class _Plan:
     candidate_sizes: list[int]  # Bd of every rank
     symmetric: bool
     scale_grad: bool  # some rank learns the scale: every rank joins its all_reduce
+    per_row: bool = False  # return each local row's loss, not their mean
 
 
 @dataclass
@@ -109,9 +116,10 @@ def _directions(queries: Tensor, candidates: Tensor, plan: _Plan) -> list[_Direc
 
 
 def _ring_forward(plan: _Plan, d: _Direction, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """Row lse over every rank's block and the positive logit; both fp32 [rows]."""
-    ring = plan.ring
-    lse = torch.full((d.rows.shape[0],), float("-inf"), device=d.rows.device)
+    """Row lse over every rank's block and the positive logit; both fp32 [rows]. (For a
+    backend of another objective, its row statistic, merged as that backend says.)"""
+    ring, backend = plan.ring, plan.backend
+    lse = torch.full((d.rows.shape[0],), backend.EMPTY_ROW, device=d.rows.device)
     pos = torch.zeros(d.rows.shape[0], device=d.rows.device)
     block, ids = d.block, d.block_ids
     for step in range(ring.world):
@@ -119,10 +127,10 @@ def _ring_forward(plan: _Plan, d: _Direction, scale: Tensor) -> tuple[Tensor, Te
         transfer = None
         if step < ring.world - 1:  # post the next block before computing on this one
             transfer = ring.shift(d.payload(block, ids), d.block_spec((src - 1) % ring.world))
-        blk_lse, blk_pos = plan.backend.forward_block(
+        blk_lse, blk_pos = backend.forward_block(
             d.rows, block, scale, d.labels - d.offsets[src], d.row_pos_ids, ids
         )
-        lse = torch.logaddexp(lse, blk_lse)
+        lse = backend.merge_rows(lse, blk_lse)
         pos += blk_pos
         if transfer is not None:
             block, *rest = transfer.wait()
@@ -138,7 +146,7 @@ def _ring_backward(
     rank's rows only)."""
     ring = plan.ring
     dim = d.rows.shape[1]
-    dscale = torch.zeros((), dtype=torch.float32, device=d.rows.device)
+    dscale = torch.zeros(scale.shape, dtype=torch.float32, device=d.rows.device)
     block, ids = d.block, d.block_ids
     carried = None  # the finished gradient of the block computed in the previous step
     for step in range(ring.world):
@@ -182,7 +190,8 @@ def _ring_backward(
 
 
 class RingLoss(torch.autograd.Function):
-    """The local mean loss over the global batch; backward follows the DDP convention."""
+    """The local mean loss over the global batch (or, with ``plan.per_row``, each local row's
+    loss); backward follows the DDP convention."""
 
     @staticmethod
     def forward(ctx, queries: Tensor, candidates: Tensor, scale: Tensor, plan: _Plan) -> Tensor:
@@ -195,6 +204,8 @@ class RingLoss(torch.autograd.Function):
             loss = loss + (lse - pos).mean()
         ctx.save_for_backward(queries, candidates, scale_value, *lses)
         ctx.plan = plan
+        if plan.per_row:  # one direction (ring_loss refuses symmetric per-row losses)
+            return lse - pos
         return loss / len(lses)
 
     @staticmethod
@@ -207,6 +218,8 @@ class RingLoss(torch.autograd.Function):
         # mean, whose weight 1 / Bq_local would differ from rank to rank.
         n_total = sum(plan.query_sizes)
         factor = plan.ring.world / (n_total * len(directions))
+        if plan.per_row:  # the caller weighs each row; W times its weight, as above
+            factor = plan.ring.world
         weight = (grad.detach().float() * factor).expand(queries.shape[0]).contiguous()
         dq = torch.zeros(queries.shape, dtype=torch.float32, device=queries.device)
         dc, dscale = _ring_backward(plan, directions[0], scale, lses[0], weight, dq)
@@ -237,10 +250,16 @@ def ring_loss(
     symmetric: bool,
     group: dist.ProcessGroup,
     impl: str,
+    reduction: str = "mean",
+    objective: str = "infonce",
 ) -> Tensor:
     r"""InfoNCE over the global batch of `group`: every rank's queries against every rank's
     candidates, without any rank holding all candidates.  Called by
     ``contrastive_loss(..., group=group)``; arguments as there, all local to this rank.
+    ``reduction="none"``: each local query's loss [Bq] (not symmetric), whose gradient weights
+    the caller sets (W times each is used, the convention below). ``objective="sigmoid"``: the
+    sigmoid loss's blocks (`sigmoid_tiles`) instead, ``scale`` its [t, b] tensor
+    (`retriever.loss.sigmoid`).
 
     Every rank of `group` must call it (and, when gradients are needed, call backward) with the
     same D, dtype, scale, `symmetric` and presence of `candidate_ids`; Bq and Bd may differ.
@@ -274,8 +293,15 @@ def ring_loss(
         check_inputs(queries, candidates, labels, candidate_ids)
         if not isinstance(symmetric, bool):
             raise ValueError(f"symmetric must be a bool, got {type(symmetric).__name__}")
-        backend = tile_backend(resolve_impl(impl, 0, 0, device, tiled=True))
-        scale_t = scale_tensor(scale, device)
+        if reduction not in ("mean", "none") or (reduction == "none" and symmetric):
+            raise ValueError(
+                f"reduction must be 'mean' or, without symmetric, 'none': {reduction!r}"
+            )
+        resolved = resolve_impl(impl, 0, 0, device, tiled=True)
+        if objective == "sigmoid":
+            backend, scale_t = sigmoid_backend(resolved), scale
+        else:
+            backend, scale_t = tile_backend(resolved), scale_tensor(scale, device)
         meta = local_meta(queries, candidates, scale_t, candidate_ids, symmetric)
     except (ValueError, RuntimeError) as exc:
         error = str(exc)
@@ -292,5 +318,6 @@ def ring_loss(
         candidate_sizes=[row["n_candidates"] for row in table],
         symmetric=symmetric,
         scale_grad=any(row["scale_grad"] for row in table),
+        per_row=reduction == "none",
     )
     return RingLoss.apply(queries, candidates, scale_t, plan)

@@ -34,6 +34,14 @@ def _float_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
+def _scale_bits(scale_t: Tensor) -> int:
+    """The scale's float bits (the sigmoid loss's [t, b]: both, xor-ed), compared across ranks."""
+    bits = 0
+    for value in scale_t.detach().flatten().tolist():
+        bits ^= _float_bits(value)
+    return bits
+
+
 def local_meta(queries, candidates, scale_t, candidate_ids, symmetric) -> list[int]:
     """This rank's row of the table `agree` exchanges, one value per field of FIELDS."""
     wants_grad = any(
@@ -49,7 +57,7 @@ def local_meta(queries, candidates, scale_t, candidate_ids, symmetric) -> list[i
         int(symmetric),
         int(torch.is_grad_enabled() and wants_grad),
         int(torch.is_grad_enabled() and scale_t.requires_grad),
-        _float_bits(float(scale_t.detach())),
+        _scale_bits(scale_t),
     ]
 
 

@@ -24,6 +24,12 @@ from torch import Tensor
 
 ROW_CHUNK = 2048
 COL_CHUNK = 4096
+EMPTY_ROW = float("-inf")  # a row's logsumexp before any block
+
+
+def merge_rows(a: Tensor, b: Tensor) -> Tensor:
+    """Row logsumexps of two column blocks: their logaddexp (the ring merges blocks so)."""
+    return torch.logaddexp(a, b)
 
 
 def _tile_mask(

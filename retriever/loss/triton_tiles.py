@@ -32,13 +32,14 @@ TRITON_INTERPRET=1 the same kernels run on CPU tensors in exact fp32, which is h
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from retriever.loss.tile_configs import SPLIT_ALIGN, tile_config
 from retriever.triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
@@ -46,62 +47,16 @@ LN2 = 0.6931471805599453
 # The kernels may read only globals that are constexpr instances (an annotation is not enough).
 _LOG2E = tl.constexpr(LOG2E)
 
-# Column splits are multiples of this, so a BLOCK_N tile never straddles two splits.
-SPLIT_ALIGN = 256
 ROW_SLAB = 16384
 COL_SLAB = 16384
 # Largest number of elements the kernels may address in one input (32-bit offsets).
 MAX_BLOCK_ELEMENTS = 2**31 - 1
-
-
-# Tile shapes from the sweep in scripts/tune_triton.py on an H100 at B = 32k, D = 768
-# (docs/benchmarks.md): 128 x 256 tiles win for both kernels and both dtypes.
-# Keys: 16-bit inputs?  fp32 operands take half the K chunk so the pipeline fits shared memory.
-_FORWARD_CONFIGS = {
-    True: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
-    False: dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=4),
-}
-_BACKWARD_CONFIGS = dict(_FORWARD_CONFIGS)
-_INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
-
-
-def _config(table: dict, dtype: torch.dtype) -> dict:
-    if interpreting():
-        return dict(_INTERPRET_CONFIG)
-    return dict(table[dtype != torch.float32])
-
-
-TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-
-
-def tile_config(dtype: torch.dtype) -> dict[str, int]:
-    """The tile shape both kernels use for ``dtype`` inputs (``TILE_KEYS``)."""
-    return _config(_FORWARD_CONFIGS, dtype)
-
-
-@contextlib.contextmanager
-def use_tile_config(dtype: torch.dtype, config: dict[str, int]) -> Iterator[None]:
-    """Within the block, both kernels use ``config`` for ``dtype`` inputs (for tuning, as
-    scripts/tune_triton.py does). Block sizes are powers of two and BLOCK_N divides
-    ``SPLIT_ALIGN``, so a column tile never straddles two column splits."""
-    if set(config) != set(TILE_KEYS):
-        raise ValueError(f"a tile config has exactly the keys {', '.join(TILE_KEYS)}: {config}")
-    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-        if config[key] < 16 or config[key] & (config[key] - 1):
-            raise ValueError(f"{key} must be a power of two >= 16, got {config[key]}")
-    if SPLIT_ALIGN % config["BLOCK_N"]:
-        raise ValueError(f"BLOCK_N must divide {SPLIT_ALIGN}, got {config['BLOCK_N']}")
-    key = dtype != torch.float32
-    saved = _FORWARD_CONFIGS[key], _BACKWARD_CONFIGS[key]
-    _FORWARD_CONFIGS[key] = _BACKWARD_CONFIGS[key] = dict(config)
-    try:
-        yield
-    finally:
-        _FORWARD_CONFIGS[key], _BACKWARD_CONFIGS[key] = saved
+EMPTY_ROW = float("-inf")  # a row's logsumexp before any block
+merge_rows = torch.logaddexp  # row logsumexps of two column blocks (as torch_tiles)
 
 
 @triton.jit
-def _tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
+def tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr):  # fmt: skip
     """dot = Q[rows] @ C[cols]^T in fp32, over D in BLOCK_K chunks; the last chunk is masked
@@ -154,7 +109,7 @@ def _row_lse_kernel(
     for n0 in range(col_start, col_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < col_end
-        dot = _tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
+        dot = tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
                         UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
         is_pos = (cols[None, :] == labels[:, None]) & col_ok[None, :]
@@ -197,7 +152,7 @@ def _softmax_grad_kernel(
     row_ok = rows < n_rows
     col_ok = cols < n_cols
 
-    dot = _tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c, UPCAST,
+    dot = tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c, UPCAST,
                     BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
 
     scale2 = tl.load(scale_ptr) * _LOG2E
@@ -250,19 +205,37 @@ def forward_block(
     col_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Row logsumexp over this candidate block and the positive logit; both fp32 [Bq]."""
-    # The kernel forms element offsets (row * D + k) in 32-bit integers, so it only ever sees
-    # blocks of fewer than 2^31 elements: 1M candidates x 7 negatives x D = 768 is 6.4e9.
-    # Larger inputs run block by block; column blocks merge like the column splits.
+    return in_addressable_pieces(
+        _forward_block, merge_rows, q, c, scale, labels, row_pos_ids, col_ids
+    )
+
+
+def in_addressable_pieces(
+    block_fn: Callable[..., tuple[Tensor, Tensor]],
+    merge: Callable[[Tensor, Tensor], Tensor],
+    q: Tensor,
+    c: Tensor,
+    scale: Tensor,
+    labels: Tensor,
+    row_pos_ids: Tensor | None,
+    col_ids: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """``block_fn`` (a forward of (row statistic, positive logit)) on pieces of the inputs.
+
+    The kernels form element offsets (row * D + k) in 32-bit integers, so they only ever see
+    inputs of fewer than 2^31 elements: 1M candidates x 7 negatives x D = 768 is 6.4e9.
+    Larger inputs run piece by piece; column pieces' row statistics combine with ``merge``
+    (as the column splits do), positive logits add."""
     max_rows = max(1, MAX_BLOCK_ELEMENTS // q.shape[1])
     if q.shape[0] <= max_rows and c.shape[0] <= max_rows:
-        return _forward_block(q, c, scale, labels, row_pos_ids, col_ids)
-    lse_parts, pos = [], torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
+        return block_fn(q, c, scale, labels, row_pos_ids, col_ids)
+    stat, pos = None, torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
     for c0 in range(0, c.shape[0], max_rows):
         c_block = slice(c0, c0 + max_rows)
-        lse_rows = []
+        stat_rows = []
         for r0 in range(0, q.shape[0], max_rows):
             rows = slice(r0, r0 + max_rows)
-            lse, pos_part = _forward_block(
+            part, pos_part = block_fn(
                 q[rows],
                 c[c_block],
                 scale,
@@ -270,10 +243,21 @@ def forward_block(
                 None if row_pos_ids is None else row_pos_ids[rows],
                 None if col_ids is None else col_ids[c_block],
             )
-            lse_rows.append(lse)
+            stat_rows.append(part)
             pos[rows] += pos_part
-        lse_parts.append(torch.cat(lse_rows))
-    return torch.logsumexp(torch.stack(lse_parts), dim=0), pos
+        piece = torch.cat(stat_rows)
+        stat = piece if stat is None else merge(stat, piece)
+    return stat, pos
+
+
+def column_splits(n_rows: int, n_cols: int, block_m: int, device: torch.device) -> tuple:
+    """(row blocks, column splits, columns per split) of a forward launch: enough programs
+    for two waves over the SMs, the columns split when the rows alone are too few."""
+    n_row_blocks = triton.cdiv(n_rows, block_m)
+    wanted_splits = triton.cdiv(2 * _num_sms(device), n_row_blocks)
+    n_split = max(1, min(wanted_splits, triton.cdiv(n_cols, SPLIT_ALIGN)))
+    cols_per_split = triton.cdiv(triton.cdiv(n_cols, n_split), SPLIT_ALIGN) * SPLIT_ALIGN
+    return n_row_blocks, triton.cdiv(n_cols, cols_per_split), cols_per_split
 
 
 def _forward_block(
@@ -287,13 +271,8 @@ def _forward_block(
     """forward_block for inputs of fewer than 2^31 elements each."""
     n_rows, dim = q.shape
     n_cols = c.shape[0]
-    meta = _config(_FORWARD_CONFIGS, q.dtype)
-    n_row_blocks = triton.cdiv(n_rows, meta["BLOCK_M"])
-    # Enough programs for two waves over the SMs; split the columns when the rows are too few.
-    wanted_splits = triton.cdiv(2 * _num_sms(q.device), n_row_blocks)
-    n_split = max(1, min(wanted_splits, triton.cdiv(n_cols, SPLIT_ALIGN)))
-    cols_per_split = triton.cdiv(triton.cdiv(n_cols, n_split), SPLIT_ALIGN) * SPLIT_ALIGN
-    n_split = triton.cdiv(n_cols, cols_per_split)
+    meta = tile_config(q.dtype)
+    n_row_blocks, n_split, cols_per_split = column_splits(n_rows, n_cols, meta["BLOCK_M"], q.device)
 
     lse2 = torch.empty(n_split, n_rows, dtype=torch.float32, device=q.device)
     pos = torch.empty(n_split, n_rows, dtype=torch.float32, device=q.device)
@@ -334,15 +313,44 @@ def backward_block(
     dc: Tensor,
 ) -> Tensor:
     """Add this block's gradients into dq [Bq, D] and dc [Bc, D]; return d(loss)/d(scale)."""
-    n_rows, dim = q.shape
-    n_cols = c.shape[0]
-    meta = _config(_BACKWARD_CONFIGS, q.dtype)
+    meta = tile_config(q.dtype)
     has_ids = row_pos_ids is not None and col_ids is not None
     lse2 = lse * LOG2E
+
+    def fill(g: Tensor, r0: int, r1: int, c0: int, c1: int, w_rel: Tensor) -> None:
+        grid = (triton.cdiv(r1 - r0, meta["BLOCK_M"]), triton.cdiv(c1 - c0, meta["BLOCK_N"]))
+        _softmax_grad_kernel[grid](
+            q[r0:r1], c[c0:c1], scale, lse2[r0:r1], w_rel[r0:r1], labels[r0:r1] - c0,
+            row_pos_ids[r0:r1] if has_ids else labels, col_ids[c0:c1] if has_ids else labels,
+            g, r1 - r0, c1 - c0, q.shape[1], q.stride(0), c.stride(0), g.stride(0),
+            HAS_IDS=has_ids, UPCAST=interpreting(), **meta,
+        )  # fmt: skip
+
+    dot_sum, _ = slab_backward(q, c, row_weight, scale, dq, dc, fill)
+    return dot_sum
+
+
+def slab_backward(
+    q: Tensor,
+    c: Tensor,
+    row_weight: Tensor,
+    scale: Tensor,
+    dq: Tensor,
+    dc: Tensor,
+    fill: Callable[[Tensor, int, int, int, int, Tensor], None],
+    sum_g: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The backward's slab loop: ``fill(g, r0, r1, c0, c1, w_rel)`` writes the slab
+    G = dL/dS / max|w| of rows r0:r1 and columns c0:c1 (S = scale * Q C^T), and two GEMMs per
+    slab add s max|w| G C into dq and s max|w| G^T Q into dc. Returns sum_ij G_ij <q_i, c_j>
+    and, with ``sum_g``, sum_ij G_ij (both times max|w|)."""
+    n_rows, dim = q.shape
+    n_cols = c.shape[0]
     w_max = row_weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
     w_rel = row_weight / w_max
     coef = scale * w_max
-    dscale = torch.zeros((), dtype=torch.float32, device=q.device)
+    dot_sum = torch.zeros((), dtype=torch.float32, device=q.device)
+    g_sum = torch.zeros((), dtype=torch.float32, device=q.device) if sum_g else None
     slab = torch.empty(min(n_rows, ROW_SLAB), min(n_cols, COL_SLAB), dtype=q.dtype, device=q.device)
     with _tf32_matmuls(q.dtype == torch.float32 and q.is_cuda):
         for r0 in range(0, n_rows, ROW_SLAB):
@@ -352,32 +360,11 @@ def backward_block(
             for c0 in range(0, n_cols, COL_SLAB):
                 c1 = min(c0 + COL_SLAB, n_cols)
                 g = slab[: r1 - r0, : c1 - c0]
-                grid = (
-                    triton.cdiv(r1 - r0, meta["BLOCK_M"]),
-                    triton.cdiv(c1 - c0, meta["BLOCK_N"]),
-                )
-                _softmax_grad_kernel[grid](
-                    q_rows,
-                    c[c0:c1],
-                    scale,
-                    lse2[r0:r1],
-                    w_rel[r0:r1],
-                    labels[r0:r1] - c0,
-                    row_pos_ids[r0:r1] if has_ids else labels,
-                    col_ids[c0:c1] if has_ids else labels,
-                    g,
-                    r1 - r0,
-                    c1 - c0,
-                    dim,
-                    q.stride(0),
-                    c.stride(0),
-                    g.stride(0),
-                    HAS_IDS=has_ids,
-                    UPCAST=interpreting(),
-                    **meta,
-                )
+                fill(g, r0, r1, c0, c1, w_rel)
                 gc_rows += g @ c[c0:c1]
                 dc[c0:c1] += (g.T @ q_rows).float().mul_(coef).to(dc.dtype)
-            dscale += (q_rows.float() * gc_rows).sum()
+                if g_sum is not None:
+                    g_sum += g.sum(dtype=torch.float32)
+            dot_sum += (q_rows.float() * gc_rows).sum()
             dq[r0:r1] += gc_rows.mul_(coef).to(dq.dtype)
-    return dscale * w_max
+    return dot_sum * w_max, None if g_sum is None else g_sum * w_max

@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from retriever.model.decoder import append_eos as append_eos_token
+from retriever.model.decoder import is_decoder, pooling_problem
 from retriever.model.locate import locate_model
+from retriever.model.lora import is_lora, save_merged
 from retriever.model.network import MODEL_INPUTS, max_length_problems, pool, set_dropout
 from retriever.model.sdpa import attention_backends
 from retriever.model.settings import EncoderSettings, SideSettings
@@ -86,6 +89,9 @@ class Encoder(nn.Module):
         document_prefix: str | None = None,
         query_max_length: int | None = None,
         document_max_length: int | None = None,
+        truncate_dim: int | None = None,
+        append_eos: bool = False,
+        padding_side: str | None = None,
         torch_dtype: torch.dtype | None = None,
         gradient_checkpointing: bool = False,
         cudnn_attention: bool = False,
@@ -103,9 +109,14 @@ class Encoder(nn.Module):
         `retriever.model.sdpa`). ``fused_layer_norm`` runs the model's LayerNorms on large CUDA
         inputs with the Triton kernels of `retriever.model.layer_norm` (same parameters; other
         inputs use PyTorch's). ``dropout`` sets every dropout probability of the network.
+        ``truncate_dim`` keeps the first k dimensions of each embedding (a Matryoshka prefix),
+        normalised after the cut when ``normalize``. For decoder LLMs (`retriever.model.decoder`)
+        the default pooling is ``last``; ``append_eos`` makes the tokenizer end every text with
+        its EOS token (saved with it), and ``padding_side`` sets the tokenizer's ("left" or
+        "right"; last-token pooling handles both).
         ``model_kwargs`` go to ``AutoModel.from_pretrained`` (e.g. ``attn_implementation``).
         """
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         name_or_path = locate_model(name_or_path)
         st = read_sentence_transformers_dir(name_or_path) if os.path.isdir(name_or_path) else None
@@ -113,15 +124,8 @@ class Encoder(nn.Module):
         if torch_dtype is not None:
             model_kwargs[_dtype_argument()] = torch_dtype
         model = AutoModel.from_pretrained(model_path, **model_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        if dropout is not None:
-            set_dropout(model, dropout)
-        if fused_layer_norm:  # imported only here: it needs triton
-            from retriever.model.layer_norm import use_fused_layer_norm
-
-            use_fused_layer_norm(model)
+        tokenizer = _load_tokenizer(model_path, padding_side, append_eos)
+        _adapt_network(model, gradient_checkpointing, dropout, fused_layer_norm)
         overrides = dict(
             pooling=pooling,
             normalize=normalize,
@@ -129,9 +133,9 @@ class Encoder(nn.Module):
             document_prefix=document_prefix,
             query_max_length=query_max_length,
             document_max_length=document_max_length,
+            truncate_dim=truncate_dim,
         )
-        limit = getattr(model.config, "max_position_embeddings", None)
-        settings = resolve_settings(st, overrides, limit if isinstance(limit, int) else None)
+        settings = _settings_for(model.config, st, overrides)
         encoder = cls(model, tokenizer, settings, cudnn_attention=cudnn_attention)
         # Like transformers' from_pretrained, return the whole module in eval mode: the network
         # already is, and a wrapper left claiming training mode would hide that dropout is off.
@@ -144,7 +148,8 @@ class Encoder(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        """The size of the embeddings: ``truncate_dim`` when set, else the hidden size."""
+        return self.settings.truncate_dim or int(self.model.config.hidden_size)
 
     def side_settings(self, side: str) -> SideSettings:
         """How ``side`` ('query' | 'document') is tokenised (for the token cache)."""
@@ -181,6 +186,8 @@ class Encoder(nn.Module):
         with attention_backends(cudnn=self.cudnn_attention):
             hidden = self.model(**inputs).last_hidden_state
         embeddings = pool(hidden, features["attention_mask"], self.settings.pooling)
+        if self.settings.truncate_dim is not None:  # a Matryoshka prefix, normalised on its own
+            embeddings = embeddings[:, : self.settings.truncate_dim]
         if self.settings.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
         return embeddings
@@ -240,7 +247,10 @@ class Encoder(nn.Module):
         (``encode_query`` / ``encode_document``, or ``prompt_name='query'`` / ``'document'``)."""
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(root)
+        if is_lora(self.model):  # the merged network: it loads without peft
+            save_merged(self.model, root)
+        else:
+            self.model.save_pretrained(root)
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:
             # Encoding leaves its last call's truncation and padding on the backend, which
@@ -248,11 +258,53 @@ class Encoder(nn.Module):
             backend.no_truncation()
             backend.no_padding()
         self.tokenizer.save_pretrained(root)
-        write_sentence_transformers_config(root, self.settings, self.embedding_dim)
+        write_sentence_transformers_config(root, self.settings, int(self.model.config.hidden_size))
 
     def extra_repr(self) -> str:
         fields = dataclasses.asdict(self.settings)
         return ", ".join(f"{k}={v!r}" for k, v in fields.items())
+
+
+def _load_tokenizer(model_path: str, padding_side: str | None, append_eos: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if padding_side is not None:
+        tokenizer.padding_side = padding_side
+    if append_eos:
+        append_eos_token(tokenizer)
+    return tokenizer
+
+
+def _adapt_network(
+    model: nn.Module, gradient_checkpointing: bool, dropout: float | None, fused_layer_norm: bool
+) -> None:
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    if dropout is not None:
+        set_dropout(model, dropout)
+    if fused_layer_norm:  # imported only here: it needs triton
+        from retriever.model.layer_norm import use_fused_layer_norm
+
+        use_fused_layer_norm(model)
+
+
+def _settings_for(config: Any, st: dict | None, overrides: dict[str, Any]) -> EncoderSettings:
+    """The settings from ``overrides``, then the sentence-transformers directory, then defaults."""
+    limit = getattr(config, "max_position_embeddings", None)
+    default_pooling = "last" if is_decoder(config) else "mean"
+    settings = resolve_settings(
+        st, overrides, limit if isinstance(limit, int) else None, default_pooling
+    )
+    problem = pooling_problem(config, settings.pooling)
+    if problem:
+        raise ValueError(problem)
+    if settings.truncate_dim is not None and settings.truncate_dim > config.hidden_size:
+        raise ValueError(
+            f"truncate_dim {settings.truncate_dim} exceeds the model's embedding size "
+            f"{config.hidden_size}"
+        )
+    return settings
 
 
 def _autocast_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -270,3 +322,14 @@ def _dtype_argument() -> str:
 
     major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing in every layer, non-reentrant: it works under no_grad (the
+    cache's first pass) and with frozen inputs (LoRA), and replays the chunk's RNG state
+    (dropout) in the recomputation. transformers 5.x calls it activation checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

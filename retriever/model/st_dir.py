@@ -39,9 +39,9 @@ def read_sentence_transformers_dir(path: str | os.PathLike) -> dict[str, Any] | 
     """The settings of a sentence-transformers directory, or None if ``path`` is not one.
 
     Returns ``transformer_path``, ``pooling``, ``normalize``, ``prompts``, ``max_seq_length``,
-    ``query_length``, ``document_length`` and ``do_lower_case``. Modules this wrapper cannot
-    reproduce (Dense, max pooling, ...) raise ``NotImplementedError`` rather than silently
-    giving different embeddings.
+    ``query_length``, ``document_length``, ``do_lower_case`` and ``truncate_dim``. Modules this
+    wrapper cannot reproduce (Dense, max pooling, ...) raise ``NotImplementedError`` rather
+    than silently giving different embeddings.
     """
     root = Path(path)
     modules_file = root / "modules.json"
@@ -57,6 +57,7 @@ def read_sentence_transformers_dir(path: str | os.PathLike) -> dict[str, Any] | 
         "query_length": None,
         "document_length": None,
         "do_lower_case": False,
+        "truncate_dim": None,
     }
     for module in modules:
         kind = module["type"].rsplit(".", 1)[-1]
@@ -95,7 +96,9 @@ def read_sentence_transformers_dir(path: str | os.PathLike) -> dict[str, Any] | 
             )
     st_config = root / "config_sentence_transformers.json"
     if st_config.is_file():
-        settings["prompts"] = _read_json(st_config).get("prompts") or {}
+        model_config = _read_json(st_config)
+        settings["prompts"] = model_config.get("prompts") or {}
+        settings["truncate_dim"] = model_config.get("truncate_dim")
     return settings
 
 
@@ -117,22 +120,27 @@ def _st_supports_side_lengths() -> bool:
 
 
 def resolve_settings(
-    st: dict[str, Any] | None, overrides: dict[str, Any], limit: int | None = None
+    st: dict[str, Any] | None,
+    overrides: dict[str, Any],
+    limit: int | None = None,
+    default_pooling: str = "mean",
 ) -> EncoderSettings:
     """The encoder's settings: each override that is not None, else the sentence-transformers
-    directory's (``st``, from :func:`read_sentence_transformers_dir`), else mean pooling,
-    normalisation, no prefixes and max lengths 128 / 256. A max length that was not asked for
-    never exceeds the model's positions (``limit``); one that was is the caller's to report."""
+    directory's (``st``, from :func:`read_sentence_transformers_dir`), else ``default_pooling``
+    (mean; last for a decoder), normalisation, no prefixes and max lengths 128 / 256. A max
+    length that was not asked for never exceeds the model's positions (``limit``); one that was
+    is the caller's to report."""
     st = st or {}
     prompts = st.get("prompts", {})
     max_seq_length = st.get("max_seq_length")
     defaults = {
-        "pooling": st.get("pooling") or "mean",
+        "pooling": st.get("pooling") or default_pooling,
         "normalize": st.get("normalize", True) if st else True,
         "query_prefix": prompts.get("query", ""),
         "document_prefix": next((prompts[k] for k in _ST_DOCUMENT_PROMPTS if k in prompts), ""),
         "query_max_length": st.get("query_length") or max_seq_length or 128,
         "document_max_length": st.get("document_length") or max_seq_length or 256,
+        "truncate_dim": st.get("truncate_dim"),
     }
     values = {k: v if overrides.get(k) is None else overrides[k] for k, v in defaults.items()}
     for side in ("query", "document"):
@@ -149,7 +157,9 @@ def write_sentence_transformers_config(
     """modules.json, the Transformer's and Pooling's configs, Normalize and the prompts, in the
     legacy format that sentence-transformers 3.x to 6.x all read. ``max_seq_length`` is the
     document max length; the per-side lengths are written too when the installed
-    sentence-transformers understands them."""
+    sentence-transformers understands them, and ``truncate_dim`` when set (sentence-transformers
+    5+ reads it; it truncates after its Normalize module, so cosine similarities agree).
+    ``embedding_dim`` is the network's hidden size (what the Pooling module outputs)."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {
@@ -185,11 +195,11 @@ def write_sentence_transformers_config(
         prompts["query"] = settings.query_prefix
     if settings.document_prefix:
         prompts["document"] = settings.document_prefix
-    _write_json(
-        root / "config_sentence_transformers.json",
-        {
-            "prompts": prompts,
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine" if settings.normalize else "dot",
-        },
-    )
+    model_config: dict[str, Any] = {
+        "prompts": prompts,
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if settings.normalize else "dot",
+    }
+    if settings.truncate_dim is not None:
+        model_config["truncate_dim"] = settings.truncate_dim
+    _write_json(root / "config_sentence_transformers.json", model_config)

@@ -133,7 +133,10 @@ class Batch:
     candidate_ids: Tensor
     num_queries: int
     num_tokens: int
-    scores: Tensor | None = None  # gold scores of scored pairs (an STS source), in batch order
+    # Gold scores of scored pairs (an STS source) [Bq], or a teacher's scores of each query's
+    # group [Bq, 1 + n] (positive first), in batch order.
+    scores: Tensor | None = None
+    example_indices: Tensor | None = None  # [Bq] each query's example in its dataset
 
     @property
     def num_documents(self) -> int:
@@ -150,6 +153,7 @@ class Batch:
             self.num_queries,
             self.num_tokens,
             None if self.scores is None else self.scores.pin_memory(),
+            None if self.example_indices is None else self.example_indices.pin_memory(),
         )
 
 
@@ -170,6 +174,11 @@ class Collator:
         self.left_padding = tokenizer.padding_side == "left"
         self.chunk_size = chunk_size
         self.sort_by_length = sort_by_length
+
+    @classmethod
+    def of(cls, dataset: Any, tokenizer: Any, chunk_size: int, sort_by_length: bool) -> Collator:
+        """The Collator of a dataset's token pools (``queries``, ``documents``)."""
+        return cls(dataset.queries, dataset.documents, tokenizer, chunk_size, sort_by_length)
 
     def _chunks(self, pool: TextPool, rows: np.ndarray) -> tuple[list[TokenChunk], Tensor]:
         assert pool.table is not None

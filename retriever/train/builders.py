@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from retriever.eval.subset import shrink_task
+from retriever.fileio import directory_problem
 from retriever.loss import InfoNCELoss
 from retriever.model import Encoder, ModelNotFoundError
 from retriever.model.network import max_length_problems
@@ -57,6 +57,7 @@ def build_accelerator(config: TrainConfig) -> Any:
 
 
 def build_encoder(config: TrainConfig) -> Encoder:
+    """The encoder ``model`` describes (with LoRA adapters when ``model.lora``)."""
     m = config.model
     kwargs: dict[str, Any] = {}
     if m.attn_implementation:
@@ -64,10 +65,15 @@ def build_encoder(config: TrainConfig) -> Encoder:
     try:
         encoder = _load_encoder(m, kwargs)
     except (ModelNotFoundError, NotImplementedError, OSError, ValueError, ImportError) as exc:
-        key = "model.name_or_path"
-        if m.attn_implementation and "attn" in str(exc).lower() or isinstance(exc, ImportError):
-            key = "model.attn_implementation"  # transformers refused the attention kernel
+        key = _encoder_option(m, exc)
         raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
+    if m.lora is not None:
+        from retriever.model.lora import add_lora
+
+        try:
+            encoder.model = add_lora(encoder.model, m.lora)
+        except (ImportError, ValueError) as exc:  # peft missing, a target module not found
+            raise ConfigError(f"{config.where('model.lora')}: model.lora: {exc}") from None
     for side, length, limit in max_length_problems(encoder):
         key = f"model.{side}_max_length"
         raise ConfigError(
@@ -77,13 +83,36 @@ def build_encoder(config: TrainConfig) -> Encoder:
     return encoder
 
 
+def _encoder_option(m: Any, exc: Exception) -> str:
+    """The model option an error loading the encoder is about."""
+    message = str(exc)
+    if m.attn_implementation and "attn" in message.lower() or isinstance(exc, ImportError):
+        return "model.attn_implementation"  # transformers refused the attention kernel
+    if message.startswith("pooling "):
+        return "model.pooling"
+    if message.startswith("append_eos:"):
+        return "model.append_eos"
+    if message.startswith("a template") or message.startswith("the template"):
+        return "model.query_template"
+    return "model.name_or_path"
+
+
 def _load_encoder(m: Any, kwargs: dict[str, Any]) -> Encoder:
+    from retriever.model.settings import template_prefix
+
+    query_prefix, document_prefix = m.query_prefix, m.document_prefix
+    if m.query_template is not None:
+        query_prefix = template_prefix(m.query_template, m.instruction)
+    if m.document_template is not None:
+        document_prefix = template_prefix(m.document_template, None)
     return Encoder.from_pretrained(
         m.name_or_path,
         pooling=m.pooling,
         normalize=m.normalize,
-        query_prefix=m.query_prefix,
-        document_prefix=m.document_prefix,
+        query_prefix=query_prefix,
+        document_prefix=document_prefix,
+        append_eos=m.append_eos,
+        padding_side=m.padding_side,
         query_max_length=m.query_max_length,
         document_max_length=m.document_max_length,
         torch_dtype=getattr(torch, m.dtype),
@@ -115,8 +144,12 @@ def build_miner(config: TrainConfig, train_set: TrainSet) -> Any:
         raise ConfigError(f"mining.dynamic: {exc}") from None
 
 
-def build_loss(config: TrainConfig, device: torch.device) -> InfoNCELoss:
-    """The InfoNCE loss on ``device``; a ``loss.impl`` that cannot run there is refused."""
+def build_loss(
+    config: TrainConfig, device: torch.device, encoder: Encoder, datasets: list[Any], steps: int
+) -> torch.nn.Module:
+    """The loss of the retrieval sources on ``device`` (`loss.objective`, wrapped for
+    Matryoshka), refusing a ``loss.impl`` that cannot run there. The global contrastive loss
+    keeps one entry per example of every retrieval source (``example_offsets``)."""
     from retriever.loss.inputs import resolve_impl
 
     c = config.loss
@@ -124,15 +157,48 @@ def build_loss(config: TrainConfig, device: torch.device) -> InfoNCELoss:
         resolve_impl(c.impl, 1 << 16, 1 << 16, device)
     except ValueError as exc:
         raise ConfigError(f"{config.where('loss.impl')}: loss.impl: {exc}") from None
-    loss = InfoNCELoss(
+    common = dict(
         scale=1.0 / c.temperature,
         learnable_scale=c.learnable_temperature,
         min_scale=1.0 / c.max_temperature,
         max_scale=1.0 / c.min_temperature,
-        symmetric=c.symmetric,
         impl=c.impl,
     )
+    if c.objective == "sigmoid":
+        from retriever.loss.sigmoid import SigmoidLoss
+
+        loss: torch.nn.Module = SigmoidLoss(bias=c.sigmoid_bias, **common)
+    elif c.objective == "gcl":
+        from retriever.loss.gcl import GlobalContrastiveLoss
+
+        examples = sum(len(d) for d in datasets if not hasattr(d, "pool"))
+        decay = c.gcl_decay_steps or steps
+        loss = GlobalContrastiveLoss(
+            examples, gamma_min=c.gcl_gamma_min, decay_steps=decay, symmetric=c.symmetric, **common
+        )
+    else:
+        loss = InfoNCELoss(symmetric=c.symmetric, **common)
+    if c.matryoshka_dims:
+        from retriever.loss.matryoshka import MatryoshkaLoss
+
+        if max(c.matryoshka_dims) > encoder.embedding_dim:
+            raise ConfigError(
+                f"{config.where('loss.matryoshka_dims')}: loss.matryoshka_dims "
+                f"{c.matryoshka_dims}: the model's embeddings have {encoder.embedding_dim}"
+            )
+        loss = MatryoshkaLoss(loss, c.matryoshka_dims, c.matryoshka_weights, encoder.normalize)
     return loss.to(device)
+
+
+def example_offsets(datasets: list[Any]) -> list[int]:
+    """Where each source's examples start in a loss's per-example state (retrieval sources
+    only, in order; STS sources get the end, which they never index)."""
+    offsets, total = [], 0
+    for dataset in datasets:
+        offsets.append(total)
+        if not hasattr(dataset, "pool"):
+            total += len(dataset)
+    return offsets
 
 
 def build_optimizer(
@@ -198,68 +264,6 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def load_eval_tasks(config: TrainConfig) -> list[Any]:
-    """The tasks of ``eval.data`` (retrieval tasks, shrunk as ``eval.max_*`` say, and STS
-    sets), and a check that ``eval.metric`` names a score they report; errors name the option."""
-    from retriever.eval.data import RetrievalTask
-    from retriever.eval.tasks import load_any_task
-
-    specs = [config.eval.data] if isinstance(config.eval.data, str) else config.eval.data or []
-    tasks = []
-    for i, spec in enumerate(specs):
-        key = "eval.data" if isinstance(config.eval.data, str) else f"eval.data[{i}]"
-        try:
-            task = load_any_task(spec, config.eval.split)
-            if isinstance(task, RetrievalTask):
-                task = shrink_task(task, config.eval.max_queries, config.eval.max_documents)
-            tasks.append(task)
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            # A BEIR directory without that split's qrels: the split is what to change.
-            if f"qrels/{config.eval.split}.tsv" in str(exc):
-                key = "eval.split"
-            raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
-    _check_metric_task(config, tasks)
-    return tasks
-
-
-def _check_metric_task(config: TrainConfig, tasks: list[Any]) -> None:
-    """eval.metric must be a score of the tasks loaded: ``TASK/METRIC`` of one of them, or a
-    plain metric of the only one, or ``mean_main_score``."""
-    from retriever.eval.metrics import metric_names
-    from retriever.eval.sts import STSTask
-
-    metric, by_name = config.eval.metric, {t.name: t for t in tasks}
-    where = config.where("eval.metric")
-    if not tasks or metric == "mean_main_score":
-        return
-    if "/" in metric:
-        name, score = metric.rsplit("/", 1)
-        if name not in by_name:
-            raise ConfigError(
-                f"{where}: eval.metric: {metric!r} names no evaluation task (tasks: "
-                f"{', '.join(by_name)})"
-            )
-        task = by_name[name]
-    elif len(tasks) > 1:
-        raise ConfigError(
-            f"{where}: eval.metric: {metric!r} is ambiguous with {len(tasks)} tasks; use "
-            f"TASK/METRIC (e.g. {tasks[0].name}/main_score) or mean_main_score"
-        )
-    else:
-        task, score = tasks[0], metric
-    reported = (
-        ["main_score", "spearman", "pearson"]
-        if isinstance(task, STSTask)
-        else ["main_score", *metric_names()]
-    )
-    if score not in reported:
-        kind = "an STS" if isinstance(task, STSTask) else "a retrieval"
-        raise ConfigError(
-            f"{where}: eval.metric: {task.name} is {kind} task, which does not report "
-            f"{score!r} (e.g. {', '.join(reported[:3])})"
-        )
-
-
 def flat_hparams(config: TrainConfig) -> dict[str, Any]:
     """The config as the scalar dict trackers accept."""
     out = {}
@@ -279,6 +283,9 @@ def build_datasets(config: TrainConfig, encoder: Encoder, accelerator: Any) -> l
 
     d = config.data
     cache_dir = None if d.token_cache == "off" else Path(d.token_cache or default_cache_dir())
+    problem = None if cache_dir is None else directory_problem(cache_dir)
+    if problem:
+        raise ConfigError(f"{config.where('data.token_cache')}: data.token_cache: {problem}")
     datasets = []
     with accelerator.main_process_first():  # the main process fills the cache
         for source in sources_of(config):
@@ -293,9 +300,12 @@ def _source_dataset(
     from retriever.train.pairs import PairSet
 
     settings = encoder.settings
-    query = dataclasses.replace(
-        settings.side("query"), prefix=_prefix(source.query_prefix, settings.query_prefix)
-    )
+    own = source.query_prefix
+    if source.instruction is not None:  # checked: model.query_template is set
+        from retriever.model.settings import template_prefix
+
+        own = template_prefix(config.model.query_template, source.instruction)
+    query = dataclasses.replace(settings.side("query"), prefix=_prefix(own, settings.query_prefix))
     document = dataclasses.replace(
         settings.side("document"), prefix=_prefix(source.document_prefix, settings.document_prefix)
     )
@@ -311,7 +321,8 @@ def _source_dataset(
         negatives=source.negatives,
         max_examples=source.max_examples,
     )
-    train_set = TrainSet(examples, source.negatives, config.training.seed)
+    teacher = config.loss.distill_weight > 0 and source.negatives > 0
+    train_set = TrainSet(examples, source.negatives, config.training.seed, teacher=teacher)
     train_set.attach_tokens(encoder.tokenizer, query, document, cache_dir, show_progress=progress)
     return train_set
 

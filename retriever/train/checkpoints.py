@@ -40,12 +40,20 @@ def save_checkpoint(accelerator: Any, path: Path, files: dict[str, str]) -> Path
     return path
 
 
-def save_final(encoder: Any, master: Any, folder: Path, card: str) -> None:
+def save_final(
+    encoder: Any, master: Any, folder: Path, card: str, adapter: Path | None = None
+) -> None:
     """The sentence-transformers model in ``folder`` (whole or absent) with its model card;
-    from the fp32 master weights when the network trained in bf16 (``master``)."""
+    from the fp32 master weights when the network trained in bf16 (``master``). ``adapter``:
+    also the LoRA adapters alone there (peft's format)."""
     if master is not None:  # save the fp32 master weights, not their bf16 copy
         encoder.float()
         master.copy_to_model()
     with atomic_directory(folder) as final:
         encoder.save(final)
         (final / "README.md").write_text(card, encoding="utf-8")
+    if adapter is not None:
+        from retriever.model.lora import save_adapter
+
+        with atomic_directory(adapter) as directory:
+            save_adapter(encoder.model, directory)

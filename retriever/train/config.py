@@ -117,10 +117,12 @@ def convert(value: Any, section: str, name: str, where: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, items) for v in value):
             raise fail(f"a path or a list of {kind}")
         return list(value)
-    kind = "list" if typing.get_origin(base) is list else base
-    if kind not in _CONVERTERS:  # pragma: no cover - a new option type
+    if typing.get_origin(base) is list:
+        out: Any = _to_list(value, fail, typing.get_args(base)[0])
+    elif base in _CONVERTERS:
+        out = _CONVERTERS[base](value, fail, str in members)
+    else:  # pragma: no cover - a new option type
         raise TypeError(f"unsupported option type {tp} for {key}")
-    out = _CONVERTERS[kind](value, fail, str in members)
     choices = _field(section, name).metadata["choices"]
     if choices is not None and out not in choices:
         raise fail(f"one of {', '.join(choices)}")
@@ -154,18 +156,28 @@ def _to_float(value: Any, fail: Fail, auto: bool) -> float:
     return float(value)
 
 
+def _to_dict(value: Any, fail: Fail, auto: bool) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise fail("a mapping of option names to values")
+    return dict(value)
+
+
 def _to_str(value: Any, fail: Fail, auto: bool) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise fail("a string")
     return str(value)
 
 
-def _to_str_list(value: Any, fail: Fail, auto: bool) -> list[str]:
-    if isinstance(value, str):
+def _to_list(value: Any, fail: Fail, item: type) -> list[Any]:
+    """A list of ``item`` (str, int or float); one string stands for a list of one."""
+    if item is str and isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise fail("a list of strings")
-    return list(value)
+    if not isinstance(value, list) or (item is str and not all(isinstance(v, str) for v in value)):
+        raise fail(f"a list of {_ITEM_NAMES[item]}")
+    try:
+        return [_CONVERTERS[item](v, fail, False) for v in value]
+    except ConfigError:
+        raise fail(f"a list of {_ITEM_NAMES[item]}") from None
 
 
 _CONVERTERS: dict[Any, typing.Callable[[Any, Fail, bool], Any]] = {
@@ -173,8 +185,9 @@ _CONVERTERS: dict[Any, typing.Callable[[Any, Fail, bool], Any]] = {
     int: _to_int,
     float: _to_float,
     str: _to_str,
-    "list": _to_str_list,
+    dict: _to_dict,
 }
+_ITEM_NAMES = {str: "strings", int: "integers", float: "numbers"}
 
 
 def _line(node: yaml.Node, path: str) -> str:
@@ -230,6 +243,11 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError as exc:
+        line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:  # a directory, no permission
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         node = yaml.compose(text)
     except yaml.YAMLError as exc:

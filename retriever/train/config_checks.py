@@ -27,7 +27,7 @@ def suggest(word: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_sources(config: TrainConfig) -> None:
+def _check_sources(config: TrainConfig) -> list:
     """data.train's sources, parsed now so that a bad entry stops the start before any load."""
     from retriever.train.sources import SourceError, sources_of
 
@@ -39,6 +39,113 @@ def _check_sources(config: TrainConfig) -> None:
         raise ConfigError(
             f"{config.where('mining.dynamic')}: mining.dynamic re-mines one retrieval source; "
             "data.train lists several"
+        )
+    return sources
+
+
+def _check_model(config: TrainConfig, sources: list) -> None:
+    """Templates, instructions and LoRA options, checked before anything loads."""
+    from retriever.model.settings import template_prefix
+
+    m, where = config.model, config.where
+    for side in ("query", "document"):
+        template, prefix = getattr(m, f"{side}_template"), getattr(m, f"{side}_prefix")
+        key = f"model.{side}_template"
+        if template is not None and prefix is not None:
+            raise ConfigError(
+                f"{where(key)}: {key} and model.{side}_prefix both set; a template "
+                "replaces the prefix, keep one"
+            )
+        try:
+            if template is not None:
+                template_prefix(template, m.instruction if side == "query" else None)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{where(key)}: {key}: {exc} (model.instruction fills the "
+                "query template's {instruction})"
+            ) from None
+    for i, source in enumerate(sources):
+        if source.instruction is not None and m.query_template is None:
+            raise ConfigError(
+                f"{where(f'data.train[{i}]')}: data.train[{i}]: instruction "
+                "needs model.query_template (where it goes)"
+            )
+        if source.instruction is not None and source.query_prefix is not None:
+            raise ConfigError(
+                f"{where(f'data.train[{i}]')}: data.train[{i}]: instruction and "
+                "query_prefix both set; keep one"
+            )
+    _check_lora(config)
+
+
+def _check_lora(config: TrainConfig) -> None:
+    from retriever.model.lora import LORA_KEYS
+
+    lora, where = config.model.lora, config.where("model.lora")
+    if lora is None:
+        if config.model.save_adapter:
+            raise ConfigError(
+                f"{config.where('model.save_adapter')}: model.save_adapter "
+                "saves LoRA adapters, but model.lora is not set"
+            )
+        return
+    for key, value in lora.items():
+        if key not in LORA_KEYS:
+            raise ConfigError(
+                f"{where}: model.lora: unknown key {key!r}"
+                f"{suggest(key, list(LORA_KEYS))}; keys are {', '.join(LORA_KEYS)}"
+            )
+        if isinstance(value, bool) or not isinstance(value, LORA_KEYS[key]):
+            raise ConfigError(f"{where}: model.lora: {key}: got {value!r}, of the wrong type")
+    bad = lora.get("r", 8) < 1 or lora.get("alpha", 1) <= 0 or not 0 <= lora.get("dropout", 0) < 1
+    if bad:
+        raise ConfigError(
+            f"{where}: model.lora: expected r >= 1, alpha > 0 and dropout in [0, 1), got {lora}"
+        )
+    modules = lora.get("target_modules", "all-linear")
+    if isinstance(modules, list) and not (modules and all(isinstance(x, str) for x in modules)):
+        raise ConfigError(
+            f"{where}: model.lora: target_modules: expected module names "
+            f"(e.g. [q_proj, v_proj]) or all-linear, got {modules!r}"
+        )
+
+
+def _check_objective(config: TrainConfig, sources: list) -> None:
+    """What the loss options ask of each other and of the data."""
+    loss, where = config.loss, config.where
+    dims, weights = loss.matryoshka_dims, loss.matryoshka_weights
+    if dims is not None:
+        if not dims or min(dims) < 1 or len(set(dims)) != len(dims):
+            raise ConfigError(
+                f"{where('loss.matryoshka_dims')}: loss.matryoshka_dims: expected distinct "
+                f"positive sizes, got {dims}"
+            )
+        if loss.objective == "gcl":
+            raise ConfigError(
+                f"{where('loss.matryoshka_dims')}: loss.matryoshka_dims cannot combine with "
+                "loss.objective gcl (its per-example averages would move once per dimension)"
+            )
+    if weights is not None and (dims is None or len(weights) != len(dims) or min(weights) < 0):
+        raise ConfigError(
+            f"{where('loss.matryoshka_weights')}: loss.matryoshka_weights: expected one weight "
+            f">= 0 per loss.matryoshka_dims entry ({dims}), got {weights}"
+        )
+    if loss.distill_weight > 0:
+        if config.mining.dynamic:
+            raise ConfigError(
+                f"{where('loss.distill_weight')}: loss.distill_weight distils fixed teacher "
+                "scores, but mining.dynamic replaces the negatives they score"
+            )
+        if not any(s.task == "retrieval" and s.negatives > 0 for s in sources):
+            raise ConfigError(
+                f"{where('loss.distill_weight')}: loss.distill_weight compares the teacher's and "
+                "the model's scores of each query's positive and hard negatives, but no source "
+                "has hard negatives (data.negatives)"
+            )
+    if loss.objective == "sigmoid" and loss.symmetric:
+        raise ConfigError(
+            f"{where('loss.symmetric')}: loss.symmetric: the sigmoid loss already scores every "
+            "pair once in both roles; set it to false"
         )
 
 
@@ -67,11 +174,15 @@ def _expected(f: dataclasses.Field, kind: type) -> str:
         return "a positive integer" if low == 1 else f"an integer >= {low}"
     if "below" in meta:
         return f"a number in [{meta.get('min', '-inf')}, {meta['below']})"
+    if "max" in meta:
+        low = f"({meta['gt']}" if "gt" in meta else f"[{meta.get('min', '-inf')}"
+        return f"a number in {low}, {meta['max']}]"
     return f"a number > {meta['gt']}" if "gt" in meta else f"a number >= {meta['min']}"
 
 
 def check_bounds(config: TrainConfig) -> None:
-    """Every field's bounds (its metadata: ``min``, ``gt``, ``below``), for every section."""
+    """Every field's bounds (its metadata: ``min``, ``gt``, ``below``, ``max``), for every
+    section."""
     for section in SECTIONS:
         for f in dataclasses.fields(SECTIONS[section]):
             value = getattr(getattr(config, section), f.name)
@@ -82,6 +193,7 @@ def check_bounds(config: TrainConfig) -> None:
                 value >= meta.get("min", float("-inf"))
                 and value > meta.get("gt", float("-inf"))
                 and value < meta.get("below", float("inf"))
+                and value <= meta.get("max", float("inf"))
             )
             if not ok:
                 kind = int if isinstance(value, int) and "gt" not in meta else float
@@ -98,7 +210,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         if not config.get(key):
             raise ConfigError(f"{key} is required: set it in the config file or pass {flag}")
     check_bounds(config)
-    _check_sources(config)
+    sources = _check_sources(config)
+    _check_model(config, sources)
+    _check_objective(config, sources)
     loss = config.loss
     if loss.min_temperature > loss.max_temperature:
         raise ConfigError(
@@ -112,7 +226,11 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"in [loss.min_temperature, loss.max_temperature] = "
             f"[{loss.min_temperature}, {loss.max_temperature}]"
         )
-    if config.training.batch_size == 1 and config.data.negatives == 0:
+    if (
+        config.training.batch_size == 1
+        and config.data.negatives == 0
+        and (loss.objective != "sigmoid")
+    ):
         raise ConfigError(
             f"{config.where('training.batch_size')}: training.batch_size 1 with data.negatives 0 "
             "gives each query its positive as its only candidate: the loss is 0 and nothing is "

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retriever.examples import Example
+from retriever.examples import DataError, Example
 from retriever.model import Encoder
 from retriever.model.settings import SideSettings
 from retriever.texts import text_id
@@ -38,10 +38,21 @@ class TrainSet(torch.utils.data.Dataset):
     After :meth:`attach_tokens`, :meth:`rows` gives the same group as token-table rows, which
     is what the DataLoader's workers collate (no tokenisation during training)."""
 
-    def __init__(self, examples: Sequence[Example], negatives: int, seed: int) -> None:
+    def __init__(
+        self, examples: Sequence[Example], negatives: int, seed: int, teacher: bool = False
+    ) -> None:
+        """``teacher``: batches carry the examples' teacher scores (every example needs them
+        for its positives and negatives)."""
         self.examples = list(examples)
         self.negatives = negatives
         self.seed = seed
+        self.teacher = teacher
+        for e in self.examples if teacher else []:
+            if e.positive_scores is None or (e.negatives and e.negative_scores is None):
+                raise DataError(
+                    f"{e.source}: no teacher scores ('pos_scores' and 'neg_scores', one number "
+                    "per positive and negative): loss.distill_weight needs them on every line"
+                )
         # Positive text ids, to keep duplicates out of a batch without hashing every epoch.
         self._positive_ids = [[text_id(p) for p in e.positives] for e in self.examples]
         self.queries: TextPool | None = None
@@ -85,7 +96,9 @@ class TrainSet(torch.utils.data.Dataset):
         example = self.examples[index]
         if tuple(negatives) == example.negatives:
             return
-        self.examples[index] = dataclasses.replace(example, negatives=tuple(negatives))
+        self.examples[index] = dataclasses.replace(
+            example, negatives=tuple(negatives), negative_scores=None
+        )
         if self.documents is not None:
             self._negative_rows[index] = tuple(map(self.documents.row_of, negatives))
 
@@ -127,8 +140,18 @@ class TrainSet(torch.utils.data.Dataset):
         """The global batches of ``epoch`` (:func:`epoch_batches`)."""
         return epoch_batches(self, epoch, batch_size)
 
-    def scores_of(self, indices: Sequence[int]) -> None:
-        return None  # retrieval examples have no gold scores (see train.pairs)
+    def scores_of(self, epoch: int, indices: Sequence[int]) -> torch.Tensor | None:
+        """The teacher scores of ``epoch``'s groups [len(indices), 1 + negatives] (the
+        positive's first, in the groups' order), or None without a teacher."""
+        if not self.teacher:
+            return None
+        rows = []
+        for index in indices:
+            example = self.examples[index]
+            positive, negatives = self._pick(epoch, index)
+            scores = example.negative_scores or ()
+            rows.append([example.positive_scores[positive], *(scores[i] for i in negatives)])
+        return torch.tensor(rows, dtype=torch.float32)
 
     def rows(self, epoch: int, index: int) -> tuple[int, int, list[int]]:
         """The group of ``(epoch, index)`` as (query row, positive row, negative rows)."""

@@ -1,5 +1,6 @@
-"""Evaluation during training: the task on the main process, ``best/`` replaced (whole) when
-``eval.metric`` improves, the scores shared with every process and logged."""
+"""Evaluation during training: the tasks of ``eval.data`` loaded and checked at the start, run
+on the main process, ``best/`` replaced (whole) when ``eval.metric`` improves, the scores
+shared with every process and logged."""
 
 from __future__ import annotations
 
@@ -7,7 +8,71 @@ import json
 from pathlib import Path
 from typing import Any
 
+from retriever.eval.subset import shrink_task
 from retriever.fileio import atomic_directory
+from retriever.train.config import ConfigError, TrainConfig
+
+
+def load_eval_tasks(config: TrainConfig) -> list[Any]:
+    """The tasks of ``eval.data`` (retrieval tasks, shrunk as ``eval.max_*`` say, and STS
+    sets), and a check that ``eval.metric`` names a score they report; errors name the option."""
+    from retriever.eval.data import RetrievalTask
+    from retriever.eval.tasks import load_any_task
+
+    specs = [config.eval.data] if isinstance(config.eval.data, str) else config.eval.data or []
+    tasks = []
+    for i, spec in enumerate(specs):
+        key = "eval.data" if isinstance(config.eval.data, str) else f"eval.data[{i}]"
+        try:
+            task = load_any_task(spec, config.eval.split)
+            if isinstance(task, RetrievalTask):
+                task = shrink_task(task, config.eval.max_queries, config.eval.max_documents)
+            tasks.append(task)
+        except (FileNotFoundError, ValueError, OSError) as exc:
+            # A BEIR directory without that split's qrels: the split is what to change.
+            if isinstance(exc, FileNotFoundError) and f"qrels/{config.eval.split}.tsv" in str(exc):
+                key = "eval.split"
+            raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
+    _check_metric_task(config, tasks)
+    return tasks
+
+
+def _check_metric_task(config: TrainConfig, tasks: list[Any]) -> None:
+    """eval.metric must be a score of the tasks loaded: ``TASK/METRIC`` of one of them, or a
+    plain metric of the only one, or ``mean_main_score``."""
+    from retriever.eval.metrics import metric_names
+    from retriever.eval.sts import STSTask
+
+    metric, by_name = config.eval.metric, {t.name: t for t in tasks}
+    where = config.where("eval.metric")
+    if not tasks or metric == "mean_main_score":
+        return
+    if "/" in metric:
+        name, score = metric.rsplit("/", 1)
+        if name not in by_name:
+            raise ConfigError(
+                f"{where}: eval.metric: {metric!r} names no evaluation task (tasks: "
+                f"{', '.join(by_name)})"
+            )
+        task = by_name[name]
+    elif len(tasks) > 1:
+        raise ConfigError(
+            f"{where}: eval.metric: {metric!r} is ambiguous with {len(tasks)} tasks; use "
+            f"TASK/METRIC (e.g. {tasks[0].name}/main_score) or mean_main_score"
+        )
+    else:
+        task, score = tasks[0], metric
+    reported = (
+        ["main_score", "spearman", "pearson"]
+        if isinstance(task, STSTask)
+        else ["main_score", *metric_names()]
+    )
+    if score not in reported:
+        kind = "an STS" if isinstance(task, STSTask) else "a retrieval"
+        raise ConfigError(
+            f"{where}: eval.metric: {task.name} is {kind} task, which does not report "
+            f"{score!r} (e.g. {', '.join(reported[:3])})"
+        )
 
 
 def evaluate_step(

@@ -81,7 +81,8 @@ class StepBatches(torch.utils.data.IterableDataset):
     def _part(self, stream: Stream, epoch: int, index: int, batch: list[int]) -> Part:
         local = batch[rank_rows(stream.share, self.rank, self.world)]
         collated = stream.collator([stream.dataset.rows(epoch, i) for i in local])
-        collated.scores = stream.dataset.scores_of(local)
+        collated.scores = stream.dataset.scores_of(epoch, local)
+        collated.example_indices = torch.as_tensor(local, dtype=torch.int64)
         return Part(epoch, index, collated)
 
 

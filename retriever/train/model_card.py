@@ -24,12 +24,7 @@ def model_card(
         f"| {s.name} | {s.task} | `{s.path}` | {s.weight:g} | {share} | {s.negatives} |"
         for s, share in zip(sources, shares)
     )
-    objective = (
-        f"InfoNCE, temperature {loss.temperature:g}"
-        + (" (learnable)" if loss.learnable_temperature else "")
-        + (", symmetric" if loss.symmetric else "")
-        + ", within each retrieval source's batch (tiled, the ring across processes)"
-    )
+    objective = _objective(loss)
     if any(s.task == "sts" for s in sources):
         objective += f"; CoSENT (scale {loss.cosent_scale:g}) for STS sources"
     scores = "not evaluated"
@@ -63,6 +58,33 @@ model = SentenceTransformer("PATH_OR_REPO")
 embeddings = model.encode_query(["a query"]), model.encode_document(["a document"])
 ```
 """
+
+
+def _objective(loss: Any) -> str:
+    """The retrieval sources' loss, in words."""
+    name = {
+        "infonce": "InfoNCE",
+        "gcl": f"FastCLIP's global contrastive loss (FCCO, gamma_min {loss.gcl_gamma_min:g})",
+        "sigmoid": f"the sigmoid loss (SigLIP, initial bias {loss.sigmoid_bias:g})",
+    }[loss.objective]
+    text = (
+        f"{name}, temperature {loss.temperature:g}"
+        + (" (learnable)" if loss.learnable_temperature else "")
+        + (", symmetric" if loss.symmetric else "")
+        + ", within each retrieval source's batch (tiled, the ring across processes)"
+    )
+    if loss.matryoshka_dims:
+        text += (
+            f"; Matryoshka over the first {', '.join(map(str, loss.matryoshka_dims))} dimensions"
+            " (load a prefix with `SentenceTransformer(path, truncate_dim=k)`, or evaluate it "
+            "with `retriever eval --truncate-dim k`)"
+        )
+    if loss.distill_weight > 0:
+        text += (
+            f"; plus {loss.distill_weight:g} x KL distillation from the data's teacher scores "
+            f"(teacher temperature {loss.teacher_temperature:g})"
+        )
+    return text
 
 
 def push_final(folder: Path, repo: str, where: str) -> str:

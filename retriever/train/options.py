@@ -89,6 +89,37 @@ class ModelArguments:
         "Run the model's LayerNorms with retriever's Triton kernels (forward and backward "
         "fused; same parameters and results); null: on when a CUDA GPU is present.",
     )
+    append_eos: bool = _opt(
+        False,
+        "End every text with the tokenizer's EOS token (decoder embedders with last-token "
+        "pooling); saved into the tokenizer, so sentence-transformers does the same.",
+    )
+    padding_side: str | None = _opt(
+        None, "The tokenizer's padding side; null: its own.", choices=("left", "right")
+    )
+    query_template: str | None = _opt(
+        None,
+        "Template of every query, ending with {text}, e.g. 'Instruct: {instruction}\\nQuery: "
+        "{text}'; {instruction} is model.instruction, or a source's own instruction. Replaces "
+        "model.query_prefix (the part before {text} is the saved query prompt).",
+    )
+    document_template: str | None = _opt(
+        None,
+        "Template of every document, ending with {text} (no instruction: documents "
+        "are embedded alike for every task).",
+    )
+    instruction: str | None = _opt(
+        None, "The {instruction} of model.query_template (and of evaluation)."
+    )
+    lora: dict | None = _opt(
+        None,
+        "Train LoRA adapters instead of the network (needs peft): {r, alpha, dropout, "
+        "target_modules}, e.g. {r: 16, alpha: 32, target_modules: [q_proj, v_proj]}; the "
+        "final model is saved merged. null: full fine-tuning.",
+    )
+    save_adapter: bool = _opt(
+        False, "With model.lora, also save the adapters alone in final-adapter/ (peft format)."
+    )
 
 
 @dataclass
@@ -139,6 +170,41 @@ class LossArguments:
     min_temperature: float = _opt(0.01, "Lower clamp of a learnable temperature.", gt=0)
     max_temperature: float = _opt(1.0, "Upper clamp of a learnable temperature.", gt=0)
     symmetric: bool = _opt(False, "Also the positive-to-query direction (average of both).")
+    objective: str = _opt(
+        "infonce",
+        "Loss of the retrieval sources (docs/objectives.md): infonce; gcl (FastCLIP's global "
+        "contrastive loss: a moving average per example, for small batches); sigmoid (SigLIP: "
+        "scale 1 / temperature, bias loss.sigmoid_bias, both learnt with "
+        "learnable_temperature).",
+        choices=("infonce", "gcl", "sigmoid"),
+    )
+    matryoshka_dims: list[int] | None = _opt(
+        None,
+        "Matryoshka: the loss on each of these prefixes of the embedding (re-normalised), "
+        "summed, e.g. [384, 256, 128, 64]; null: the full embedding only.",
+    )
+    matryoshka_weights: list[float] | None = _opt(
+        None, "One weight per matryoshka_dims entry; null: 1 each."
+    )
+    distill_weight: float = _opt(
+        0.0,
+        "Weight of the KL distillation from the data's teacher scores (pos_scores, neg_scores) "
+        "over each query's positive and hard negatives; 0: none.",
+        min=0,
+    )
+    teacher_temperature: float = _opt(
+        0.05,
+        "Temperature of the teacher scores' softmax (0.05 suits cosine scores such as the "
+        "mined files'; about 1 suits cross-encoder logits).",
+        gt=0,
+    )
+    gcl_gamma_min: float = _opt(
+        0.2, "gcl: final rate of each example's moving average (from 1, on a cosine).", gt=0, max=1
+    )
+    gcl_decay_steps: int | None = _opt(
+        None, "gcl: steps over which the rate decays to gcl_gamma_min; null: the whole run.", min=1
+    )
+    sigmoid_bias: float = _opt(-10.0, "sigmoid: initial bias b (SigLIP: -10).")
     cosent_scale: float = _opt(
         20.0, "Scale of the CoSENT loss of STS sources (docs/training.md, Several sources).", gt=0
     )

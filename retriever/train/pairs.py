@@ -67,7 +67,8 @@ class PairSet:
         first, second = self._rows[index]
         return int(first), int(second), []
 
-    def scores_of(self, indices: Sequence[int]) -> torch.Tensor:
+    def scores_of(self, epoch: int, indices: Sequence[int]) -> torch.Tensor:
+        """The gold scores of the pairs ``indices`` (the same in every epoch)."""
         return torch.from_numpy(self.scores[np.asarray(indices, dtype=np.int64)])
 
     def fingerprint(self) -> str:

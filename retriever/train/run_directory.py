@@ -33,7 +33,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retriever.fileio import file_hash, fsync_directory, write_text_atomically
+from retriever.fileio import (
+    directory_problem,
+    file_hash,
+    fsync_directory,
+    write_text_atomically,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ RUN_ARTIFACTS = (
     CHECKPOINTS,
     "best",
     "final",
+    "final-adapter",
     "logs",
     "log.jsonl",
     "eval.jsonl",
@@ -213,8 +219,9 @@ class RunDirectory:
         """Hold the directory for this process: a second ``retriever train`` on it (a refused
         start too) stops at once instead of touching a live run. Released by :meth:`unlock`,
         or by the system when the process dies."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunError(f"training.output_dir: {self.path} is a file, not a directory")
+        problem = directory_problem(self.path)
+        if problem:
+            raise RunError(f"training.output_dir: {problem}")
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         handle = open(self.path / LOCK, "a+", encoding="utf-8")

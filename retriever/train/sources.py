@@ -41,6 +41,7 @@ class Source:
     max_examples: int | None = None
     query_prefix: str | None = None  # an instruction for this source's queries
     document_prefix: str | None = None
+    instruction: str | None = None  # fills model.query_template's {instruction}
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -54,6 +55,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_examples": (int, type(None)),
     "query_prefix": (str, type(None)),
     "document_prefix": (str, type(None)),
+    "instruction": (str, type(None)),
 }
 
 

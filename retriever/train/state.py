@@ -34,6 +34,17 @@ class TrainState:
             first = [self.epoch, self.batch_in_epoch]
             self.positions = [first] + [[0, 0] for _ in range(num_sources - 1)]
 
+    def summary(self, evaluations: list, final_loss: float | None, output_dir: Any) -> dict:
+        """What ``train`` returns: steps, final loss, evaluations, the best step and metric."""
+        return {
+            "steps": self.step,
+            "final_loss": final_loss,
+            "evaluations": evaluations,
+            "best_step": self.best_step,
+            "best_metric": self.best_metric,
+            "output_dir": str(output_dir),
+        }
+
     def advance(self, positions: list[list[int]]) -> None:
         """After a step: each source's position past the batch it gave."""
         self.positions = positions

@@ -25,6 +25,7 @@ from torch import Tensor
 from retriever.gradcache import backward_from_cached_grads, embed_without_grad
 from retriever.loss import InfoNCELoss
 from retriever.loss.cosent import cosent_loss
+from retriever.loss.distillation import distillation_loss
 from retriever.train.batches import Batch, TokenChunk
 
 
@@ -108,19 +109,41 @@ def loss_part(
     source: Any,
     batch: Batch,
     weight: float,
-    loss_fn: InfoNCELoss,
-    cosent_scale: float,
+    loss_fn: torch.nn.Module,
+    options: Any,
     device: torch.device,
     group: object | None,
+    offset: int = 0,
 ) -> LossPart:
-    """A source's loss on its part of the step: InfoNCE within its own batch (tiled; the ring
-    across processes) for retrieval, CoSENT on the pairs' gold scores for STS."""
+    """A source's loss on its part of the step: for retrieval, ``loss_fn`` within its own
+    batch (tiled; the ring across processes), plus ``options.distill_weight`` times the
+    distillation from its teacher scores when the batch carries them; CoSENT on the pairs'
+    gold scores for STS. ``offset``: where the source's examples start in the state of a loss
+    that keeps one per example (`retriever.loss.gcl`). ``options``: the ``loss`` section."""
     if source.task == "sts":
         scores = batch.scores.to(device, non_blocking=True)
+        scale = options.cosent_scale
         return LossPart(
-            batch,
-            lambda a, b, _: cosent_loss(a, b, scores, scale=cosent_scale, group=group),
-            weight,
+            batch, lambda a, b, _: cosent_loss(a, b, scores, scale=scale, group=group), weight
         )
-    ids = batch.candidate_ids.to(device, non_blocking=True)
-    return LossPart(batch, lambda q, d, _: loss_fn(q, d, candidate_ids=ids, group=group), weight)
+    kwargs: dict[str, Any] = {"candidate_ids": batch.candidate_ids.to(device, non_blocking=True)}
+    if getattr(loss_fn, "needs_example_indices", False):
+        kwargs["example_indices"] = batch.example_indices.to(device, non_blocking=True) + offset
+    teacher = None
+    if options.distill_weight > 0 and batch.scores is not None:
+        teacher = batch.scores.to(device, non_blocking=True)
+
+    def loss(queries: Tensor, documents: Tensor, _: Batch) -> Tensor:
+        value = loss_fn(queries, documents, group=group, **kwargs)
+        if teacher is not None:
+            value = value + options.distill_weight * distillation_loss(
+                queries,
+                documents,
+                teacher,
+                scale=loss_fn.scale,
+                teacher_temperature=options.teacher_temperature,
+                group=group,
+            )
+        return value
+
+    return LossPart(batch, loss, weight)

@@ -8,7 +8,8 @@ Run directory (``training.output_dir``; written and replaced as `train.run_direc
     checkpoints/step-000100/  resumable state: model, optimizer, scheduler, RNG of every
                               process, temperature, data position and step; manifest.json
     best/                     sentence-transformers model with the best eval.metric so far
-    final/                    sentence-transformers model at the end of training
+    final/                    sentence-transformers model at the end of training (LoRA: merged)
+    final-adapter/            with model.save_adapter, the LoRA adapters alone (peft's format)
     log.jsonl, eval.jsonl     every logged record / evaluation, one JSON object a line
     logs/                     TensorBoard (and other trackers') files
 
@@ -22,10 +23,13 @@ Accelerate's process group, and DDP all-reduces the gradients once per step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from retriever.train import evaluation
 from retriever.train.batches import Collator
 from retriever.train.builders import (
     batches_per_epoch,
@@ -41,15 +46,14 @@ from retriever.train.builders import (
     build_encoder,
     build_loss,
     build_miner,
+    example_offsets,
     flat_hparams,
-    load_eval_tasks,
     prepare_optimization,
 )
 from retriever.train.checkpoints import save_checkpoint, save_final
 from retriever.train.chunk_sizes import ChunkSizeError, ChunkSizes, plan_for_run
 from retriever.train.chunk_sizes import describe as describe_chunks
 from retriever.train.config import ConfigError, TrainConfig
-from retriever.train.evaluation import describe_progress, evaluate_step, last_evaluation
 from retriever.train.loader import Part, Position, StepBatches, Stream, run_loader
 from retriever.train.model_card import model_card, push_final
 from retriever.train.resume import load_checkpoint, plan_run_directory, saved_chunk_sizes
@@ -69,7 +73,12 @@ logger = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Trains an encoder as ``config`` says; :meth:`train` runs it to the end."""
+    """Trains an encoder as ``config`` says; :meth:`train` runs it to the end.
+
+    ``step_context``, when set, is called with each optimizer step's number (1-based) and the
+    context manager it returns is entered around that step (a profiler for one step, say)."""
+
+    step_context: Callable[[int], AbstractContextManager] | None = None
 
     def __init__(
         self, config: TrainConfig, *, resume: bool | str | None = None, overwrite: bool = False
@@ -96,15 +105,15 @@ class Trainer:
         self.resume_from = plan_run_directory(config, resume, overwrite)
         # Replace what is there: on --overwrite, or the leftovers of a start that saved nothing.
         self.replace = self.resume_from is None and bool(self.run_dir.artifacts())
-        self.loss_fn = build_loss(config, acc.device)
-
         from accelerate.utils import set_seed
 
         set_seed(t.seed)
         self.encoder = build_encoder(config)
         self.encoder.train()  # from_pretrained leaves the network in eval mode: no dropout
         self._load_data()
-        self.tasks = load_eval_tasks(config)
+        self.loss_fn = build_loss(config, acc.device, self.encoder, self.datasets, self.total_steps)
+        self.offsets = example_offsets(self.datasets)
+        self.tasks = evaluation.load_eval_tasks(config)
         self.chunks = self._plan_chunks()  # before the optimizer: the probe makes gradients
         self._prepare_optimization()
         if self.resume_from is not None:
@@ -114,12 +123,8 @@ class Trainer:
         self.state.start_positions(len(self.sources))
         self.state.data_fingerprint = self.data_fingerprint
         self.state.chunk_sizes = [self.chunks.grad, self.chunks.embed]
-        self.collators = [
-            Collator(
-                d.queries, d.documents, self.encoder.tokenizer, self.chunks.embed, t.sort_by_length
-            )
-            for d in self.datasets
-        ]
+        tokenizer, embed = self.encoder.tokenizer, self.chunks.embed
+        self.collators = [Collator.of(d, tokenizer, embed, t.sort_by_length) for d in self.datasets]
         self.log = StepLog(acc, self.output_dir, t.batch_size)
         self.group = dist.group.WORLD if acc.num_processes > 1 else None
 
@@ -211,10 +216,12 @@ class Trainer:
         acc, device = self.accelerator, self.accelerator.device
         # A learnable temperature lives outside DDP; the ring gives every rank the gradient of
         # the global loss for it, so it needs no all-reduce.
-        size, scale = self.config.training.batch_size, self.config.loss.cosent_scale
+        size, options = self.config.training.batch_size, self.config.loss
         loss_parts = [
-            loss_part(source, part.batch, share / size, self.loss_fn, scale, device, self.group)
-            for source, part, share in zip(self.sources, parts, self.shares)
+            loss_part(
+                source, part.batch, share / size, self.loss_fn, options, device, self.group, offset
+            )
+            for source, part, share, offset in zip(self.sources, parts, self.shares, self.offsets)
         ]
         loss, per_source = cached_parts_step(
             self.model,
@@ -260,7 +267,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Evaluate on eval.data (main process); keep best/ when eval.metric improves."""
         encoder = self.accelerator.unwrap_model(self.model)
-        record = evaluate_step(
+        record = evaluation.evaluate_step(
             self.accelerator, encoder, self.tasks, self.config, self.state, self.output_dir
         )
         self.log.write("eval.jsonl", record)
@@ -291,14 +298,9 @@ class Trainer:
             f"{acc.num_processes} process(es): "
             + describe_plan(self.sources, self.shares, self.batches_per_epoch)
         )
-        progress = tqdm(
-            total=self.total_steps,
-            initial=state.step,
-            disable=not acc.is_local_main_process,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-        )
+        show = dict(desc="train", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=self.total_steps, initial=state.step, **show,
+                        disable=not acc.is_local_main_process)  # fmt: skip
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(acc.device)
         last_loss = None
@@ -311,7 +313,9 @@ class Trainer:
                 self.log.data_wait += time.perf_counter() - waited
                 if item is None:
                     break
-                loss, grad_norm = self._optimizer_step(item, params)
+                hook = self.step_context
+                with hook(state.step + 1) if hook else contextlib.nullcontext():
+                    loss, grad_norm = self._optimizer_step(item, params)
                 state.advance([[part.epoch, part.index + 1] for part in item])
                 tokens = sum(part.batch.num_tokens for part in item)
                 self.log.add(loss, tokens, dict(zip(self.source_names, self.source_losses)))
@@ -368,27 +372,20 @@ class Trainer:
         self.save_checkpoint()
         final = self.output_dir / "final"
         if acc.is_main_process:
-            evaluation = last_evaluation(self.output_dir)
-            card = model_card(cfg, self.sources, self.shares, state, evaluation)
-            save_final(acc.unwrap_model(self.model), self.master, final, card)
+            last = evaluation.last_evaluation(self.output_dir)
+            card = model_card(cfg, self.sources, self.shares, state, last)
+            adapter = self.output_dir / "final-adapter" if cfg.model.save_adapter else None
+            save_final(acc.unwrap_model(self.model), self.master, final, card, adapter)
             if cfg.training.push_to_hub:
                 where = cfg.where("training.push_to_hub")
                 url = push_final(final, cfg.training.push_to_hub, where)
                 acc.print(f"pushed the final model to {url}")
         acc.wait_for_everyone()
         acc.end_training()
-        summary = {
-            "steps": state.step,
-            "final_loss": last_loss,
-            "evaluations": evaluations,
-            "best_step": state.best_step,
-            "best_metric": state.best_metric,
-            "output_dir": str(self.output_dir),
-        }
+        summary = state.summary(evaluations, last_loss, self.output_dir)
         if evaluations:
-            acc.print(
-                describe_progress(evaluations, cfg.eval.metric, state, self.output_dir / "best")
-            )
+            best = self.output_dir / "best"
+            acc.print(evaluation.describe_progress(evaluations, cfg.eval.metric, state, best))
         acc.print(f"final model: {final}")
         return summary
 

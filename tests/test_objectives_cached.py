@@ -1,0 +1,90 @@
+"""Every objective through the embedding cache (the trainer's loss_part and cached step): the
+cached parameter gradient equals the gradient of the same loss computed in one graph."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from train_helpers import make_tiny_model
+
+from retriever.loss import InfoNCELoss
+from retriever.loss.gcl import GlobalContrastiveLoss
+from retriever.loss.matryoshka import MatryoshkaLoss
+from retriever.loss.sigmoid import SigmoidLoss
+from retriever.model import Encoder
+from retriever.train.data import batch_of_texts
+from retriever.train.step import cached_parts_step, loss_part
+
+
+def _groups():
+    positives = [f"passage about topic {i} " + "word " * (i % 5) for i in range(9)]
+    return [(f"question {i} " + "x " * (i % 3), positives[i], [positives[(i + 1) % 9], "shared"])
+            for i in range(9)]  # fmt: skip
+
+
+OBJECTIVES = {
+    "sigmoid": lambda: SigmoidLoss(scale=10.0, bias=-5.0, learnable_scale=True, impl="torch"),
+    "gcl": lambda: GlobalContrastiveLoss(
+        20, scale=10.0, learnable_scale=True, decay_steps=3, symmetric=True, impl="torch"
+    ),  # fmt: skip
+    "matryoshka": lambda: MatryoshkaLoss(
+        InfoNCELoss(scale=10.0, learnable_scale=True, impl="torch"), [32, 16, 4]
+    ),  # fmt: skip
+    "distillation": lambda: InfoNCELoss(scale=10.0, learnable_scale=True, impl="torch"),
+}
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_cached_gradient_equals_the_direct_one(tmp_path, name):
+    encoder = Encoder.from_pretrained(make_tiny_model(tmp_path / "m", dropout=0.1),
+                                      query_max_length=16, document_max_length=24)  # fmt: skip
+    encoder.train()  # dropout on: the cache must replay each chunk's RNG
+    batch = batch_of_texts(encoder, _groups(), chunk_size=4)
+    batch.example_indices = torch.arange(9) * 2
+    batch.scores = torch.rand(9, 3, generator=torch.Generator().manual_seed(0))
+    options = SimpleNamespace(distill_weight=0.7 if name == "distillation" else 0.0,
+                              teacher_temperature=0.1, cosent_scale=20.0)  # fmt: skip
+    source = SimpleNamespace(task="retrieval")
+    loss_fn = OBJECTIVES[name]()
+    if name == "gcl":
+        loss_fn.steps.fill_(1)  # past the first step: weights g / u differ from 1
+        loss_fn.u_query.fill_(3.0)
+        loss_fn.u_document.fill_(5.0)
+    direct_fn = copy.deepcopy(loss_fn)  # the same state for the direct computation
+    params = list(encoder.parameters())
+
+    def grads(fn):
+        out = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        out += [p.grad.clone() for p in fn.parameters() if p.grad is not None]
+        for p in [*params, *fn.parameters()]:
+            p.grad = None
+        return out
+
+    torch.manual_seed(3)
+    part = loss_part(source, batch, 1.0, loss_fn, options, torch.device("cpu"), None, offset=1)
+    cached, _ = cached_parts_step(encoder, [part])  # RNG replay: the same chunks
+    got = grads(loss_fn)
+
+    torch.manual_seed(3)  # the same dropout masks: the chunks in the same order
+    chunks = batch.query_chunks + batch.document_chunks
+    embeddings = torch.cat([encoder(c.features("cpu")) for c in chunks])
+    q = embeddings[: batch.num_queries][batch.query_order]
+    d = embeddings[batch.num_queries :][batch.document_order]
+    part = loss_part(source, batch, 1.0, direct_fn, options, torch.device("cpu"), None, offset=1)
+    direct = part.loss(q, d, batch)
+    direct.backward()
+    want = grads(direct_fn)
+
+    assert float(cached) == pytest.approx(float(direct.detach()), rel=1e-5)
+    scale = max(w.abs().max().item() for w in want)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * scale)
+    if name == "gcl":  # both took one step from the same state, at the same examples
+        assert torch.equal(loss_fn.u_query, direct_fn.u_query)
+        assert sorted(torch.nonzero(loss_fn.u_query != 3.0).flatten().tolist()) == [
+            1 + 2 * i for i in range(9)
+        ]
