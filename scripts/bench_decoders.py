@@ -213,7 +213,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--chunk-size", type=int, default=256,
-                        help="CMNRL's mini_batch_size = retriever's gradient-pass chunk")  # fmt: skip
+                        help="CMNRL's mini_batch_size, retriever's gradient chunk")  # fmt: skip
     parser.add_argument("--embed-chunk-size", type=int, default=1024,
                         help="retriever's no-grad chunk")  # fmt: skip
     parser.add_argument("--query-length", type=int, default=64)

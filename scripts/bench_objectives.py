@@ -25,11 +25,13 @@ import argparse
 import copy
 import json
 import statistics
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 from harness import GIB, Results, free, peak_memory, timed
+from workloads import run_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
@@ -95,12 +97,15 @@ def stage_speed(args: argparse.Namespace, results: Results) -> None:
         record: dict[str, Any] = {"objective": name, "batch": args.batch, "dim": args.dim,
                                   "dtype": args.dtype, "impl": impl}  # fmt: skip
         step = _step(fn, q, d, teacher)
-        with results.case(record, device):
-            with peak_memory(device) as memory:
-                seconds = timed(step, device, repeats=args.repeats, warmup=1)
-            record["seconds"] = statistics.median(seconds)
-            if memory.extra is not None:
-                record["extra_memory_gib"] = memory.extra / GIB
+        try:  # a failed case is recorded (Results.case) and the others still run
+            with results.case(record, device):
+                with peak_memory(device) as memory:
+                    seconds = timed(step, device, repeats=args.repeats, warmup=1)
+                record["seconds"] = statistics.median(seconds)
+                if memory.extra is not None:
+                    record["extra_memory_gib"] = memory.extra / GIB
+        except Exception:
+            traceback.print_exc()
         free(device)
     base = next(r for r in results.records() if r["objective"] == "infonce")
     for record in results.records():
@@ -112,21 +117,13 @@ def stage_speed(args: argparse.Namespace, results: Results) -> None:
 # --- the SciFact ablation ---------------------------------------------------------------
 
 
-def _config(args: argparse.Namespace, name: str, data: str, **changes: Any) -> Any:
+def _config(args: argparse.Namespace, name: str, train_data: str, changes: dict) -> Any:
     """configs/scifact-minilm.yaml with this run's changes (nested dicts of options)."""
-    import yaml
-
-    from retriever.train.config import config_from_dict
-
-    values = yaml.safe_load((ROOT / "configs" / "scifact-minilm.yaml").read_text())
-    values["model"]["name_or_path"] = args.model
-    values["data"]["train"] = data
-    values["training"].update(output_dir=str(args.workdir / name), save_steps=None,
-                              report_to=[], logging_steps=1)  # fmt: skip
-    values["eval"].update(data=str(args.data), steps=None, at_start=False)
-    for section, options in changes.items():
-        values[section].update(options)
-    return config_from_dict(values, where=f"bench_objectives {name}")
+    changes = copy.deepcopy(changes)
+    changes.setdefault("model", {})["name_or_path"] = args.model
+    changes.setdefault("data", {})["train"] = train_data
+    return run_config(ROOT / "configs" / "scifact-minilm.yaml", args.workdir / name,
+                      f"bench_objectives {name}", changes)  # fmt: skip
 
 
 def _evaluate(path: Path, data: Path, dims: list[int | None]) -> dict[str, float]:
@@ -138,7 +135,7 @@ def _evaluate(path: Path, data: Path, dims: list[int | None]) -> dict[str, float
     for k in dims:
         encoder = Encoder.from_pretrained(str(path), truncate_dim=k)
         encoder.to("cuda" if torch.cuda.is_available() else "cpu")
-        result = evaluate_task(encoder, task, batch_size=256, show_progress=False)
+        result = evaluate_task(encoder, task, batch_size=256, index="torch", show_progress=False)
         out[f"ndcg_at_10@{k or 'full'}"] = result["ndcg_at_10"]
     return out
 
@@ -151,7 +148,8 @@ def _mined(args: argparse.Namespace) -> str:
     if not out.is_file():
         command = ["mine", "--model", args.model, "--data", str(args.data), "--split", "train",
                    "--output", str(out), "--num-negatives", "7", "--range-min", "10",
-                   "--range-max", "100", "--batch-size", "256", "--no-progress"]  # fmt: skip
+                   "--range-max", "100", "--batch-size", "256", "--index", "torch",
+                   "--no-progress"]  # fmt: skip
         if main(command) != 0:
             raise SystemExit("retriever mine failed")
     return str(out)
@@ -179,20 +177,18 @@ def ablation_runs(args: argparse.Namespace) -> list[tuple[str, str, dict, list]]
 
 
 def stage_ablation(args: argparse.Namespace, results: Results) -> None:
-    from accelerate.state import AcceleratorState
-
-    from retriever.train.trainer import Trainer
-
     for name, data, changes, dims in ablation_runs(args):
         if args.only and name not in args.only:
             continue
         record: dict[str, Any] = {"run": name, "changes": copy.deepcopy(changes)}
-        with results.case(record, "cuda" if torch.cuda.is_available() else "cpu"):
-            config = _config(args, name.replace(" ", "_").replace(",", ""), data, **changes)
-            summary = Trainer(config, overwrite=True).train()
-            AcceleratorState._reset_state(reset_partial_state=True)
-            record["steps"], record["final_loss"] = summary["steps"], summary["final_loss"]
-            record.update(_evaluate(Path(summary["output_dir"]) / "final", args.data, dims))
+        try:  # a failed run is recorded (Results.case) and the others still run
+            with results.case(record, "cuda" if torch.cuda.is_available() else "cpu"):
+                config = _config(args, name.replace(" ", "_").replace(",", ""), data, changes)
+                summary = train(config)
+                record["steps"], record["final_loss"] = summary["steps"], summary["final_loss"]
+                record.update(_evaluate(Path(summary["output_dir"]) / "final", args.data, dims))
+        except Exception:
+            traceback.print_exc()
         free("cuda" if torch.cuda.is_available() else None)
 
 

@@ -3,7 +3,9 @@ the measuring itself).
 
 * :func:`synthetic_vectors`: the clustered unit vectors of the search (bench_eval.py) and
   mining (bench_mining.py) benchmarks, so their numbers are comparable;
-* :func:`search_fields`: the header fields of a search or mining benchmark (faiss, threads).
+* :func:`search_fields`: the header fields of a search or mining benchmark (faiss, threads);
+* :func:`run_config` and :func:`train`: a training config from one in configs/ with a run's
+  changes, and one `retriever train` run of it (bench_objectives.py, bench_multitask.py).
 """
 
 from __future__ import annotations
@@ -61,3 +63,33 @@ def search_fields(args: argparse.Namespace) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "arguments": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
     }
+
+
+def run_config(base: Path, output_dir: Path, where: str, changes: dict[str, dict]) -> Any:
+    """The config ``base`` (a YAML file) with each section's ``changes``, writing to
+    ``output_dir``; no checkpoints, TensorBoard or evaluation during training (the scripts
+    evaluate the final model themselves), a log line every step."""
+    import yaml
+
+    from retriever.train.config import config_from_dict
+
+    values = yaml.safe_load(Path(base).read_text(encoding="utf-8"))
+    values["training"].update(output_dir=str(output_dir), save_steps=None, report_to=[],
+                              logging_steps=1)  # fmt: skip
+    values["eval"] = {"data": None}
+    for section, options in changes.items():
+        values.setdefault(section, {}).update(options)
+    return config_from_dict(values, where=where)
+
+
+def train(config: Any) -> dict[str, Any]:
+    """One `retriever train` run of ``config`` (overwriting its output directory); its
+    summary. Accelerate's process state is reset after it, so the next run starts afresh."""
+    from accelerate.state import AcceleratorState
+
+    from retriever.train.trainer import Trainer
+
+    try:
+        return Trainer(config, overwrite=True).train()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

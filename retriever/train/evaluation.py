@@ -86,7 +86,7 @@ def evaluate_step(
     metric = config.eval.metric
     result: list[Any] = [None]
     if acc.is_main_process:
-        scores, details = score_tasks(encoder, tasks, config.eval.batch_size)
+        scores, details = score_tasks(encoder, tasks, config.eval.batch_size, config.eval.index)
         result = [scores]
         if state.best_metric is None or scores[metric] > state.best_metric:
             with atomic_directory(output_dir / "best") as best:
@@ -103,14 +103,18 @@ def evaluate_step(
     return {"step": state.step, **scores}
 
 
-def score_tasks(encoder: Any, tasks: list[Any], batch_size: int) -> tuple[dict, dict]:
+def score_tasks(
+    encoder: Any, tasks: list[Any], batch_size: int, index: str = "flat"
+) -> tuple[dict, dict]:
     """(numeric scores, full results): one task's keys as they are; several tasks' prefixed
     with the task's name, plus the mean of their main scores."""
     from retriever.eval.tasks import run_task
 
     results = {}
     for task in tasks:
-        results[task.name] = run_task(encoder, task, batch_size=batch_size, show_progress=False)
+        results[task.name] = run_task(
+            encoder, task, batch_size=batch_size, index=index, show_progress=False
+        )
     numeric = {name: _numbers(r) for name, r in results.items()}
     if len(tasks) == 1:
         (only,) = numeric.values()

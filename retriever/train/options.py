@@ -341,6 +341,12 @@ class EvalArguments:
         min=1,
     )
     metric: str = _opt("ndcg_at_10", "Metric that picks the best checkpoint (higher is better).")
+    index: str = _opt(
+        "flat",
+        "Search of retrieval tasks: flat (exact faiss) or torch (exact matrix products in "
+        "PyTorch, on the GPU when there is one: no faiss needed).",
+        choices=("flat", "torch"),
+    )
 
 
 @dataclass
