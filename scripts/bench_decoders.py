@@ -10,7 +10,8 @@ the weights' values. Texts: SciFact titles (queries, <= --query-length tokens) a
 (documents, <= --document-length), cycled to fill the batch (bench_train.py's data); last-token
 pooling with the EOS token appended, as the trainer does for decoders.
 
-A case is PEER-WEIGHTS[-ckpt]:
+A case is PEER-WEIGHTS[-ckpt][@CHUNK][:BATCH,BATCH,...] (the chunk and batches default to
+--chunk-size and --batches):
 
   PEER     ``retriever`` (the trainer's cached step, retriever.train.step.cached_step, bf16
            network) or ``cmnrl`` (CMNRL under bf16 autocast, as SentenceTransformerTrainer with
@@ -29,7 +30,7 @@ GPU (linear in the batch; labelled as a projection).
 
     python scripts/bench_decoders.py --size 0.5b --output decoders_05b.json
     python scripts/bench_decoders.py --size 1.5b --cases retriever-lora-ckpt cmnrl-lora-ckpt \\
-        --batches 4096 16384 --output decoders_15b.json
+        retriever-lora@32:4096 cmnrl-lora@32:4096 --batches 4096 16384 --output decoders_15b.json
     python scripts/bench_decoders.py --device cpu --size tiny --batches 16 --chunk-size 4 \\
         --embed-chunk-size 8 --repeats 1 --output /tmp/decoders.json      # a CPU smoke run
 """
@@ -169,6 +170,16 @@ class CMNRLDecoder(CMNRLPeer):
         self.set_chunk(args.chunk_size)
 
 
+def parse_case(spec: str, args: argparse.Namespace) -> tuple[str, int, list[int]]:
+    """(case name, chunk, batches) of PEER-WEIGHTS[-ckpt][@CHUNK][:BATCH,...]."""
+    name, _, batches = spec.partition(":")
+    name, _, chunk = name.partition("@")
+    if name not in CASES:
+        raise SystemExit(f"--cases {spec}: {name!r} is not one of {', '.join(CASES)}")
+    sizes = [int(b) for b in batches.split(",")] if batches else args.batches
+    return name, int(chunk) if chunk else args.chunk_size, sorted(sizes)
+
+
 def make_peer(case: str, model_path: str, args: argparse.Namespace):
     peer, weights, *rest = case.split("-")
     lora, ckpt = weights == "lora", rest == ["ckpt"]
@@ -176,14 +187,15 @@ def make_peer(case: str, model_path: str, args: argparse.Namespace):
     return cls(model_path, args, lora, ckpt)
 
 
-def run_case(case: str, model_path: str, texts: Any, args, results: Results, clock) -> None:
+def run_case(spec: str, model_path: str, texts: Any, args, results: Results, clock) -> None:
     """Every batch of one case, smallest first; a batch whose estimated time exceeds what is
     left of --budget is recorded as skipped."""
+    case, args.chunk_size, batches = parse_case(spec, args)
     peer = make_peer(case, model_path, args)
     with recording_oom({}, args.device):  # warm-up: kernel compilation, allocator growth
-        measure(peer, texts, min(args.batches), 0, 1, args.device)
+        measure(peer, texts, 2 * args.chunk_size, 0, 1, args.device)
     rate = None
-    for batch in sorted(args.batches):
+    for batch in batches:
         record: dict[str, Any] = {"peer": case, "batch": batch, "negatives": 0,
                                   "chunk_size": args.chunk_size,
                                   "embed_chunk_size": getattr(peer, "embed_chunk", None)
@@ -207,7 +219,7 @@ def run_case(case: str, model_path: str, texts: Any, args, results: Results, clo
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), default="0.5b")
-    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), help="see above")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2]
                                               / "shared/data/scifact"))  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

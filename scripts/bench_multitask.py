@@ -7,6 +7,7 @@ seed), SciFact contributing 128 queries to every step in every run:
   base                 the model before training
   (a) scifact          SciFact train alone (batch 128)
   (b) + stsb           SciFact train + STS-B train (CoSENT), weights 4 : 1 (batch 160)
+  (b') + stsb 8:1      the same with weights 8 : 1 (batch 144)
   (c) + stsb + pairs   (b) plus the 52k shared pairs, weights 4 : 1 : 3 (batch 256)
 
 Each model is evaluated on SciFact test (nDCG@10; exact search in PyTorch, which needs no
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import traceback
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,8 @@ def sources(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
                     "task": "retrieval", "weight": 4},
         "stsb": {"name": "stsb", "path": str(args.data / "stsb" / "train.jsonl"), "task": "sts",
                  "weight": 1},
+        "stsb8": {"name": "stsb", "path": str(args.data / "stsb" / "train.jsonl"), "task": "sts",
+                  "weight": 0.5},
         "pairs": {"name": "pairs", "weight": 3,
                   "path": str(args.data / "train_pairs" / "qa_pairs_mixed.jsonl.gz")},
     }  # fmt: skip
@@ -47,6 +51,7 @@ def sources(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 RUNS = {  # name -> (sources, global batch)
     "(a) scifact": (["scifact"], 128),
     "(b) + stsb": (["scifact", "stsb"], 160),
+    "(b') + stsb 8:1": (["scifact", "stsb8"], 144),
     "(c) + stsb + pairs": (["scifact", "stsb", "pairs"], 256),
 }
 
@@ -72,7 +77,7 @@ def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     train_data = chosen if len(chosen) > 1 else chosen[0]["path"]  # one source: its path
     config = run_config(
         ROOT / "configs" / "scifact-minilm.yaml",
-        args.workdir / name.split()[0].strip("()"),
+        args.workdir / re.sub(r"\W+", "_", name).strip("_"),
         f"bench_multitask {name}",
         {"model": {"name_or_path": args.model},
          "data": {"train": train_data},
