@@ -9,9 +9,11 @@ module and prompts), and ``save`` writes a sentence-transformers directory, so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +127,7 @@ class Encoder(nn.Module):
             model_kwargs[_dtype_argument()] = torch_dtype
         model = AutoModel.from_pretrained(model_path, **model_kwargs)
         tokenizer = _load_tokenizer(model_path, padding_side, append_eos)
-        _adapt_network(model, gradient_checkpointing, dropout, fused_layer_norm)
+        _adapt_network(model, gradient_checkpointing, dropout, fused_layer_norm, cudnn_attention)
         overrides = dict(
             pooling=pooling,
             normalize=normalize,
@@ -277,10 +279,14 @@ def _load_tokenizer(model_path: str, padding_side: str | None, append_eos: bool)
 
 
 def _adapt_network(
-    model: nn.Module, gradient_checkpointing: bool, dropout: float | None, fused_layer_norm: bool
+    model: nn.Module,
+    gradient_checkpointing: bool,
+    dropout: float | None,
+    fused_layer_norm: bool,
+    cudnn_attention: bool,
 ) -> None:
     if gradient_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, cudnn_attention)
     if dropout is not None:
         set_dropout(model, dropout)
     if fused_layer_norm:  # imported only here: it needs triton
@@ -324,11 +330,19 @@ def _dtype_argument() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-def enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: nn.Module, cudnn_attention: bool = False) -> None:
     """Activation checkpointing in every layer, non-reentrant: it works under no_grad (the
     cache's first pass) and with frozen inputs (LoRA), and replays the chunk's RNG state
-    (dropout) in the recomputation. transformers 5.x calls it activation checkpointing."""
-    kwargs = {"use_reentrant": False}
+    (dropout) in the recomputation. transformers 5.x calls it activation checkpointing.
+
+    The recomputation runs inside backward, outside `Encoder.forward`'s SDPA context, so it is
+    given the same context: otherwise it may pick another attention kernel (cuDNN's on Hopper)
+    than the forward did, and torch refuses the mismatched saved tensors."""
+
+    def contexts() -> tuple[AbstractContextManager, AbstractContextManager]:
+        return contextlib.nullcontext(), attention_backends(cudnn=cudnn_attention)
+
+    kwargs = {"use_reentrant": False, "context_fn": contexts}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
