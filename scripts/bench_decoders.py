@@ -17,9 +17,10 @@ A case is PEER-WEIGHTS[-ckpt][@CHUNK][:BATCH,BATCH,...] (the chunk and batches d
            network) or ``cmnrl`` (CMNRL under bf16 autocast, as SentenceTransformerTrainer with
            bf16=True; features padded per column as its collator does)
   WEIGHTS  ``lora``: peft LoRA r=16, alpha 32, on q/k/v/o and the MLP projections, bf16 base
-           weights, adapters in fp32 for both peers; ``full``: every weight trains (retriever: a
-           bf16 network with fp32 master gradients, as model.dtype: bfloat16 trains; CMNRL: fp32
-           weights under autocast, as sentence-transformers trains)
+           weights (retriever: bf16 adapters with fp32 master weights, as the trainer; CMNRL:
+           peft's default fp32 adapters, run in bf16 by autocast); ``full``: every weight
+           trains (retriever: a bf16 network with fp32 master gradients, as model.dtype:
+           bfloat16 trains; CMNRL: fp32 weights under autocast, as sentence-transformers does)
   -ckpt    activation checkpointing in the gradient pass (transformers' gradient_checkpointing,
            non-reentrant) for both
 
@@ -133,8 +134,9 @@ class RetrieverDecoder(RetrieverPeer):
         if lora:
             self.encoder.model = add_lora(self.encoder.model, LORA)
         self.encoder.train()
-        trainable = [p for p in self.encoder.parameters() if p.requires_grad]
-        self.master = None if lora else MasterWeights(trainable)  # adapters are fp32 already
+        # fp32 master gradients of what trains (the adapters, bf16 like the network, or every
+        # weight), as the trainer does with model.dtype: bfloat16
+        self.master = MasterWeights(self.encoder.parameters())
         self.embed = self.encoder
         self.loss_fn = InfoNCELoss(scale=SCALE).to(args.device)
         self.device, self.sort, self.embed_chunk = args.device, True, args.embed_chunk_size
@@ -160,8 +162,12 @@ class CMNRLDecoder(CMNRLPeer):
         network = self.model[0].auto_model
         if ckpt:  # before the adapter, in the same order as retriever's peer
             network.gradient_checkpointing_enable({"use_reentrant": False})
-        if lora:  # the same peft call as retriever's (adapters in fp32)
-            self.model[0].auto_model = add_lora(network, LORA)
+        if lora:  # peft's default: fp32 adapters, run in bf16 by autocast
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                target_modules=LORA["target_modules"], bias="none")  # fmt: skip
+            self.model[0].auto_model = get_peft_model(network, config)
         self.model.train()
         self.loss = CachedMultipleNegativesRankingLoss(
             self.model, scale=SCALE, mini_batch_size=args.chunk_size
@@ -174,10 +180,11 @@ def parse_case(spec: str, args: argparse.Namespace) -> tuple[str, int, list[int]
     """(case name, chunk, batches) of PEER-WEIGHTS[-ckpt][@CHUNK][:BATCH,...]."""
     name, _, batches = spec.partition(":")
     name, _, chunk = name.partition("@")
+    default_chunk = args.default_chunk_size
     if name not in CASES:
         raise SystemExit(f"--cases {spec}: {name!r} is not one of {', '.join(CASES)}")
     sizes = [int(b) for b in batches.split(",")] if batches else args.batches
-    return name, int(chunk) if chunk else args.chunk_size, sorted(sizes)
+    return name, int(chunk) if chunk else default_chunk, sorted(sizes)
 
 
 def make_peer(case: str, model_path: str, args: argparse.Namespace):
@@ -236,6 +243,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     args.pairs, args.limit_docs, args.dropout = None, None, None  # bench_train's data options
+    args.default_chunk_size = args.chunk_size  # args.chunk_size: the current case's
     clock = Stopwatch().start()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_decoders-"))
 

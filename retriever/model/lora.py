@@ -26,7 +26,8 @@ LORA_KEYS = {
 
 
 def add_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
-    """``model`` with LoRA adapters (peft's ``get_peft_model``); only they require grad."""
+    """``model`` with LoRA adapters (peft's ``get_peft_model``) in its own dtype; only they
+    require grad."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -41,7 +42,11 @@ def add_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
         target_modules=options.get("target_modules", "all-linear"),
         bias="none",
     )
-    return get_peft_model(model, config)
+    # Adapters in the network's dtype: a bf16 network trains them on fp32 master weights
+    # (train.precision) like every other weight. peft's default, fp32 adapters on bf16 layers,
+    # runs every adapter in fp32 without autocast: on an H200 a 0.5B Qwen2 with LoRA on all
+    # linear layers stepped 1.2x slower than sentence-transformers under autocast.
+    return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
 def is_lora(model: nn.Module) -> bool:
