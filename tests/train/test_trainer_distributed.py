@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from train_helpers import load_weights, make_tiny_model, read_log, write_example
 
 from retriever.train.config import load_config
 from retriever.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout whose package the processes import
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +62,7 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                "2", "-m", "retriever", "train", str(config_file), "--output-dir",
                str(tmp_path / "two")]  # fmt: skip
@@ -112,7 +115,7 @@ def test_two_processes_match_one_process_with_two_sources_and_uneven_shares(tmp_
     }  # fmt: skip
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                "2", "-m", "retriever", "train", str(config_file), "--output-dir",
                str(tmp_path / "two")]  # fmt: skip
