@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import load_weights, make_tiny_model, read_log, write_beir, write_examples
+from train_helpers import (
+    load_weights,
+    make_tiny_model,
+    read_log,
+    reset_accelerate_state,
+    write_beir,
+    write_examples,
+)
 
 from retriever.train.cli import add_arguments, run
 
@@ -185,15 +192,13 @@ def cli(workspace):
     """``retriever train`` in this process: (exit code, stderr)."""
     import argparse
 
-    from accelerate.state import AcceleratorState
-
     def call(*argv: str):
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         try:
             return run(parser.parse_args([str(workspace["config"]), *argv]))
         finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
+            reset_accelerate_state()
 
     return call
 
