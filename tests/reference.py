@@ -39,7 +39,7 @@ splits, the interpreter's numpy).  With S_max = s * max|q| * max|d|:
 The symmetric loss averages the two directions, so its bounds are the mean of each
 direction's.  Every bound is first order; SLACK = 2 covers the second-order terms.  A real
 defect (a missing term, a wrong scale, a lost mask) is of the size of the quantity itself,
-orders of magnitude above these bounds: tests/test_loss.py checks that too.
+orders of magnitude above these bounds: tests/loss/test_loss.py checks that too.
 """
 
 from __future__ import annotations
