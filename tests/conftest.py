@@ -18,3 +18,14 @@ torch.set_num_threads(1)
 def _token_cache(tmp_path_factory):
     """The token cache of every test run lives in a temporary directory, never in ~/.cache."""
     os.environ["RETRIEVER_CACHE"] = str(tmp_path_factory.mktemp("retriever-cache"))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's process-wide state is reset after the test, so that the next test's Trainer
+    (another config, another precision) starts afresh. Modules that build Trainers use it for
+    every test: ``pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")``."""
+    yield
+    from train_helpers import reset_accelerate_state
+
+    reset_accelerate_state()

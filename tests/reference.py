@@ -1,5 +1,8 @@
 """Float64 InfoNCE written out from the design notes, and the rounding-error model that sets the
-tolerance of every comparison between the package's fp32 (or 16-bit) loss and this reference.
+tolerance of every comparison between the package's fp32 (or 16-bit) loss and this reference;
+below it, the other float64 references the tests share: CoSENT (a loop over pairs, and the same
+loss as one differentiable logsumexp), pooling and LayerNorm. The objectives beside InfoNCE
+(sigmoid, distillation, GCL, Matryoshka) are in tests/objective_reference.py.
 
 Nothing here imports the package: the reference builds the full logits in float64, with both
 directions written out directly (the column direction as a column logsumexp).
@@ -36,7 +39,7 @@ splits, the interpreter's numpy).  With S_max = s * max|q| * max|d|:
 The symmetric loss averages the two directions, so its bounds are the mean of each
 direction's.  Every bound is first order; SLACK = 2 covers the second-order terms.  A real
 defect (a missing term, a wrong scale, a lost mask) is of the size of the quantity itself,
-orders of magnitude above these bounds: tests/test_loss.py checks that too.
+orders of magnitude above these bounds: tests/loss/test_loss.py checks that too.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 U32 = 2.0**-24
@@ -205,3 +210,35 @@ def reference_cosent(first, second, scores, scale):
             if yi > yj:
                 total += math.exp(scale * (cosine[j] - cosine[i]))
     return math.log(total)
+
+
+def reference_cosent_graph(first, second, scores, scale) -> Tensor:
+    """The loss of :func:`reference_cosent` as one float64 logsumexp over 0 and every
+    s (cos_j - cos_i) with y_i > y_j: a graph to differentiate (the loop gives a number)."""
+    cos = F.cosine_similarity(first.double(), second.double())
+    diff = scale * (cos[None, :] - cos[:, None])
+    diff = diff.masked_fill(~(scores[:, None] > scores[None, :]), float("-inf"))
+    return torch.logsumexp(torch.cat([torch.zeros(1, dtype=torch.float64), diff.flatten()]), 0)
+
+
+def reference_pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
+    """Pooling written as a float64 loop over rows: the first ("cls") or last ("last") real
+    token, or the mean of the real tokens, whichever side the padding is on."""
+    out = []
+    for h, m in zip(hidden.astype(np.float64), mask.astype(bool), strict=True):
+        real = np.flatnonzero(m)
+        if mode == "cls":
+            out.append(h[real[0]])
+        elif mode == "last":
+            out.append(h[real[-1]])
+        else:
+            out.append(h[real].mean(axis=0))
+    return np.stack(out)
+
+
+def reference_layer_norm(x, w, b, dy, eps):
+    """y and the gradients of x, w, b (None where absent) from PyTorch's LayerNorm in float64."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, w, b)]
+    y = F.layer_norm(leaves[0], leaves[0].shape[-1:], leaves[1], leaves[2], eps)
+    y.backward(dy.double())
+    return y, [None if t is None else t.grad for t in leaves]

@@ -1,7 +1,7 @@
 """Test support for the ring loss: random global batches split unevenly over ranks, an
 independent float64 reference on the concatenated batch, and a launcher for gloo process groups.
 
-Shared by tests/test_ring.py (CPU) and tests/test_ring_gpu.py (two processes on one GPU).
+Shared by tests/loss/test_ring.py (CPU) and tests/loss/test_ring_gpu.py (two processes on one GPU).
 """
 
 from __future__ import annotations

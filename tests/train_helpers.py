@@ -1,9 +1,12 @@
-"""Shared pieces of the trainer tests: a tiny random BERT, small training files, configs."""
+"""Shared pieces of the trainer tests: a tiny random BERT, small training files, configs, runs
+resumed from a checkpoint, and the direct (uncached) embedding a cached step is compared with."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,65 @@ def tiny_config(
     for section, updates in sections.items():
         values.setdefault(section, {}).update(updates)
     return config_from_dict(values)
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so that the next ``Trainer`` starts afresh (the
+    ``fresh_accelerate_state`` fixture of tests/conftest.py does this after a test)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def copy_checkpoint(run_dir: Path, into: Path, step: int, *, config: bool = True) -> None:
+    """Start the run directory ``into`` from checkpoint ``step`` of ``run_dir`` (and, with
+    ``config``, its config.yaml), as a resumed run finds it."""
+    name = f"step-{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / name, into / "checkpoints" / name)
+    if config:
+        shutil.copy(run_dir / "config.yaml", into / "config.yaml")
+
+
+def config_for(config: TrainConfig, output_dir: Path) -> TrainConfig:
+    """A copy of ``config`` that writes to ``output_dir``."""
+    other = copy.deepcopy(config)
+    other.training.output_dir = str(output_dir)
+    return other
+
+
+def text_groups(n: int) -> list[tuple[str, str, list[str]]]:
+    """``n`` (query, positive, negatives) groups: query i's positive is also query i+1's
+    negative, and "shared" is everyone's negative, so candidate ids must reach the loss."""
+    positives = [f"passage about topic {i} " + "word " * (i % 5) for i in range(n)]
+    return [
+        (f"question {i} " + "x " * (i % 3), positives[i], [positives[(i + 1) % n], "shared"])
+        for i in range(n)
+    ]
+
+
+def embed_directly(encoder, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries, documents) of ``batch`` embedded in one graph, chunk by chunk in the order the
+    cached step embeds them (so that the same seed draws the same dropout masks)."""
+    chunks = batch.query_chunks + batch.document_chunks
+    embeddings = torch.cat([encoder(c.features("cpu")) for c in chunks])
+    q = embeddings[: batch.num_queries][batch.query_order]
+    d = embeddings[batch.num_queries :][batch.document_order]
+    return q, d
+
+
+def grads_or_zeros(params) -> list[torch.Tensor]:
+    """Each parameter's gradient, zero where it has none (e.g. BERT's pooler, unused by the
+    embeddings)."""
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+
+def assert_grads_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    """Cached and direct parameter gradients agree, with errors relative to the gradient's
+    scale (some entries are exactly zero in theory, e.g. the attention key biases, and float
+    noise there has no relative meaning)."""
+    scale = max(w.abs().max().item() for w in want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * scale)
 
 
 def read_log(run_dir: Path, name: str = "log.jsonl") -> list[dict[str, Any]]:

@@ -4,9 +4,6 @@ resumed training run that continues its state bit-exactly."""
 
 from __future__ import annotations
 
-import copy
-import shutil
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,13 +13,7 @@ from ring_cases import launch
 
 from retriever.loss.gcl import GlobalContrastiveLoss
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _batch(seed: int, n_q: int, n_d: int, dim: int = 12):
@@ -149,8 +140,16 @@ def test_ring_gives_the_global_step_and_one_state_on_every_rank(tmp_path):
 
 
 def test_resumed_training_continues_the_state_bit_exactly(tmp_path):
-    from accelerate.state import AcceleratorState
-    from train_helpers import load_weights, make_tiny_model, read_log, tiny_config, write_examples
+    from train_helpers import (
+        config_for,
+        copy_checkpoint,
+        load_weights,
+        make_tiny_model,
+        read_log,
+        reset_accelerate_state,
+        tiny_config,
+        write_examples,
+    )
 
     from retriever.train.trainer import Trainer
 
@@ -160,14 +159,10 @@ def test_resumed_training_continues_the_state_bit_exactly(tmp_path):
     training = {"max_steps": 4, "save_steps": 2, "save_total_limit": None}
     config = tiny_config(model, data, tmp_path / "run_a", loss=loss, training=training)
     Trainer(config).train()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     run_b = tmp_path / "run_b"
-    shutil.copytree(tmp_path / "run_a" / "checkpoints" / "step-00000002",
-                    run_b / "checkpoints" / "step-00000002")  # fmt: skip
-    shutil.copy(tmp_path / "run_a" / "config.yaml", run_b / "config.yaml")
-    resumed = copy.deepcopy(config)
-    resumed.training.output_dir = str(run_b)
-    Trainer(resumed, resume=True).train()
+    copy_checkpoint(tmp_path / "run_a", run_b, 2)
+    Trainer(config_for(config, run_b), resume=True).train()
 
     want, got = load_weights(tmp_path / "run_a" / "final"), load_weights(run_b / "final")
     assert all(torch.equal(got[name], want[name]) for name in want)

@@ -8,35 +8,14 @@ import json
 
 import numpy as np
 import pytest
+from eval_helpers import random_task
 from sentence_transformers import SentenceTransformer
-from test_eval_data import write_beir
 from tiny_encoder import save_tiny_bert
 
 from retriever.cli import main
 from retriever.model import Encoder
 
 pytrec_eval = pytest.importorskip("pytrec_eval", reason="needs pytrec-eval-terrier")
-
-WORDS = "cat dog fish bird tree rock river cloud apple bread stone light".split()
-
-
-def _random_task(root, seed, n_docs=60, n_queries=12):
-    rng = np.random.default_rng(seed)
-    corpus = [
-        {
-            "_id": f"doc{i}",
-            "title": " ".join(rng.choice(WORDS, 2)),
-            "text": " ".join(rng.choice(WORDS, 8)),
-        }
-        for i in range(n_docs)
-    ]
-    queries = [{"_id": f"q{i}", "text": " ".join(rng.choice(WORDS, 3))} for i in range(n_queries)]
-    qrels = [
-        (f"q{i}", f"doc{j}", int(rng.integers(1, 3)))
-        for i in range(n_queries)
-        for j in rng.choice(n_docs, size=int(rng.integers(1, 4)), replace=False)
-    ]
-    return write_beir(root, corpus, queries, qrels)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +57,8 @@ def _reference(model_dir, root):
 
 
 def test_cli_end_to_end_matches_independent_reference(model_dir, tmp_path, capsys):
-    task_a = _random_task(tmp_path / "task_a", seed=0)
-    task_b = _random_task(tmp_path / "task_b", seed=1)
+    task_a = random_task(tmp_path / "task_a", seed=0)
+    task_b = random_task(tmp_path / "task_b", seed=1)
     output = tmp_path / "out" / "results.json"
     argv = ["eval", "--model", model_dir, "--data", str(task_a), str(task_b)]
     argv += ["--split", "test", "--output", str(output), "--no-progress", "--device", "cpu"]
@@ -110,7 +89,7 @@ def test_cli_end_to_end_matches_independent_reference(model_dir, tmp_path, capsy
 
 
 def test_cli_reports_bad_data_without_a_traceback(model_dir, tmp_path, capsys):
-    root = _random_task(tmp_path / "task", seed=2)
+    root = random_task(tmp_path / "task", seed=2)
     (root / "corpus.jsonl").unlink()
     argv = ["eval", "--model", model_dir, "--data", str(root), "--no-progress"]
     assert main(argv) == 2
@@ -141,7 +120,7 @@ def test_cli_reports_bad_data_without_a_traceback(model_dir, tmp_path, capsys):
 def test_bad_options_are_refused_before_any_work(model_dir, tmp_path, capsys, options, message):
     import re
 
-    root = _random_task(tmp_path / "task", seed=3)
+    root = random_task(tmp_path / "task", seed=3)
     (tmp_path / "empty").mkdir()
     (tmp_path / "outdir").mkdir()
     (tmp_path / "afile").write_text("x")
@@ -163,7 +142,7 @@ def test_bad_options_are_refused_before_any_work(model_dir, tmp_path, capsys, op
 
 
 def test_a_corpus_line_without_text_is_an_error(model_dir, tmp_path, capsys):
-    root = _random_task(tmp_path / "task", seed=4)
+    root = random_task(tmp_path / "task", seed=4)
     lines = (root / "corpus.jsonl").read_text().splitlines()
     lines[2] = json.dumps({"_id": "doc2", "title": "only a title"})
     (root / "corpus.jsonl").write_text("\n".join(lines) + "\n")

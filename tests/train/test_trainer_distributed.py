@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +17,27 @@ from train_helpers import load_weights, make_tiny_model, read_log, write_example
 from retriever.train.config import load_config
 from retriever.train.trainer import train
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout whose package the processes import
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def _train_both_ways(config: dict, root) -> tuple[dict, dict]:
+    """Train ``config`` in two gloo processes (``torchrun ... -m retriever train``) into
+    root/two and in this process into root/one: the final weights (one, two)."""
+    config_file = root / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "-m", "retriever", "train", str(config_file), "--output-dir",
+               str(root / "two")]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one = load_config(config_file)
+    one.training.output_dir = str(root / "one")
+    train(one)
+    return load_weights(root / "one" / "final"), load_weights(root / "two" / "final")
 
 
 # bf16: the network's rounding depends on a chunk's shape, which differs between the runs
@@ -56,21 +71,7 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(
             "cpu": True,
         },
     }
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "retriever", "train", str(config_file), "--output-dir",
-               str(tmp_path / "two")]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    one = load_config(config_file)
-    one.training.output_dir = str(tmp_path / "one")
-    train(one)
-
-    want, got = load_weights(tmp_path / "one" / "final"), load_weights(tmp_path / "two" / "final")
+    want, got = _train_both_ways(config, tmp_path)
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=name)
@@ -110,18 +111,7 @@ def test_two_processes_match_one_process_with_two_sources_and_uneven_shares(tmp_
         "training": {"batch_size": 9, "chunk_size": 3, "max_steps": 3, "learning_rate": 1e-3,
                      "warmup_steps": 0, "logging_steps": 1, "report_to": [], "cpu": True},
     }  # fmt: skip
-    config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "retriever", "train", str(config_file), "--output-dir",
-               str(tmp_path / "two")]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    one = load_config(config_file)
-    one.training.output_dir = str(tmp_path / "one")
-    train(one)
-    want, got = load_weights(tmp_path / "one" / "final"), load_weights(tmp_path / "two" / "final")
+    want, got = _train_both_ways(config, tmp_path)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
     start = load_weights(tmp_path / "model")["embeddings.word_embeddings.weight"]

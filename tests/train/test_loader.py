@@ -12,13 +12,7 @@ from train_helpers import load_weights, make_tiny_model, read_log, tiny_config, 
 from retriever.train.loader import StepBatches
 from retriever.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def _train(tmp_path, name, workers, steps=14):

@@ -18,7 +18,7 @@ from retriever.train.config import (
     options,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 GOOD = """\
 model:

@@ -18,11 +18,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import load_weights, make_tiny_model, read_log, write_beir, write_examples
+from train_helpers import (
+    load_weights,
+    make_tiny_model,
+    read_log,
+    reset_accelerate_state,
+    write_beir,
+    write_examples,
+)
 
 from retriever.train.cli import add_arguments, run
 
-TESTS = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]
+FAULTS = ROOT / "tests" / "faults.py"
 KILLED = -signal.SIGKILL
 # Fields of log records that depend on the wall clock, not on the training.
 TIMING_FIELDS = (
@@ -61,7 +69,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
 
 def train_process(workspace, output_dir: Path, point: str, *options: str):
     """``retriever train CONFIG --output-dir OUTPUT OPTIONS``, killed at ``point``."""
-    argv = [sys.executable, str(TESTS / "faults.py"), point, "--", "train"]
+    argv = [sys.executable, str(FAULTS), point, "--", "train"]
     argv += [str(workspace["config"]), "--output-dir", str(output_dir), *options]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
@@ -184,15 +192,13 @@ def cli(workspace):
     """``retriever train`` in this process: (exit code, stderr)."""
     import argparse
 
-    from accelerate.state import AcceleratorState
-
     def call(*argv: str):
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         try:
             return run(parser.parse_args([str(workspace["config"]), *argv]))
         finally:
-            AcceleratorState._reset_state(reset_partial_state=True)
+            reset_accelerate_state()
 
     return call
 
@@ -340,7 +346,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step(workspace, tmp_path, cli, caps
 
 def test_the_package_declares_an_spdx_license():
     tomllib = pytest.importorskip("tomllib")
-    with open(TESTS.parent / "pyproject.toml", "rb") as f:
+    with open(ROOT / "pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
     # A TOML table here is deprecated by setuptools (unsupported after 2027-02-18).
     assert project["license"] == "Apache-2.0"

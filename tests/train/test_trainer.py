@@ -4,14 +4,21 @@ sentence-transformers reload, run-directory safety."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
+from reference import reference_loss
 from train_helpers import (
+    assert_grads_close,
+    config_for,
+    copy_checkpoint,
+    embed_directly,
+    grads_or_zeros,
     load_weights,
     make_tiny_model,
     read_log,
+    reset_accelerate_state,
+    text_groups,
     tiny_config,
     write_beir,
     write_examples,
@@ -26,40 +33,7 @@ from retriever.train.run_directory import RunDirectory, RunError, write_manifest
 from retriever.train.step import cached_step
 from retriever.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def _reference_loss(q, d, ids, scale):
-    """InfoNCE written out in float64: row i's positive is d[i]; candidates with the same id
-    as the positive (other than itself) are left out of the denominator."""
-    q, d, scale = q.double(), d.double(), scale.double()
-    logits = scale * q @ d.T
-    rows = torch.arange(q.shape[0])
-    duplicate = ids[None, :] == ids[: q.shape[0], None]
-    duplicate[rows, rows] = False
-    logits = logits.masked_fill(duplicate, float("-inf"))
-    return (torch.logsumexp(logits, dim=1) - logits[rows, rows]).mean()
-
-
-def _grads(params):
-    # The pooler takes no part in the embeddings: its gradient stays None (zero).
-    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
-
-
-def _groups():
-    # Query i's positive is also query i+1's negative, and "shared" is everyone's negative:
-    # candidate ids must reach the loss for the values to match.
-    positives = [f"passage about topic {i} " + "word " * (i % 5) for i in range(11)]
-    return [
-        (f"question {i} " + "x " * (i % 3), positives[i], [positives[(i + 1) % 11], "shared"])
-        for i in range(11)
-    ]
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.mark.parametrize(
@@ -75,7 +49,8 @@ def test_cached_step_equals_the_direct_full_batch_gradient(
         document_max_length=24,
     )
     encoder.train()  # dropout on: only RNG replay makes the two passes agree
-    batch = batch_of_texts(encoder, _groups(), chunk_size=embed_chunk)
+    # Candidate ids must reach the loss for the values to match (see text_groups).
+    batch = batch_of_texts(encoder, text_groups(11), chunk_size=embed_chunk)
     loss_fn = InfoNCELoss(scale=20.0, learnable_scale=True)
     params = list(encoder.parameters()) + [loss_fn.log_scale]
 
@@ -83,13 +58,13 @@ def test_cached_step_equals_the_direct_full_batch_gradient(
         for p in params:
             p.grad = None
         torch.manual_seed(seed)  # the same RNG order as the cache: the same chunks in order
-        chunks = batch.query_chunks + batch.document_chunks
-        embeddings = torch.cat([encoder(c.features("cpu")) for c in chunks])
-        q = embeddings[: batch.num_queries][batch.query_order]
-        d = embeddings[batch.num_queries :][batch.document_order]
-        loss = _reference_loss(q, d, batch.candidate_ids, loss_fn.scale)
+        q, d = embed_directly(encoder, batch)
+        # Float64 InfoNCE: row i's positive is d[i]; candidates with the id of the positive
+        # (other than itself) are left out of the denominator.
+        labels = torch.arange(batch.num_queries)
+        loss = reference_loss(q, d, loss_fn.scale, labels, batch.candidate_ids)
         loss.backward()
-        return loss.item(), _grads(params)
+        return loss.item(), grads_or_zeros(params)
 
     want_loss, want = direct(seed=5)
     _, other_dropout = direct(seed=6)
@@ -97,14 +72,10 @@ def test_cached_step_equals_the_direct_full_batch_gradient(
         p.grad = None
     torch.manual_seed(5)
     got_loss = cached_step(encoder, batch, loss_fn, chunk_size=grad_chunk)
-    got = _grads(params)
+    got = grads_or_zeros(params)
 
     assert got_loss.item() == pytest.approx(want_loss, rel=1e-5)
-    # Errors relative to the gradient's scale (some entries are exactly zero in theory, e.g.
-    # the attention key biases, and float noise there has no relative meaning).
-    scale = max(w.abs().max().item() for w in want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * scale)
+    assert_grads_close(got, want)
     if dropout:  # the comparison can fail: other dropout masks give another gradient
         assert max((a - b).abs().max().item() for a, b in zip(want, other_dropout)) > 1e-4
 
@@ -113,8 +84,6 @@ def test_cached_step_equals_the_direct_full_batch_gradient(
 def trained(request, tmp_path_factory):
     """Run A: 6 steps with a checkpoint every 3 and evaluation on a small task, with fp32
     weights or with bf16 weights and fp32 master weights."""
-    from accelerate.state import AcceleratorState
-
     root = tmp_path_factory.mktemp(f"trainer-{request.param}")
     model = make_tiny_model(root / "model", dropout=0.1)
     data = write_examples(root / "train.jsonl", n=96, negatives=3)
@@ -130,7 +99,7 @@ def trained(request, tmp_path_factory):
     trainer = Trainer(config)
     summary = trainer.train()
     encoder = trainer.accelerator.unwrap_model(trainer.model)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     return {"root": root, "config": config, "summary": summary, "encoder": encoder}
 
 
@@ -154,13 +123,8 @@ def test_resume_continues_exactly(trained):
     """Train 6 steps == train 3, then resume for 3 more: identical parameters and losses."""
     root = trained["root"]
     run_b = root / "run_b"
-    (run_b / "checkpoints").mkdir(parents=True)
-    shutil.copytree(
-        root / "run_a" / "checkpoints" / "step-00000003", run_b / "checkpoints" / "step-00000003"
-    )
-    shutil.copy(root / "run_a" / "config.yaml", run_b / "config.yaml")
-    config = copy.deepcopy(trained["config"])
-    config.training.output_dir = str(run_b)
+    copy_checkpoint(root / "run_a", run_b, 3)
+    config = config_for(trained["config"], run_b)
     config.eval.data = None
     Trainer(config, resume=True).train()
 

@@ -8,7 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from train_helpers import make_tiny_model
+from train_helpers import (
+    assert_grads_close,
+    embed_directly,
+    grads_or_zeros,
+    make_tiny_model,
+    text_groups,
+)
 
 from retriever.loss import InfoNCELoss
 from retriever.loss.gcl import GlobalContrastiveLoss
@@ -17,13 +23,6 @@ from retriever.loss.sigmoid import SigmoidLoss
 from retriever.model import Encoder
 from retriever.train.data import batch_of_texts
 from retriever.train.step import cached_parts_step, loss_part
-
-
-def _groups():
-    positives = [f"passage about topic {i} " + "word " * (i % 5) for i in range(9)]
-    return [(f"question {i} " + "x " * (i % 3), positives[i], [positives[(i + 1) % 9], "shared"])
-            for i in range(9)]  # fmt: skip
-
 
 OBJECTIVES = {
     "sigmoid": lambda: SigmoidLoss(scale=10.0, bias=-5.0, learnable_scale=True, impl="torch"),
@@ -42,7 +41,7 @@ def test_cached_gradient_equals_the_direct_one(tmp_path, name):
     encoder = Encoder.from_pretrained(make_tiny_model(tmp_path / "m", dropout=0.1),
                                       query_max_length=16, document_max_length=24)  # fmt: skip
     encoder.train()  # dropout on: the cache must replay each chunk's RNG
-    batch = batch_of_texts(encoder, _groups(), chunk_size=4)
+    batch = batch_of_texts(encoder, text_groups(9), chunk_size=4)
     batch.example_indices = torch.arange(9) * 2
     batch.scores = torch.rand(9, 3, generator=torch.Generator().manual_seed(0))
     options = SimpleNamespace(distill_weight=0.7 if name == "distillation" else 0.0,
@@ -57,7 +56,7 @@ def test_cached_gradient_equals_the_direct_one(tmp_path, name):
     params = list(encoder.parameters())
 
     def grads(fn):
-        out = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        out = grads_or_zeros(params)
         out += [p.grad.clone() for p in fn.parameters() if p.grad is not None]
         for p in [*params, *fn.parameters()]:
             p.grad = None
@@ -69,20 +68,15 @@ def test_cached_gradient_equals_the_direct_one(tmp_path, name):
     got = grads(loss_fn)
 
     torch.manual_seed(3)  # the same dropout masks: the chunks in the same order
-    chunks = batch.query_chunks + batch.document_chunks
-    embeddings = torch.cat([encoder(c.features("cpu")) for c in chunks])
-    q = embeddings[: batch.num_queries][batch.query_order]
-    d = embeddings[batch.num_queries :][batch.document_order]
+    q, d = embed_directly(encoder, batch)
     part = loss_part(source, batch, 1.0, direct_fn, options, torch.device("cpu"), None, offset=1)
     direct = part.loss(q, d, batch)
     direct.backward()
     want = grads(direct_fn)
 
     assert float(cached) == pytest.approx(float(direct.detach()), rel=1e-5)
-    scale = max(w.abs().max().item() for w in want)
     assert len(got) == len(want)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * scale)
+    assert_grads_close(got, want)
     if name == "gcl":  # both took one step from the same state, at the same examples
         assert torch.equal(loss_fn.u_query, direct_fn.u_query)
         assert sorted(torch.nonzero(loss_fn.u_query != 3.0).flatten().tolist()) == [

@@ -5,21 +5,13 @@ Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTE
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_encoder import save_tiny_bert
+from reference import reference_layer_norm
 from torch import nn
 
 from retriever.model import Encoder
 from retriever.model.layer_norm import FusedLayerNorm, layer_norm, use_fused_layer_norm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def reference(x, w, b, dy, eps):
-    """y and the gradients of x, w, b (None where absent) from PyTorch's LayerNorm in float64."""
-    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (x, w, b)]
-    y = F.layer_norm(leaves[0], leaves[0].shape[-1:], leaves[1], leaves[2], eps)
-    y.backward(dy.double())
-    return y, [None if t is None else t.grad for t in leaves]
 
 
 # Shapes: rows that do not fill the last block, a width that is not a power of two, a 3-D
@@ -40,7 +32,7 @@ def test_matches_float64_layer_norm(shape, affine, bias):
 
     y = layer_norm(x, w, b, 1e-5)
     y.backward(dy)
-    y_ref, grads_ref = reference(x, w, b, dy, 1e-5)
+    y_ref, grads_ref = reference_layer_norm(x, w, b, dy, 1e-5)
 
     assert y.shape == x.shape and y.dtype == x.dtype
     torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
@@ -58,7 +50,7 @@ def test_bfloat16_inputs_are_normalised_in_float32():
 
     y = layer_norm(x, w, b, 1e-5)
     y.backward(dy)
-    y_ref, (dx_ref, dw_ref, db_ref) = reference(x, w, b, dy, 1e-5)
+    y_ref, (dx_ref, dw_ref, db_ref) = reference_layer_norm(x, w, b, dy, 1e-5)
 
     assert y.dtype == x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.bfloat16
     # One bf16 rounding of the result (2^-8 relative), not an error accumulated in bf16.
@@ -95,11 +87,6 @@ def test_fused_module_falls_back_to_torch_off_the_gpu(monkeypatch):
     x = torch.randn(3, 16)
     assert isinstance(module, FusedLayerNorm)
     torch.testing.assert_close(module(x), F.layer_norm(x, (16,), module.weight, module.bias))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
 
 
 def test_encoder_with_fused_layer_norm_gives_the_same_embeddings_and_gradients(tiny_dir):

@@ -28,6 +28,7 @@ from sentence_transformers.base.sampler import BatchSamplers  # noqa: E402
 from sentence_transformers.sentence_transformer import losses as st_losses  # noqa: E402
 from sentence_transformers.sentence_transformer.modules import Pooling, Transformer  # noqa: E402
 from tiny_encoder import save_tiny_bert  # noqa: E402
+from train_helpers import grads_or_zeros  # noqa: E402
 
 from retriever.loss import InfCLLoss  # noqa: E402
 
@@ -441,11 +442,6 @@ def test_config_and_citation(tiny_bert):
 # -- the ring across two processes -------------------------------------------------------------
 
 
-def _grads(model) -> list[torch.Tensor]:
-    # The BERT pooler is unused by the sentence embedding: no gradient, counted as zero.
-    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
-
-
 def _ring_worker(rank: int, world: int, init_file: str, model_dir: str) -> None:
     import torch.distributed as dist
 
@@ -464,7 +460,7 @@ def _ring_worker(rank: int, world: int, init_file: str, model_dir: str) -> None:
             full = [_features(model, data[c]) for c in columns]
             ref_loss = reference(model)(full, None)
             ref_loss.backward()
-            ref_grads = _grads(model)
+            ref_grads = grads_or_zeros(model.parameters())
             model.zero_grad()
 
             # Freeze what the sentence embedding does not use (BERT's pooler), so DDP needs no
@@ -480,7 +476,7 @@ def _ring_worker(rank: int, world: int, init_file: str, model_dir: str) -> None:
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             torch.testing.assert_close(mean_loss / world, ref_loss.detach(), rtol=1e-5, atol=1e-6)
-            for got, want in zip(_grads(model), ref_grads):
+            for got, want in zip(grads_or_zeros(model.parameters()), ref_grads):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     finally:
         dist.destroy_process_group()

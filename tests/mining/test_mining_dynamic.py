@@ -9,7 +9,6 @@ plain Python, independently of the miner.
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -311,8 +310,7 @@ def dynamic_run(tmp_path_factory):
     """Mine a tiny training file with `retriever mine`, then train 6 steps re-mining every 2
     (rule loosened so that passes replace negatives), one DataLoader worker, checkpoint at 3.
     Records each batch's per-query negatives and the pools after each pass."""
-    from accelerate.state import AcceleratorState
-    from train_helpers import make_tiny_model, tiny_config, write_examples
+    from train_helpers import make_tiny_model, reset_accelerate_state, tiny_config, write_examples
 
     from retriever.cli import main
     from retriever.train.trainer import Trainer
@@ -346,7 +344,7 @@ def dynamic_run(tmp_path_factory):
 
     trainer._step, trainer.miner.run = record_step, record_run
     trainer.train()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     return {"root": root, "config": config, "batches": batches, "pools": pools}
 
 
@@ -378,21 +376,17 @@ def test_trainer_remines_and_trains_on_the_new_negatives(dynamic_run):
 
 
 def test_resume_after_remining_continues_exactly(dynamic_run):
-    from accelerate.state import AcceleratorState
-    from train_helpers import load_weights, read_log
+    from train_helpers import copy_checkpoint, load_weights, read_log, reset_accelerate_state
 
     from retriever.train.trainer import Trainer
 
     root = dynamic_run["root"]
     run_b = root / "run_b"
-    (run_b / "checkpoints").mkdir(parents=True)
-    step3 = root / "run_a" / "checkpoints" / "step-00000003"
-    shutil.copytree(step3, run_b / "checkpoints" / step3.name)
-    shutil.copy(root / "run_a" / "config.yaml", run_b / "config.yaml")
+    copy_checkpoint(root / "run_a", run_b, 3)
     config = dynamic_run["config"]
     config.training.output_dir = str(run_b)
     Trainer(config, resume=True).train()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
 
     want, got = load_weights(root / "run_a" / "final"), load_weights(run_b / "final")
     for name in want:

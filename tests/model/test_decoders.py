@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,7 @@ from retriever.model import Encoder
 TEXTS = ["a cell", "the protein of the virus", "blood", "tumor dose about the liver"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
@@ -123,6 +117,8 @@ def _batch(encoder):
 
 @pytest.mark.parametrize("variant", ["lora", "checkpointing", "both"])
 def test_cached_gradient_equals_the_direct_one(decoder, variant):
+    from train_helpers import assert_grads_close, embed_directly, grads_or_zeros
+
     from retriever.loss import InfoNCELoss
     from retriever.model.lora import add_lora
     from retriever.train.step import cached_step
@@ -140,7 +136,7 @@ def test_cached_gradient_equals_the_direct_one(decoder, variant):
     params = [p for p in encoder.parameters() if p.requires_grad]
 
     def grads():
-        out = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        out = grads_or_zeros(params)
         for p in params:
             p.grad = None
         return out
@@ -149,21 +145,24 @@ def test_cached_gradient_equals_the_direct_one(decoder, variant):
     cached_step(encoder, batch, loss_fn)
     got = grads()
     torch.manual_seed(7)
-    chunks = batch.query_chunks + batch.document_chunks
-    embeddings = torch.cat([encoder(c.features("cpu")) for c in chunks])
-    q = embeddings[: batch.num_queries][batch.query_order]
-    d = embeddings[batch.num_queries :][batch.document_order]
+    q, d = embed_directly(encoder, batch)
     loss_fn(q, d, candidate_ids=batch.candidate_ids).backward()
     want = grads()
-    scale = max(w.abs().max().item() for w in want)
-    assert scale > 0
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * scale)
+    assert max(w.abs().max().item() for w in want) > 0
+    assert_grads_close(got, want)
 
 
 def test_lora_training_resumes_exactly_and_saves_the_adapters(decoder, tmp_path):
     peft = pytest.importorskip("peft")
-    from train_helpers import load_weights, read_log, tiny_config, write_examples
+    from train_helpers import (
+        config_for,
+        copy_checkpoint,
+        load_weights,
+        read_log,
+        reset_accelerate_state,
+        tiny_config,
+        write_examples,
+    )
 
     from retriever.train.trainer import Trainer
 
@@ -175,14 +174,9 @@ def test_lora_training_resumes_exactly_and_saves_the_adapters(decoder, tmp_path)
     config = tiny_config(decoder, data, tmp_path / "a", model=model, training=training)
     Trainer(config).train()
     run_b = tmp_path / "b"
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000002",
-                    run_b / "checkpoints" / "step-00000002")  # fmt: skip
-    shutil.copy(tmp_path / "a" / "config.yaml", run_b / "config.yaml")
-    resumed = copy.deepcopy(config)
-    resumed.training.output_dir = str(run_b)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    copy_checkpoint(tmp_path / "a", run_b, 2)
+    resumed = config_for(config, run_b)
+    reset_accelerate_state()
     Trainer(resumed, resume=True).train()
 
     want, got = load_weights(tmp_path / "a" / "final"), load_weights(run_b / "final")

@@ -7,18 +7,17 @@ our document embeddings are checked against sentence-transformers' on a random s
 documents, long ones included. Our side is the whole pipeline: loader, Encoder, FAISS, metrics.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from tiny_encoder import minilm_path
+from train_helpers import SHARED_DATA
 
 from retriever.eval import evaluate_task, load_beir
 from retriever.eval.search import encode_corpus
 from retriever.model import Encoder
 
-SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
+SCIFACT = SHARED_DATA / "scifact"
 
 
 @pytest.mark.slow

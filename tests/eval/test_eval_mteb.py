@@ -1,8 +1,8 @@
 """The mteb wrapper: mteb scores our encoder like our evaluator, and like its own ST wrapper."""
 
 import pytest
+from eval_helpers import random_task
 from sentence_transformers import SentenceTransformer
-from test_eval_cli import _random_task
 from tiny_encoder import save_tiny_bert
 
 from retriever.eval import evaluate_task, load_beir
@@ -27,7 +27,7 @@ def test_mteb_scores_our_encoder_like_our_evaluator_and_its_own_st_wrapper(tmp_p
     Encoder.from_pretrained(str(tiny), query_prefix="q: ", document_prefix="d: ").save(
         tmp_path / "model"
     )
-    task = load_beir(_random_task(tmp_path / "task", seed=5))
+    task = load_beir(random_task(tmp_path / "task", seed=5))
     encoder = Encoder.from_pretrained(str(tmp_path / "model"))
 
     ours = evaluate_task(encoder, task, show_progress=False)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from reference import reference_pool
 from sentence_transformers import SentenceTransformer, models
 from tiny_encoder import minilm_path, save_tiny_bert
 
@@ -19,24 +20,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return str(save_tiny_bert(tmp_path_factory.mktemp("tiny_bert")))
-
-
-def _naive_pool(hidden: np.ndarray, mask: np.ndarray, mode: str) -> np.ndarray:
-    out = []
-    for h, m in zip(hidden.astype(np.float64), mask.astype(bool), strict=True):
-        real = np.flatnonzero(m)
-        if mode == "cls":
-            out.append(h[real[0]])
-        elif mode == "last":
-            out.append(h[real[-1]])
-        else:
-            out.append(h[real].mean(axis=0))
-    return np.stack(out)
-
-
 @pytest.mark.parametrize("mode", ["cls", "mean", "last"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_pool_matches_float64_loop(mode, side):
@@ -49,7 +32,7 @@ def test_pool_matches_float64_loop(mode, side):
             mask[i, :n] = 1
         else:
             mask[i, 7 - n :] = 1
-    expected = _naive_pool(hidden.numpy(), mask.numpy(), mode)
+    expected = reference_pool(hidden.numpy(), mask.numpy(), mode)
     np.testing.assert_allclose(pool(hidden, mask, mode).double().numpy(), expected, atol=1e-6)
 
 
@@ -61,7 +44,7 @@ def test_forward_matches_hidden_states_pooled_by_hand(tiny_dir, mode):
     with torch.no_grad():
         hidden = encoder.model(**features).last_hidden_state.numpy()
         got = encoder(features).double().numpy()
-    expected = _naive_pool(hidden, features["attention_mask"].numpy(), mode)
+    expected = reference_pool(hidden, features["attention_mask"].numpy(), mode)
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(got, expected, atol=1e-6)
 

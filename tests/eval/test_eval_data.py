@@ -5,36 +5,9 @@ import json
 import logging
 
 import pytest
+from eval_helpers import write_beir
 
 from retriever.eval.data import document_text, load_beir, load_task, task_from_rows
-
-
-def write_beir(root, corpus=None, queries=None, qrels=None, split="test"):
-    """A BEIR directory; ``qrels`` is a list of (query, doc, score) or raw TSV text."""
-    corpus = corpus or [
-        {"_id": "d1", "title": "Cats", "text": "Cats purr."},
-        {"_id": "d2", "title": "", "text": " Dogs bark. "},
-        {"_id": "d3", "text": "Fish swim."},
-    ]
-    queries = queries or [
-        {"_id": "q1", "text": "what purrs"},
-        {"_id": "q2", "text": "what barks"},
-        {"_id": "q3", "text": "unjudged"},
-    ]
-    qrels = qrels if qrels is not None else [("q1", "d1", 2), ("q1", "d3", 0), ("q2", "d2", 1)]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "qrels").mkdir(exist_ok=True)
-    for name, rows in (("corpus.jsonl", corpus), ("queries.jsonl", queries)):
-        if isinstance(rows, str):
-            (root / name).write_text(rows)
-        else:
-            (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if isinstance(qrels, str):
-        text = qrels
-    else:
-        text = "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels)
-    (root / "qrels" / f"{split}.tsv").write_text(text)
-    return root
 
 
 def test_load_beir_reads_corpus_queries_and_graded_qrels(tmp_path):

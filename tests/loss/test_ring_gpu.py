@@ -9,7 +9,7 @@ and run_case's rounding-error model (tests/reference.py) knows that fp32 runs TF
 matrix units and 16-bit inputs keep a 16-bit softmax-gradient slab: every error must be within
 its bound (run_case reports errors as fractions of it, <= 1 passes).
 
-    pytest tests/test_ring_gpu.py -m gpu
+    pytest tests/loss/test_ring_gpu.py -m gpu
 
 (`-m gpu` replaces pyproject's default `-m 'not slow'`; without a CUDA device the test is
 skipped.)

@@ -12,9 +12,13 @@ import torch
 from reference import reference_cosent, reference_loss
 from train_helpers import (
     WORDS,
+    copy_checkpoint,
+    embed_directly,
+    grads_or_zeros,
     load_weights,
     make_tiny_model,
     read_log,
+    reset_accelerate_state,
     tiny_config,
     write_beir,
     write_examples,
@@ -27,13 +31,7 @@ from retriever.train.sources import batch_shares, rank_rows, sources_of
 from retriever.train.step import LossPart, cached_parts_step
 from retriever.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def write_sts(path, n=40, seed=0):
@@ -136,7 +134,7 @@ def test_each_source_sees_only_its_own_batch_and_the_gradient_is_exact(tmp_path)
     def infonce(q, d, batch):
         return reference_loss(q, d, scale, torch.arange(len(q)), batch.candidate_ids.cpu())
 
-    def cosent(x, y, batch):  # float64, written out pair by pair in test_cosent
+    def cosent(x, y, batch):  # float64, written out pair by pair (reference_cosent)
         return torch.tensor(reference_cosent(x.detach(), y.detach(), batch.scores, 20.0))
 
     from retriever.loss import contrastive_loss
@@ -157,20 +155,14 @@ def test_each_source_sees_only_its_own_batch_and_the_gradient_is_exact(tmp_path)
     ]
     torch.manual_seed(5)
     total, losses = cached_parts_step(encoder, parts)
-    got = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    got = grads_or_zeros(params)
 
     # The same losses in one graph, in float64 (CoSENT's value from the loop; its gradient via
     # the package's function on the same embeddings, whose value the loop checks).
     for p in params:
         p.grad = None
     torch.manual_seed(5)
-    embedded = []
-    for batch in (a, b, pairs):
-        chunks = batch.query_chunks + batch.document_chunks
-        rows = torch.cat([encoder(c.features("cpu")) for c in chunks])
-        q = rows[: batch.num_queries][batch.query_order]
-        d = rows[batch.num_queries :][batch.document_order]
-        embedded.append((q, d, batch))
+    embedded = [(*embed_directly(encoder, batch), batch) for batch in (a, b, pairs)]
     want = [infonce(*embedded[0]), infonce(*embedded[1])]
     assert float(losses[2]) == pytest.approx(float(cosent(*embedded[2])), rel=1e-5)
     for value, expected in zip(losses[:2], want):
@@ -208,20 +200,14 @@ def test_two_sources_train_log_each_loss_and_describe_the_model(tmp_path):
 
 
 def test_resume_mid_epoch_of_one_source_is_exact(tmp_path):
-    import shutil
-
     a = _two_source_config(
         tmp_path, tmp_path / "a", batch_size=12, save_steps=4, save_total_limit=None
     )
     Trainer(a).train()
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     # At step 4 the retrieval source is in its first epoch, the STS source in its second.
     b = tmp_path / "b"
-    shutil.copytree(
-        tmp_path / "a" / "checkpoints" / "step-00000004", b / "checkpoints" / "step-00000004"
-    )
+    copy_checkpoint(tmp_path / "a", b, 4, config=False)
     config = _two_source_config(tmp_path, b, batch_size=12, save_steps=4, save_total_limit=None)
     Trainer(config, resume=True).train()
     want, got = load_weights(tmp_path / "a" / "final"), load_weights(b / "final")
@@ -261,9 +247,7 @@ def test_the_final_model_goes_to_the_hub_only_when_asked(tmp_path, monkeypatch):
     data = write_examples(tmp_path / "train.jsonl", n=24, negatives=2)
     Trainer(tiny_config(model, data, tmp_path / "quiet", training={"max_steps": 1})).train()
     assert calls == []
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     config = tiny_config(
         model, data, tmp_path / "pushed", training={"max_steps": 1, "push_to_hub": "me/tiny"}
     )
