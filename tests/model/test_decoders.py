@@ -107,6 +107,19 @@ def test_lora_merged_save_reloads_without_peft(decoder, tmp_path):
     assert np.abs(plain.encode(TEXTS, "query", show_progress=False) - want).max() > 1e-3
 
 
+def test_lora_adapters_take_the_network_dtype(decoder):
+    """A bf16 network gets bf16 adapters (trained on fp32 master weights like the rest of a bf16
+    network); peft's own default would run fp32 adapters without autocast."""
+    pytest.importorskip("peft")
+    from retriever.model.lora import add_lora
+
+    for dtype in (torch.bfloat16, torch.float32):
+        encoder = Encoder.from_pretrained(decoder, torch_dtype=dtype)
+        model = add_lora(encoder.model, LORA)
+        adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+        assert adapters and all(p.dtype == dtype for p in adapters)
+
+
 def _batch(encoder):
     from retriever.train.data import batch_of_texts
 
