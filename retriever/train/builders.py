@@ -224,12 +224,22 @@ def build_optimizer(
 
 
 def prepare_optimization(
-    config: TrainConfig, accelerator: Any, encoder: Encoder, loss_fn: InfoNCELoss, total_steps: int
+    config: TrainConfig,
+    accelerator: Any,
+    encoder: Encoder,
+    loss_fn: InfoNCELoss,
+    total_steps: int,
+    sharded: bool = False,
 ) -> tuple[Any, Any, Any, Any]:
     """(model, optimizer, scheduler, master weights) as Accelerate prepared them. A bf16 network
     trains on fp32 master weights and gradients (`train.precision`), averaged by hand, so it is
-    not wrapped in DDP; otherwise ``master`` is None."""
+    not wrapped in DDP; otherwise ``master`` is None. A ``sharded`` encoder (`train.sharding`)
+    is not wrapped either, and its optimizer's state is checkpointed whole by `FullState`."""
     acc, master = accelerator, None
+    if sharded:
+        optimizer = build_optimizer(config, encoder.parameters(), loss_fn)
+        scheduler = build_scheduler(config, optimizer, total_steps)
+        return encoder, optimizer, acc.prepare(scheduler), None
     if config.model.dtype == "bfloat16":
         from retriever.train.precision import MasterWeights
 

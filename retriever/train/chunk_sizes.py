@@ -191,3 +191,18 @@ def plan_for_run(
         measure=measure,
         available=available,
     )
+
+
+def plan_checked(
+    config: Any, accelerator: Any, encoder: Any, recorded: list[int] | None
+) -> ChunkSizes:
+    """:func:`plan_for_run`, logged; a size that cannot be planned stops the start naming the
+    option (an auto size must not change on resume, hence ``recorded``)."""
+    from retriever.train.options import ConfigError
+
+    try:
+        sizes = plan_for_run(config, accelerator, encoder, recorded)
+    except ChunkSizeError as exc:
+        raise ConfigError(f"{config.where('training.embed_chunk_size')}: {exc}") from None
+    logger.info(describe(sizes, config.training.memory_gb))
+    return sizes

@@ -110,6 +110,24 @@ def _check_lora(config: TrainConfig) -> None:
         )
 
 
+def check_fsdp(config: TrainConfig) -> None:
+    """What a sharded network cannot do (`train.sharding`)."""
+    if not config.training.fsdp:
+        return
+    where = config.where("training.fsdp")
+    if config.model.dtype == "bfloat16":
+        raise ConfigError(
+            f"{where}: training.fsdp keeps fp32 shards and computes in bf16 itself: use "
+            "model.dtype: float32 with training.mixed_precision: bf16 (or auto)"
+        )
+    if config.mining.dynamic:
+        raise ConfigError(
+            f"{where}: training.fsdp with mining.dynamic: re-mining embeds a different part of "
+            "the corpus on each process, which a sharded (collective) forward cannot; mine "
+            "before training (retriever mine) instead"
+        )
+
+
 def _check_objective(config: TrainConfig, sources: list) -> None:
     """What the loss options ask of each other and of the data."""
     loss, where = config.loss, config.where
@@ -213,6 +231,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     sources = _check_sources(config)
     _check_model(config, sources)
     _check_objective(config, sources)
+    check_fsdp(config)
     loss = config.loss
     if loss.min_temperature > loss.max_temperature:
         raise ConfigError(

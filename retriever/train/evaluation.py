@@ -76,26 +76,34 @@ def _check_metric_task(config: TrainConfig, tasks: list[Any]) -> None:
 
 
 def evaluate_step(
-    acc: Any, encoder: Any, tasks: list[Any], config: Any, state: Any, output_dir: Path
+    acc: Any,
+    encoder: Any,
+    tasks: list[Any],
+    config: Any,
+    state: Any,
+    output_dir: Path,
+    sharding: Any = None,
 ) -> dict[str, Any]:
     """Scores of ``encoder`` on every task at ``state.step`` (numbers only; with several tasks
     ``TASK/METRIC`` keys and ``mean_main_score``); updates the best metric and step in
-    ``state`` and keeps ``best/``."""
+    ``state`` and keeps ``best/``. The main process evaluates; with a sharded network
+    (`train.sharding`) every process does, since its forwards are collective."""
     from accelerate.utils import broadcast_object_list
 
     metric = config.eval.metric
     result: list[Any] = [None]
-    if acc.is_main_process:
+    if acc.is_main_process or sharding is not None:
         scores, details = score_tasks(encoder, tasks, config.eval.batch_size, config.eval.index)
         result = [scores]
-        if state.best_metric is None or scores[metric] > state.best_metric:
-            with atomic_directory(output_dir / "best") as best:
-                encoder.save(best)
-                text = json.dumps({"step": state.step, **details}, indent=2, default=str)
-                (best / "eval.json").write_text(text + "\n", encoding="utf-8")
     result = broadcast_object_list(result) if acc.num_processes > 1 else result
     scores = result[0]
     if state.best_metric is None or scores[metric] > state.best_metric:
+        whole = sharding.whole_encoder(acc.is_main_process) if sharding else encoder
+        if acc.is_main_process:
+            with atomic_directory(output_dir / "best") as best:
+                whole.save(best)
+                text = json.dumps({"step": state.step, **details}, indent=2, default=str)
+                (best / "eval.json").write_text(text + "\n", encoding="utf-8")
         state.best_metric, state.best_step = scores[metric], state.step
     state.evaluated_step = state.step
     acc.log({f"eval/{k}": v for k, v in scores.items()}, step=state.step)

@@ -290,6 +290,12 @@ class TrainingArguments:
         42, "Seed for the model's random state, shuffling and negative sampling.", min=0
     )
     cpu: bool = _opt(False, "Train on CPU even when a GPU is available.")
+    fsdp: bool = _opt(
+        False,
+        "Shard the network's weights, gradients and optimizer state across the processes "
+        "(FSDP2; launch as for DDP) instead of a copy on each; bf16 through "
+        "training.mixed_precision. Also on under accelerate launch --use_fsdp.",
+    )
     save_steps: int | None = _opt(
         None,
         "Save a resumable checkpoint every N steps (and always at the end); null: at the end.",

@@ -18,7 +18,8 @@ directory is touched, so a start that fails changes nothing there.
 
 One optimizer step is one global batch (``training.batch_size`` queries over all processes),
 computed by :func:`retriever.train.step.cached_step`. Across processes the loss is the ring over
-Accelerate's process group, and DDP all-reduces the gradients once per step.
+Accelerate's process group, and DDP all-reduces the gradients once per step (FSDP, with
+``training.fsdp``, reduce-scatters them once: `train.sharding`).
 """
 
 from __future__ import annotations
@@ -51,9 +52,8 @@ from retriever.train.builders import (
     prepare_optimization,
 )
 from retriever.train.checkpoints import save_checkpoint, save_final
-from retriever.train.chunk_sizes import ChunkSizeError, ChunkSizes, plan_for_run
-from retriever.train.chunk_sizes import describe as describe_chunks
-from retriever.train.config import ConfigError, TrainConfig
+from retriever.train.chunk_sizes import plan_checked
+from retriever.train.config import TrainConfig
 from retriever.train.loader import Part, Position, StepBatches, Stream, run_loader
 from retriever.train.model_card import model_card, push_final
 from retriever.train.resume import load_checkpoint, plan_run_directory, saved_chunk_sizes
@@ -64,6 +64,7 @@ from retriever.train.run_directory import (
     remove_checkpoint,
     truncate_logs,
 )
+from retriever.train.sharding import clip_grad_norm, no_sync_for, sharding_for
 from retriever.train.sources import batch_shares, describe_plan, sources_of
 from retriever.train.state import TrainState
 from retriever.train.step import cached_parts_step, loss_part
@@ -114,7 +115,10 @@ class Trainer:
         self.loss_fn = build_loss(config, acc.device, self.encoder, self.datasets, self.total_steps)
         self.offsets = example_offsets(self.datasets)
         self.tasks = evaluation.load_eval_tasks(config)
-        self.chunks = self._plan_chunks()  # before the optimizer: the probe makes gradients
+        # As configured, measured (auto), or as the resumed checkpoint recorded them; before
+        # the optimizer: the probe makes gradients.
+        recorded = saved_chunk_sizes(self.resume_from)
+        self.chunks = plan_checked(config, acc, self.encoder, recorded)
         self._prepare_optimization()
         if self.resume_from is not None:
             load_checkpoint(
@@ -156,29 +160,20 @@ class Trainer:
         if config.mining.dynamic:  # keeps the hard negatives hard: retriever/mining/dynamic.py
             self.miner = build_miner(config, self.train_set)
 
-    def _plan_chunks(self) -> ChunkSizes:
-        """The chunk sizes of both passes: as configured, measured (``auto``), or as the
-        checkpoint being resumed recorded them (an auto size must not change on resume)."""
-        recorded = saved_chunk_sizes(self.resume_from)
-        try:
-            sizes = plan_for_run(self.config, self.accelerator, self.encoder, recorded)
-        except ChunkSizeError as exc:
-            where = self.config.where("training.embed_chunk_size")
-            raise ConfigError(f"{where}: {exc}") from None
-        logger.info(describe_chunks(sizes, self.config.training.memory_gb))
-        return sizes
-
     def _prepare_optimization(self) -> None:
         """Optimizer and schedule, and what a checkpoint holds."""
         acc = self.accelerator
+        self.sharding = sharding_for(self.config, acc, self.encoder, self.shares, self.source_names)
         self.model, self.optimizer, self.scheduler, self.master = prepare_optimization(
-            self.config, acc, self.encoder, self.loss_fn, self.total_steps
+            self.config, acc, self.encoder, self.loss_fn, self.total_steps, bool(self.sharding)
         )
         self.state = TrainState()
         acc.register_for_checkpointing(self.state, self.loss_fn)
         for extra in (self.miner, self.master):
             if extra is not None:
                 acc.register_for_checkpointing(extra)
+        if self.sharding is not None:
+            acc.register_for_checkpointing(self.sharding.full_state(self.optimizer, self.loss_fn))
 
     def _prepare_run_directory(self) -> None:
         """Main process: set a replaced run aside (restored if this one fails before its first
@@ -228,7 +223,7 @@ class Trainer:
             loss_parts,
             device=device,
             chunk_size=self.chunks.grad,
-            no_sync=None if self.master is not None else lambda: acc.no_sync(self.model),
+            no_sync=no_sync_for(acc, self.model, self.master, self.sharding),
         )
         self.source_losses = [float(x) for x in per_source]
         if self.master is not None and acc.num_processes > 1:
@@ -268,8 +263,9 @@ class Trainer:
         """Evaluate on eval.data (main process); keep best/ when eval.metric improves."""
         encoder = self.accelerator.unwrap_model(self.model)
         record = evaluation.evaluate_step(
-            self.accelerator, encoder, self.tasks, self.config, self.state, self.output_dir
-        )
+            self.accelerator, encoder, self.tasks, self.config, self.state, self.output_dir,
+            self.sharding,
+        )  # fmt: skip
         self.log.write("eval.jsonl", record)
         return record
 
@@ -356,7 +352,8 @@ class Trainer:
         loss = float(self._step(batch))
         grad_norm = None
         if t.max_grad_norm is not None:
-            grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
+            clip = clip_grad_norm if self.sharding is not None else acc.clip_grad_norm_
+            grad_norm = clip(params, t.max_grad_norm)
         stop_unless_finite(acc, loss, grad_norm, self.state.step + 1, self.output_dir)
         self.optimizer.step()
         if self.master is not None:
@@ -371,11 +368,13 @@ class Trainer:
             evaluations.append(self.evaluate())
         self.save_checkpoint()
         final = self.output_dir / "final"
-        if acc.is_main_process:
+        sharding, main = self.sharding, acc.is_main_process
+        whole = sharding.whole_encoder(main) if sharding else acc.unwrap_model(self.model)
+        if main:
             last = evaluation.last_evaluation(self.output_dir)
             card = model_card(cfg, self.sources, self.shares, state, last)
             adapter = self.output_dir / "final-adapter" if cfg.model.save_adapter else None
-            save_final(acc.unwrap_model(self.model), self.master, final, card, adapter)
+            save_final(whole, self.master, final, card, adapter)
             if cfg.training.push_to_hub:
                 where = cfg.where("training.push_to_hub")
                 url = push_final(final, cfg.training.push_to_hub, where)

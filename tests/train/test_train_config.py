@@ -88,6 +88,14 @@ def _edit(old: str, new: str) -> str:
         (GOOD + "model: {a: 1]\n", r":10: not valid YAML"),
         ("- just\n- a list\n", r":1: the config must be a mapping of sections"),
         (GOOD + "eval:\n  at_start: maybe\n", r":11: eval\.at_start: expected true or false"),
+        (
+            _edit("  name_or_path", "  dtype: bfloat16\n  name_or_path") + "  fsdp: true\n",
+            r":11: training\.fsdp keeps fp32 shards .* model\.dtype: float32",
+        ),
+        (
+            GOOD + "  fsdp: true\nmining:\n  dynamic: true\n",
+            r":10: training\.fsdp with mining\.dynamic",
+        ),
     ],
 )
 def test_bad_config_names_line_and_field(tmp_path, text, pattern):
