@@ -23,16 +23,21 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout whose package the pro
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
+def _two_processes(config_file: Path, output_dir: Path, *options: str):
+    """``retriever train`` in two gloo processes (torchrun); the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", "-m", "retriever", "train", str(config_file), "--output-dir",
+               str(output_dir), *options]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
 def _train_both_ways(config: dict, root) -> tuple[dict, dict]:
     """Train ``config`` in two gloo processes (``torchrun ... -m retriever train``) into
     root/two and in this process into root/one: the final weights (one, two)."""
     config_file = root / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "retriever", "train", str(config_file), "--output-dir",
-               str(root / "two")]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = _two_processes(config_file, root / "two")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     one = load_config(config_file)
     one.training.output_dir = str(root / "one")
@@ -160,11 +165,7 @@ def test_fsdp_two_processes_match_one_process_and_resume_exactly(tmp_path, lora)
     SentenceTransformer(str(tmp_path / "two" / "final"), device="cpu").encode(["a cell"])
 
     copy_checkpoint(tmp_path / "two", tmp_path / "resumed", 2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "retriever", "train", str(tmp_path / "config.yaml"), "--output-dir",
-               str(tmp_path / "resumed"), "--resume"]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = _two_processes(tmp_path / "config.yaml", tmp_path / "resumed", "--resume")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     resumed = load_weights(tmp_path / "resumed" / "final")
     for name in got:
@@ -181,11 +182,7 @@ def test_fsdp_refuses_rows_that_do_not_split_evenly(tmp_path):
     config["training"]["batch_size"] = 7
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               "2", "-m", "retriever", "train", str(config_file), "--output-dir",
-               str(tmp_path / "run")]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = _two_processes(config_file, tmp_path / "run")
     assert done.returncode != 0
     assert "training.fsdp: source 'train' has 7 rows a step" in done.stderr + done.stdout
     assert str(ROOT / "retriever") not in done.stderr  # no traceback of ours (torchrun's own
