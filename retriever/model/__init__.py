@@ -5,6 +5,7 @@
 * `locate`: `locate_model` (``pkg:``, local directories, the Hub), `ModelNotFoundError`;
 * `st_dir`: sentence-transformers directories, read and written;
 * `network`: pooling, dropout, max lengths against the model's positions;
+* `decoder`: decoder LLMs (last-token pooling, the EOS token), `lora`: LoRA adapters (peft);
 * `fingerprint`: hashes of tokenizers and encoders (cache keys);
 * `layer_norm` (Triton kernels, imported only when used) and `sdpa` (attention backends).
 """

@@ -54,10 +54,11 @@ def shard(network: nn.Module, bf16: bool) -> None:
 class Sharding:
     """``encoder``'s network sharded across the processes, and what the trainer does with it."""
 
-    def __init__(self, encoder: Encoder, device: torch.device, bf16: bool) -> None:
+    def __init__(self, encoder: Encoder, device: torch.device, bf16: bool, main: bool) -> None:
         self.encoder = encoder
-        # The network's structure without storage: whole_encoder loads gathered weights into it.
-        self._template = copy.deepcopy(encoder.model).to("meta")
+        # The network's structure without storage, on the main process: whole_encoder loads
+        # the gathered weights into it.
+        self._template = copy.deepcopy(encoder.model).to("meta") if main else None
         encoder.to(device)
         shard(encoder.model, bf16)
 
@@ -78,7 +79,7 @@ class Sharding:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(self.encoder.model, options=options)
-        if not main:
+        if not main or self._template is None:
             return None
         self._template.load_state_dict(weights, assign=True)
         e = self.encoder
@@ -172,7 +173,7 @@ def sharding_for(
     if not config.training.fsdp or acc.num_processes == 1:
         return None
     _check_even_shares(shares, names, acc.num_processes, config.where("training.batch_size"))
-    return Sharding(encoder, acc.device, bf16=acc.mixed_precision == "bf16")
+    return Sharding(encoder, acc.device, acc.mixed_precision == "bf16", acc.is_main_process)
 
 
 def _check_even_shares(shares: list[int], names: list[str], processes: int, where: str) -> None:
