@@ -42,6 +42,7 @@ class Source:
     query_prefix: str | None = None  # an instruction for this source's queries
     document_prefix: str | None = None
     instruction: str | None = None  # fills model.query_template's {instruction}
+    loss_weight: float | None = None  # its loss's weight in the sum; None: its batch share
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -49,6 +50,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "path": (str,),
     "task": (str,),
     "weight": (int, float),
+    "loss_weight": (int, float, type(None)),
     "split": (str,),
     "format": (str,),
     "negatives": (int,),
@@ -120,6 +122,12 @@ def _check(source: Source, where: str, label: str) -> None:
         raise SourceError(f"{where}: {label}: task: {source.task!r} is not one of {tasks}")
     if not (math.isfinite(source.weight) and source.weight > 0):
         raise SourceError(f"{where}: {label}: weight: expected a number > 0, got {source.weight}")
+    if source.loss_weight is not None and not (
+        math.isfinite(source.loss_weight) and source.loss_weight >= 0
+    ):
+        raise SourceError(
+            f"{where}: {label}: loss_weight: expected a number >= 0, got {source.loss_weight}"
+        )
     if source.negatives < 0:
         raise SourceError(f"{where}: {label}: negatives: expected an integer >= 0")
     if source.task == "sts" and source.negatives:
@@ -163,3 +171,9 @@ def describe_plan(sources: list[Source], shares: list[int], batches: list[int]) 
         f"{count} batches an epoch"
         for s, share, count in zip(sources, shares, batches)
     )
+
+
+def loss_weight(source: Source, share: int, batch_size: int) -> float:
+    """The weight of ``source``'s loss in the step's sum: its ``loss_weight``, else its share
+    of the global batch (``share / batch_size``)."""
+    return source.loss_weight if source.loss_weight is not None else share / batch_size

@@ -65,7 +65,7 @@ from retriever.train.run_directory import (
     truncate_logs,
 )
 from retriever.train.sharding import clip_grad_norm, no_sync_for, sharding_for
-from retriever.train.sources import batch_shares, describe_plan, sources_of
+from retriever.train.sources import batch_shares, describe_plan, loss_weight, sources_of
 from retriever.train.state import TrainState
 from retriever.train.step import cached_parts_step, loss_part
 from retriever.train.step_log import StepLog, stop_unless_finite
@@ -212,11 +212,12 @@ class Trainer:
         # A learnable temperature lives outside DDP; the ring gives every rank the gradient of
         # the global loss for it, so it needs no all-reduce.
         size, options = self.config.training.batch_size, self.config.loss
+        weights = [
+            loss_weight(source, share, size) for source, share in zip(self.sources, self.shares)
+        ]
         loss_parts = [
-            loss_part(
-                source, part.batch, share / size, self.loss_fn, options, device, self.group, offset
-            )
-            for source, part, share, offset in zip(self.sources, parts, self.shares, self.offsets)
+            loss_part(source, part.batch, w, self.loss_fn, options, device, self.group, offset)
+            for source, part, w, offset in zip(self.sources, parts, weights, self.offsets)
         ]
         loss, per_source = cached_parts_step(
             self.model,

@@ -64,6 +64,7 @@ def write_sts(path, n=40, seed=0):
         ({"path": "x", "task": "sts", "negatives": 3}, r"an sts source has none"),
         ({"path": "x", "name": "first"}, r"name 'first' is already the name of data.train\[0\]"),
         ({"path": "x", "name": "b", "weight": "high"}, r"data.train\[1\] \(b\): weight: got"),
+        ({"path": "x", "loss_weight": -1}, r"data.train\[1\]: loss_weight: expected a number >= 0"),
     ],
 )
 def test_bad_source_entries_name_the_source_field_and_line(tmp_path, entry, message):
@@ -186,6 +187,21 @@ def _two_source_config(tmp_path, output, **training):
         {"name": "sts", "path": sts, "task": "sts", "weight": 1},
     ]
     return tiny_config(model, sources, output, training={"max_steps": 8, **training})
+
+
+def test_a_loss_weight_replaces_the_share_in_the_summed_loss(tmp_path):
+    """By default each source's loss counts with its share of the batch (9 and 3 of 12 rows);
+    a source's loss_weight replaces that weight in the sum that is backpropagated."""
+    for weights, output in (({}, "default"), ({"sts": 0.05}, "weighted")):
+        config = _two_source_config(tmp_path, tmp_path / output, batch_size=12, max_steps=2)
+        config.data.train = [{**s, "loss_weight": weights[s["name"]]} if s["name"] in weights
+                             else s for s in config.data.train]  # fmt: skip
+        Trainer(config).train()
+        reset_accelerate_state()
+        want = {"pairs": 9 / 12, "sts": 3 / 12, **weights}
+        for record in read_log(tmp_path / output):
+            total = want["pairs"] * record["loss/pairs"] + want["sts"] * record["loss/sts"]
+            assert record["loss"] == pytest.approx(total, rel=1e-5)
 
 
 def test_two_sources_train_log_each_loss_and_describe_the_model(tmp_path):
