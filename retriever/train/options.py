@@ -129,8 +129,8 @@ class DataArguments:
         "Training data: a JSONL(.gz) file (query, pos, neg), a BEIR directory (with data.split "
         "naming the qrels), a dataset saved with datasets' save_to_disk, or a Hub dataset id "
         "(with data.format: datasets); or a list of sources, each {path, task: retrieval|sts, "
-        "weight, name, split, format, negatives, max_examples, query_prefix, "
-        "document_prefix} (docs/training.md, Several sources). Required.",
+        "weight, loss_weight, name, split, format, negatives, max_examples, query_prefix, "
+        "document_prefix, instruction} (docs/training.md, Several sources). Required.",
         items=dict,
     )
     format: str = _opt(
