@@ -244,8 +244,15 @@ def main() -> int:
     args = parser.parse_args()
     args.pairs, args.limit_docs, args.dropout = None, None, None  # bench_train's data options
     args.default_chunk_size = args.chunk_size  # args.chunk_size: the current case's
+    for spec in args.cases:  # before the model is built
+        parse_case(spec, args)
+    with tempfile.TemporaryDirectory(prefix="bench_decoders-") as scratch:
+        return run(args, args.workdir or Path(scratch))
+
+
+def run(args: argparse.Namespace, workdir: Path) -> int:
+    """Every case on one random model saved in ``workdir``; JSON (and its table) as it goes."""
     clock = Stopwatch().start()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_decoders-"))
 
     on_gpu = torch.device(args.device).type == "cuda"
 

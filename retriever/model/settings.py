@@ -6,6 +6,7 @@ cache all read.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 POOLING_MODES = ("cls", "mean", "last")
@@ -59,6 +60,12 @@ def template_prefix(template: str, instruction: str | None) -> str:
     if not template.endswith("{text}") or template.count("{text}") != 1:
         raise ValueError(f"a template must end with {{text}} (once), got {template!r}")
     prefix = template[: -len("{text}")]
+    unknown = sorted(set(re.findall(r"\{(\w*)\}", prefix)) - {"instruction"})
+    if unknown:
+        raise ValueError(
+            f"unknown placeholder {{{unknown[0]}}} in {template!r} (a template knows {{text}} "
+            "and, for queries, {instruction})"
+        )
     if "{instruction}" in prefix:
         if instruction is None:
             raise ValueError(f"the template {template!r} has an {{instruction}} but none is given")

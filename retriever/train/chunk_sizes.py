@@ -93,7 +93,8 @@ def plan_chunk_sizes(
             f"training.embed_chunk_size ({embed_chunk_size}) differs from training.chunk_size "
             f"({chunk_size}), but the network has dropout (p = {dropout:g}): the no-grad pass "
             "would draw other dropout masks than the gradient pass, and the cached gradient "
-            "would no longer be exact. Set model.dropout: 0, or leave embed_chunk_size unset"
+            "would no longer be exact. Set model.dropout: 0 (with LoRA also model.lora's "
+            "dropout: 0), or leave embed_chunk_size unset"
         )
     wants_auto = "auto" in (chunk_size, embed_chunk_size)
     if not wants_auto:

@@ -56,19 +56,34 @@ def _check_model(config: TrainConfig, sources: list) -> None:
                 f"{where(key)}: {key} and model.{side}_prefix both set; a template "
                 "replaces the prefix, keep one"
             )
-        try:
-            if template is not None:
-                template_prefix(template, m.instruction if side == "query" else None)
-        except ValueError as exc:
+        if side == "document" and template is not None and "{instruction}" in template:
             raise ConfigError(
-                f"{where(key)}: {key}: {exc} (model.instruction fills the "
-                "query template's {instruction})"
-            ) from None
+                f"{where(key)}: {key}: documents take no instruction; {{instruction}} goes in "
+                "model.query_template only"
+            )
+        try:
+            if template is not None:  # its form; which instruction fills it is checked below
+                template_prefix(template, "")
+        except ValueError as exc:
+            raise ConfigError(f"{where(key)}: {key}: {exc}") from None
+    has_slot = m.query_template is not None and "{instruction}" in m.query_template
+    if m.instruction is not None and not has_slot:
+        raise ConfigError(
+            f"{where('model.instruction')}: model.instruction needs a model.query_template "
+            "with an {instruction} (where it goes), e.g. 'Instruct: {instruction}\\nQuery: "
+            "{text}'"
+        )
+    if has_slot and m.instruction is None:
+        raise ConfigError(
+            f"{where('model.query_template')}: model.query_template has an {{instruction}} but "
+            "model.instruction is not set (it fills the saved model's query prompt; a source's "
+            "own instruction replaces it for that source's queries)"
+        )
     for i, source in enumerate(sources):
-        if source.instruction is not None and m.query_template is None:
+        if source.instruction is not None and not has_slot:
             raise ConfigError(
                 f"{where(f'data.train[{i}]')}: data.train[{i}]: instruction "
-                "needs model.query_template (where it goes)"
+                "needs a model.query_template with an {instruction} (where it goes)"
             )
         if source.instruction is not None and source.query_prefix is not None:
             raise ConfigError(

@@ -120,6 +120,20 @@ def check_same_data(config: TrainConfig, checkpoint: Path, fingerprint: str) -> 
         )
 
 
+def check_same_sharding(checkpoint: Path, sharded: bool) -> None:
+    """A sharded run's checkpoints hold FSDP's whole state in place of the model and optimizer
+    files, so a run resumes only the way it was saved (sharded or not; any number of
+    processes when sharded)."""
+    saved = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    if bool(saved.get("sharded")) != sharded:
+        how = "a sharded (training.fsdp) run" if saved.get("sharded") else "an unsharded run"
+        now = "sharded" if sharded else "not sharded (training.fsdp off, or one process)"
+        raise RunError(
+            f"--resume: {checkpoint} was saved by {how} and this run is {now}; resume it the "
+            "way it was saved (training.fsdp and several processes go together)"
+        )
+
+
 def check_steps_left(config: TrainConfig, checkpoint: Path, step: int, total: int) -> None:
     if step > total:
         where = config.where("training.max_steps")
@@ -144,10 +158,12 @@ def load_checkpoint(
     fingerprint: str,
     state: Any,
     total: int,
+    sharded: bool = False,
 ) -> None:
     """Load ``checkpoint`` into the run (its registered objects, ``state`` among them) once its
     data is known to be this run's, and check that steps are left to train."""
     check_same_data(config, checkpoint, fingerprint)
+    check_same_sharding(checkpoint, sharded)
     try:
         accelerator.load_state(str(checkpoint))
     except Exception as exc:  # verified files that still do not fit this model or run

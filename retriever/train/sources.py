@@ -149,9 +149,9 @@ def batch_shares(batch_size: int, sources: list[Source], processes: int) -> list
     for source, share in zip(sources, shares):
         if share < processes:
             raise SourceError(
-                f"data.train: source {source.name!r} gets {share} of the {batch_size} queries a "
-                f"step, fewer than the {processes} processes: raise training.batch_size or its "
-                "weight"
+                f"data.train: source {source.name!r} gets {share} of the {batch_size} rows a "
+                f"step, fewer than one for each of the {processes} process(es): raise "
+                "training.batch_size or the source's weight"
             )
     return shares
 

@@ -1,6 +1,6 @@
 """Where training is, saved in every checkpoint (an Accelerate custom state) as
 ``trainer_state.json``: the step, each source's position, the best evaluation so far, and what
-a resumed run must keep (the chunk sizes, the data's fingerprint)."""
+a resumed run must keep (the chunk sizes, the data's fingerprint, whether it was sharded)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class TrainState:
     positions: list[list[int]] | None = None  # each source's [epoch, next batch]
     chunk_sizes: list[int] | None = None  # [gradient pass, no-grad pass], also when auto
     data_fingerprint: str | None = None  # of the training examples, checked on resume
+    sharded: bool = False  # the checkpoints hold FSDP's whole state (train.sharding)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

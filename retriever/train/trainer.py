@@ -53,7 +53,7 @@ from retriever.train.builders import (
 )
 from retriever.train.checkpoints import save_checkpoint, save_final
 from retriever.train.chunk_sizes import plan_checked
-from retriever.train.config import TrainConfig
+from retriever.train.config import ConfigError, TrainConfig
 from retriever.train.loader import Part, Position, StepBatches, Stream, run_loader
 from retriever.train.model_card import model_card, push_final
 from retriever.train.resume import load_checkpoint, plan_run_directory, saved_chunk_sizes
@@ -121,12 +121,12 @@ class Trainer:
         self.chunks = plan_checked(config, acc, self.encoder, recorded)
         self._prepare_optimization()
         if self.resume_from is not None:
-            load_checkpoint(
-                acc, config, self.resume_from, self.data_fingerprint, self.state, self.total_steps
-            )
+            load_checkpoint(acc, config, self.resume_from, self.data_fingerprint, self.state,
+                            self.total_steps, self.sharding is not None)  # fmt: skip
         self.state.start_positions(len(self.sources))
         self.state.data_fingerprint = self.data_fingerprint
         self.state.chunk_sizes = [self.chunks.grad, self.chunks.embed]
+        self.state.sharded = self.sharding is not None
         tokenizer, embed = self.encoder.tokenizer, self.chunks.embed
         self.collators = [Collator.of(d, tokenizer, embed, t.sort_by_length) for d in self.datasets]
         self.log = StepLog(acc, self.output_dir, t.batch_size)
@@ -146,7 +146,10 @@ class Trainer:
         config, t, acc = self.config, self.config.training, self.accelerator
         self.sources = sources_of(config)
         self.source_names = [source.name for source in self.sources]
-        self.shares = batch_shares(t.batch_size, self.sources, acc.num_processes)
+        try:
+            self.shares = batch_shares(t.batch_size, self.sources, acc.num_processes)
+        except ValueError as exc:
+            raise ConfigError(f"{config.where('training.batch_size')}: {exc}") from None
         self.datasets = build_datasets(config, self.encoder, acc)
         self.batches_per_epoch = [
             batches_per_epoch(config, dataset, share, f"source {source.name!r}")
@@ -292,7 +295,7 @@ class Trainer:
             evaluations.append(self.evaluate())
         acc.print(
             f"training {self.total_steps} steps of {t.batch_size} queries on "
-            f"{acc.num_processes} process(es): "
+            f"{acc.num_processes} process(es){' (FSDP)' if self.sharding else ''}: "
             + describe_plan(self.sources, self.shares, self.batches_per_epoch)
         )
         show = dict(desc="train", unit="step", dynamic_ncols=True)

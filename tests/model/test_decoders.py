@@ -76,6 +76,31 @@ def test_what_does_not_combine_is_refused(decoder):
         template_prefix("{text} (a query)", None)
     with pytest.raises(ValueError, match="none is given"):
         template_prefix("Instruct: {instruction}\nQuery: {text}", None)
+    with pytest.raises(ValueError, match=r"unknown placeholder \{txt\}"):
+        template_prefix("Q: {txt} {text}", None)
+
+
+TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"instruction": "Find"}, r"model.instruction needs a model.query_template with an"),
+        ({"instruction": "Find", "query_template": "Q: {text}"}, r"model.instruction needs"),
+        ({"query_template": TEMPLATE}, r"has an \{instruction\} but model.instruction is not"),
+        ({"query_template": "Q: {txt} {text}"}, r"unknown placeholder \{txt\}"),
+        ({"document_template": "{instruction} D: {text}"}, r"documents take no instruction"),
+    ],
+)
+def test_templates_and_instructions_that_do_not_fit_are_refused(model, message):
+    from retriever.train.config import ConfigError, config_from_dict
+
+    values = {"model": {"name_or_path": "m", **model}, "data": {"train": "a.jsonl"},
+              "training": {"output_dir": "unused"}}  # fmt: skip
+    with pytest.raises(ConfigError, match=message) as info:
+        config_from_dict(values, where="cfg.yaml")  # checks the whole config
+    assert str(info.value).startswith("cfg.yaml:")
 
 
 LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}

@@ -100,8 +100,19 @@ def test_batches_follow_the_weights_and_every_rank_holds_every_source(tmp_path):
         rows = [rank_rows(share, r, 3) for r in range(3)]
         assert sum(s.stop - s.start for s in rows) == share  # every row, once, in rank order
         assert [s.start for s in rows[1:]] == [s.stop for s in rows[:-1]]
-    with pytest.raises(ValueError, match="gets 1 of the 4 queries a step, fewer than the 2"):
+    with pytest.raises(ValueError, match="gets 1 of the 4 rows a step, fewer than one for each"):
         batch_shares(4, sources, 2)
+
+
+def test_a_batch_too_small_for_every_source_names_the_option(tmp_path):
+    config = _two_source_config(tmp_path, tmp_path / "run", batch_size=2)
+    config.data.train[1]["weight"] = 0.1  # 2 rows a step: none for the STS source
+    with pytest.raises(
+        ConfigError,
+        match=r"data.train: source 'sts' gets 0 of the 2 rows.*raise training.batch_size",
+    ):
+        Trainer(config)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
 def _groups(prefix, n):

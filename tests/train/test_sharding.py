@@ -71,3 +71,18 @@ def test_clip_grad_norm_equals_torch_on_plain_gradients():
     torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(copies, 1.0))
     for p, c in zip(params, copies):
         torch.testing.assert_close(p.grad, c.grad)
+
+
+def test_a_checkpoint_resumes_only_the_way_it_was_saved(tmp_path):
+    import json
+
+    from retriever.train.resume import check_same_sharding
+    from retriever.train.run_directory import RunError
+
+    for saved, now in ((True, False), (False, True)):
+        (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2, "sharded": saved}))
+        check_same_sharding(tmp_path, saved)  # the same way: fine
+        with pytest.raises(RunError, match="resume it the way it was saved"):
+            check_same_sharding(tmp_path, now)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"step": 2}))  # before the option
+    check_same_sharding(tmp_path, False)
