@@ -83,6 +83,23 @@ def build_encoder(config: TrainConfig) -> Encoder:
     return encoder
 
 
+def _check_prompt_room(
+    config: TrainConfig, source: Any, tokenizer: Any, side: str, settings: Any
+) -> None:
+    """A prompt (prefix, template, instruction) that fills the side's max length would leave
+    every text cut to nothing: all queries alike, nothing learned."""
+    if not settings.prefix or settings.max_length is None:
+        return
+    used = len(tokenizer(settings.prefix + "x")["input_ids"])  # the prompt, one text token
+    if used > settings.max_length:
+        key = f"model.{side}_max_length"
+        raise ConfigError(
+            f"{config.where(key)}: {key} ({settings.max_length} tokens) leaves no room for "
+            f"the text after source {source.name!r}'s {side} prompt {settings.prefix!r} "
+            f"({used - 1} tokens with the special ones): raise {key} or shorten the prompt"
+        )
+
+
 def _encoder_option(m: Any, exc: Exception) -> str:
     """The model option an error loading the encoder is about."""
     message = str(exc)
@@ -319,6 +336,8 @@ def _source_dataset(
     document = dataclasses.replace(
         settings.side("document"), prefix=_prefix(source.document_prefix, settings.document_prefix)
     )
+    for side, side_settings in (("query", query), ("document", document)):
+        _check_prompt_room(config, source, encoder.tokenizer, side, side_settings)
     progress = accelerator.is_local_main_process
     if source.task == "sts":
         pairs = PairSet(source.path, source.split, config.training.seed, source.max_examples)

@@ -205,7 +205,7 @@ def test_lora_training_resumes_exactly_and_saves_the_adapters(decoder, tmp_path)
     from retriever.train.trainer import Trainer
 
     data = write_examples(tmp_path / "train.jsonl", n=32, negatives=1)
-    model = {"append_eos": True, "lora": LORA, "save_adapter": True, "query_max_length": 16,
+    model = {"append_eos": True, "lora": LORA, "save_adapter": True, "query_max_length": 40,
              "query_template": "Instruct: {instruction}\nQuery: {text}",
              "instruction": "find the passage"}  # fmt: skip
     training = {"max_steps": 4, "save_steps": 2, "save_total_limit": None}
@@ -235,3 +235,23 @@ def test_lora_training_resumes_exactly_and_saves_the_adapters(decoder, tmp_path)
     on_base = Encoder(adapted, merged.tokenizer, merged.settings)
     want = merged.encode(TEXTS, "query", show_progress=False)
     np.testing.assert_allclose(on_base.encode(TEXTS, "query", show_progress=False), want, atol=1e-5)
+
+
+def test_a_prompt_that_fills_the_max_length_is_refused(decoder, tmp_path):
+    """An instruction as long as query_max_length would cut every query to its prompt: all
+    queries alike. The start stops, naming the option, before anything is written."""
+    from train_helpers import tiny_config, write_examples
+
+    from retriever.train.config import ConfigError
+    from retriever.train.trainer import Trainer
+
+    data = write_examples(tmp_path / "train.jsonl", n=16, negatives=1)
+    instruction = "find the passage about the protein of the virus in the cell"
+    model = {"query_max_length": 8, "query_template": "Instruct: {instruction}\nQuery: {text}",
+             "instruction": instruction}  # fmt: skip
+    config = tiny_config(decoder, data, tmp_path / "run", model=model)
+    with pytest.raises(ConfigError, match=r"model.query_max_length \(8 tokens\) leaves no room"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    config.model.query_max_length = 64  # room enough: it starts
+    Trainer(config)
