@@ -154,10 +154,12 @@ def last_evaluation(output_dir: Path) -> dict[str, Any] | None:
 def describe_progress(
     evaluations: list[dict[str, Any]], metric: str, state: Any, best: Path
 ) -> str:
-    """The first and last evaluation of this process's run, and the best one."""
+    """The first and last evaluation of this process's run, and the best one (whose best/ is
+    in the run this one resumed from when that run reached it and this one never beat it)."""
     first, last = evaluations[0], evaluations[-1]
+    kept = f"saved in {best}" if best.is_dir() else "saved in best/ of the run this one resumed"
     return (
         f"{metric}: {first[metric]:.4f} at step {first['step']} -> "
         f"{last[metric]:.4f} at step {last['step']} (best {state.best_metric:.4f} at "
-        f"step {state.best_step}, saved in {best})"
+        f"step {state.best_step}, {kept})"
     )

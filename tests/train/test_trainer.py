@@ -237,3 +237,19 @@ def test_step_context_is_entered_around_every_step(tmp_path):
     trainer.step_context = around
     trainer.train()
     assert entered == [1, 2, 3]
+
+
+def test_the_summary_names_where_best_is_kept(tmp_path):
+    """A run resumed into another directory that never beat the best it resumed with has no
+    best/ of its own: the summary says so instead of naming a directory that does not exist."""
+    from types import SimpleNamespace
+
+    from retriever.train.evaluation import describe_progress
+
+    evaluations = [{"step": 3, "ndcg_at_10": 0.5}, {"step": 4, "ndcg_at_10": 0.6}]
+    state = SimpleNamespace(best_metric=0.7, best_step=1)
+    text = describe_progress(evaluations, "ndcg_at_10", state, tmp_path / "best")
+    assert "-> 0.6000 at step 4 (best 0.7000 at step 1, saved in best/ of the run" in text
+    (tmp_path / "best").mkdir()
+    assert f"saved in {tmp_path / 'best'})" in describe_progress(evaluations, "ndcg_at_10", state,
+                                                                 tmp_path / "best")  # fmt: skip
