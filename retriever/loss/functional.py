@@ -96,22 +96,23 @@ def contrastive_loss(
     n_queries = queries.shape[0]
     device = queries.device
     impl = resolve_impl(impl, n_queries, candidates.shape[0], device)
-    scale_t = scale_tensor(scale, device)
-    if labels is None:
-        labels = torch.arange(n_queries, device=device)
-    labels = labels.long()
-    ids = None if candidate_ids is None else candidate_ids.long()
-    pos_ids = None if ids is None else ids[labels]
-
-    loss = row_losses(queries, candidates, scale_t, labels, pos_ids, ids, impl).mean()
+    loss = contrastive_row_losses(
+        queries, candidates, scale=scale, labels=labels, candidate_ids=candidate_ids, impl=impl
+    ).mean()
     if not symmetric:
         return loss
     # Positive-to-query direction: row i is positive i against every query k; its own query
     # is the target and, with ids, queries whose positive duplicates positive i are masked out.
     # That is the same row loss with the roles swapped, so it reuses the same tiles.
-    positives = candidates[labels]
-    reverse = row_losses(
-        positives, queries, scale_t, torch.arange(n_queries, device=device), pos_ids, pos_ids, impl
+    labels = torch.arange(n_queries, device=device) if labels is None else labels.long()
+    pos_ids = None if candidate_ids is None else candidate_ids.long()[labels]
+    reverse = contrastive_row_losses(
+        candidates[labels],
+        queries,
+        scale=scale,
+        labels=torch.arange(n_queries, device=device),
+        candidate_ids=pos_ids,
+        impl=impl,
     )
     return (loss + reverse.mean()) / 2
 
