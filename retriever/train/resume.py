@@ -110,9 +110,14 @@ def plan_run_directory(
     return None
 
 
+def saved_state(checkpoint: Path) -> dict:
+    """The trainer state (``trainer_state.json``) that ``checkpoint`` holds."""
+    return json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+
+
 def check_same_data(config: TrainConfig, checkpoint: Path, fingerprint: str) -> None:
     """The examples must be those the checkpoint trained on (the same file may have changed)."""
-    saved = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    saved = saved_state(checkpoint)
     if saved.get("data_fingerprint") not in (None, fingerprint):
         raise RunError(
             f"--resume: {config.data.train} is not the training data {checkpoint} was trained "
@@ -124,7 +129,7 @@ def check_same_sharding(checkpoint: Path, sharded: bool) -> None:
     """A sharded run's checkpoints hold FSDP's whole state in place of the model and optimizer
     files, so a run resumes only the way it was saved (sharded or not; any number of
     processes when sharded)."""
-    saved = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    saved = saved_state(checkpoint)
     if bool(saved.get("sharded")) != sharded:
         how = "a sharded (training.fsdp) run" if saved.get("sharded") else "an unsharded run"
         now = "sharded" if sharded else "not sharded (training.fsdp off, or one process)"
@@ -147,7 +152,7 @@ def saved_chunk_sizes(checkpoint: Path | None) -> list[int] | None:
     """The chunk sizes ``checkpoint`` trained with (an auto size must not change on resume)."""
     if checkpoint is None:
         return None
-    saved = json.loads((checkpoint / "trainer_state.json").read_text("utf-8"))
+    saved = saved_state(checkpoint)
     return saved.get("chunk_sizes")
 
 
