@@ -189,6 +189,9 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
     loss = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.chunk_size)
     marks: dict[str, list[float]] = {"begin": [], "end": []}
 
+    progress = open(out / "steps.jsonl", "w")  # read by the driver if this case times out
+    marks["end"].append(now())
+
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
             marks["begin"].append(now())
@@ -196,6 +199,9 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
         def on_step_end(self, *a, **k):
             sync(args.device)
             marks["end"].append(now())
+            wall, wait = marks["end"][-1] - marks["end"][-2], marks["begin"][-1] - marks["end"][-2]
+            progress.write(json.dumps({"step_s": wall, "data_wait_s": wait}) + "\n")
+            progress.flush()
 
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "st"),
@@ -216,10 +222,10 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset,
                                          loss=loss, callbacks=[Timer()])  # fmt: skip
     memory = peak_memory(args.device).start()
-    begin = now()
+    marks["end"][0] = begin = now()
     trainer.train()
     record["train_s"] = now() - begin
-    ends = [begin, *marks["end"]]
+    ends = marks["end"]
     walls = [b - a for a, b in zip(ends, ends[1:])]
     waits = [s - e for s, e in zip(marks["begin"], ends)]
     record.update(step_summary(walls, waits, batch, args.skip_first))
@@ -229,10 +235,20 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
     return record
 
 
+def steps_done(out: Path, peer: str, batch: int, skip: int) -> dict:
+    """The steps a case that timed out had finished, from its step log (empty if none)."""
+    log = out / ("run-cold/log.jsonl" if peer == "retriever" else "steps.jsonl")
+    rows = [json.loads(line) for line in open(log)] if log.is_file() else []
+    if not rows:
+        return {"steps_done": 0}
+    walls, waits = [r["step_s"] for r in rows], [r["data_wait_s"] for r in rows]
+    return {"steps_done": len(rows), **step_summary(walls, waits, batch, skip)}
+
+
 def run_one(args) -> int:
     peer, batch, negatives, steps = args.one[0], *(int(x) for x in args.one[1:])
     data = args.pairs_neg if negatives else args.pairs
-    out = Path(tempfile.mkdtemp(prefix=f"e2e-{peer}-", dir=args.workdir))
+    out = args.one_dir
     fn = run_retriever if peer == "retriever" else run_st
     record = fn(args, batch, negatives, steps, data, out)
     with open(args.one_output, "w") as f:
@@ -265,6 +281,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--one-output", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--one-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return run_one(args)
@@ -274,14 +291,17 @@ def main() -> int:
         for peer in args.peers:
             record: dict[str, Any] = {"peer": peer, "batch": batch, "negatives": negatives,
                                       "steps": steps}  # fmt: skip
+            out = Path(tempfile.mkdtemp(prefix=f"e2e-{peer}-", dir=args.workdir))
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 command = [sys.executable, __file__, *sys.argv[1:], "--one", peer, str(batch),
-                           str(negatives), str(steps), "--one-output", f.name]  # fmt: skip
+                           str(negatives), str(steps), "--one-output", f.name,
+                           "--one-dir", str(out)]  # fmt: skip
                 try:
                     done = subprocess.run(command, timeout=args.timeout, capture_output=True,
                                           text=True, env=dict(os.environ))  # fmt: skip
                 except subprocess.TimeoutExpired:
                     record["status"] = f"timed out after {args.timeout:.0f} s"
+                    record.update(steps_done(out, peer, batch, args.skip_first))
                 else:
                     if done.returncode == 0:
                         record.update(json.load(open(f.name)), status="ok")

@@ -6,11 +6,16 @@ abstracts and from the distinct positives of the shared 52k pairs; a passage's q
 title followed by the window's first ``--query-words`` words (the inverse-cloze recipe). Every
 passage is a different text (repeats across overlapping sources are skipped), so no batch ever
 holds a positive twice. ``--negatives N`` adds N other passages, drawn at random, as each
-example's hard negatives. Deterministic for a seed.
+example's hard negatives; with ``--distinct-negatives`` they are passages that appear nowhere
+else in the file (as no positive and no other example's negative), so every text of the file is
+distinct and a no-duplicates batch sampler (sentence-transformers') can fill any batch.
+Deterministic for a seed.
 
     python scripts/make_bench_pairs.py --output runs/bench/pairs.jsonl --count 1100000
     python scripts/make_bench_pairs.py --output runs/bench/pairs-neg7.jsonl --count 140000 \\
         --negatives 7
+    python scripts/make_bench_pairs.py --output runs/bench/pairs-neg7-distinct.jsonl \\
+        --count 131072 --negatives 7 --distinct-negatives
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ def main() -> int:
     parser.add_argument("--stride", type=int, default=2, help="words between window starts")
     parser.add_argument("--query-words", type=int, default=8)
     parser.add_argument("--negatives", type=int, default=0)
+    parser.add_argument("--distinct-negatives", action="store_true",
+                        help="negatives used nowhere else in the file")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shared", type=Path, default=SHARED)
     parser.add_argument("--overwrite", action="store_true")
@@ -84,14 +91,20 @@ def main() -> int:
     if args.output.exists() and not args.overwrite:
         print(f"{args.output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    pairs = list(passages(args.shared, args.window, args.stride, args.query_words, args.count))
+    extra = args.count * args.negatives if args.distinct_negatives else 0
+    made = passages(args.shared, args.window, args.stride, args.query_words, args.count + extra)
     rng = np.random.default_rng(args.seed)
+    made = list(made)
+    pairs, pool = made[: args.count], [passage for _, passage in made[args.count :]]
+    rng.shuffle(pool)  # the tail of the stream is one source's windows; mix them
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(args.output.name + ".partial")
     with open(tmp, "w", encoding="utf-8") as f:
         for i, (query, passage) in enumerate(pairs):
             record = {"query": query, "pos": passage}
-            if args.negatives:
+            if pool:
+                record["neg"] = pool[i * args.negatives : (i + 1) * args.negatives]
+            elif args.negatives:
                 picks = (i + rng.integers(1, len(pairs), size=args.negatives)) % len(pairs)
                 record["neg"] = [pairs[j][1] for j in picks]
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
