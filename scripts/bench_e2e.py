@@ -117,6 +117,7 @@ def run_retriever(args, batch: int, negatives: int, steps: int, data: Path, out:
         with Stopwatch(args.device) as startup:
             trainer = Trainer(config)
         record[f"startup_{start}_s"] = startup.seconds
+        (out / "startup.json").write_text(json.dumps(record))  # for steps_done on a timeout
         if start == "warm":
             break
         record["chunk_sizes"] = [trainer.chunks.grad, trainer.chunks.embed]
@@ -186,6 +187,7 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
     dataset = datasets.Dataset.from_dict(columns)
     del rows, columns
     record["startup_cold_s"] = startup.stop()
+    (out / "startup.json").write_text(json.dumps(record))  # for steps_done on a timeout
     loss = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.chunk_size)
     marks: dict[str, list[float]] = {"begin": [], "end": []}
 
@@ -239,10 +241,13 @@ def steps_done(out: Path, peer: str, batch: int, skip: int) -> dict:
     """The steps a case that timed out had finished, from its step log (empty if none)."""
     log = out / ("run-cold/log.jsonl" if peer == "retriever" else "steps.jsonl")
     rows = [json.loads(line) for line in open(log)] if log.is_file() else []
-    if not rows:
-        return {"steps_done": 0}
-    walls, waits = [r["step_s"] for r in rows], [r["data_wait_s"] for r in rows]
-    return {"steps_done": len(rows), **step_summary(walls, waits, batch, skip)}
+    started = out / "startup.json"
+    done = json.loads(started.read_text()) if started.is_file() else {}
+    done["steps_done"] = len(rows)
+    if rows:
+        walls, waits = [r["step_s"] for r in rows], [r["data_wait_s"] for r in rows]
+        done.update(step_summary(walls, waits, batch, skip))
+    return done
 
 
 def run_one(args) -> int:
