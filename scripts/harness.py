@@ -314,6 +314,9 @@ def write_profile(profiler: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------- the result file
 
 
+OVERWRITE = "BENCH_OVERWRITE"  # =1: a script may replace an existing result file
+
+
 class Results:
     """A result file: the header, then records appended (under ``key``, or the key add() names)
     and the file rewritten after every one.
@@ -321,7 +324,8 @@ class Results:
     ``fields``: more header fields (they win over the standard ones of the same name).
     ``summary(data)``: fields derived from the records, recomputed before every write.
     ``echo``: print each record as a JSON line when it is added. ``path=None``: nothing is
-    written (the records are still kept in ``data``)."""
+    written (the records are still kept in ``data``). An existing file is never replaced: the
+    script stops before measuring anything, unless ``BENCH_OVERWRITE=1`` is set."""
 
     def __init__(
         self,
@@ -337,6 +341,10 @@ class Results:
         indent: int = 2,
     ) -> None:
         self.path = None if path is None else Path(path)
+        if self.path is not None and self.path.exists() and os.environ.get(OVERWRITE) != "1":
+            raise SystemExit(
+                f"{self.path} exists: give another --output, remove it, or set {OVERWRITE}=1"
+            )
         self.key, self.summary, self.echo, self.indent = key, summary, echo, indent
         self.data = header(settings, device, argv)
         self.data.update(fields or {})
