@@ -5,6 +5,7 @@ shared with every process and logged."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,13 @@ def evaluate_step(
     state: Any,
     output_dir: Path,
     sharding: Any = None,
+    card: Callable[[dict[str, Any]], str] | None = None,
 ) -> dict[str, Any]:
     """Scores of ``encoder`` on every task at ``state.step`` (numbers only; with several tasks
     ``TASK/METRIC`` keys and ``mean_main_score``); updates the best metric and step in
-    ``state`` and keeps ``best/``. The main process evaluates; with a sharded network
-    (`train.sharding`) every process does, since its forwards are collective."""
+    ``state`` and keeps ``best/`` (with ``card(record)`` as its README.md model card). The
+    main process evaluates; with a sharded network (`train.sharding`) every process does,
+    since its forwards are collective."""
     from accelerate.utils import broadcast_object_list
 
     metric = config.eval.metric
@@ -97,6 +100,7 @@ def evaluate_step(
         result = [scores]
     result = broadcast_object_list(result) if acc.num_processes > 1 else result
     scores = result[0]
+    record = {"step": state.step, **scores}
     if state.best_metric is None or scores[metric] > state.best_metric:
         whole = sharding.whole_encoder(acc.is_main_process) if sharding else encoder
         if acc.is_main_process:
@@ -104,11 +108,13 @@ def evaluate_step(
                 whole.save(best)
                 text = json.dumps({"step": state.step, **details}, indent=2, default=str)
                 (best / "eval.json").write_text(text + "\n", encoding="utf-8")
+                if card is not None:
+                    (best / "README.md").write_text(card(record), encoding="utf-8")
         state.best_metric, state.best_step = scores[metric], state.step
     state.evaluated_step = state.step
     acc.log({f"eval/{k}": v for k, v in scores.items()}, step=state.step)
     acc.print(f"eval at step {state.step}: {metric} = {scores[metric]:.4f} ({_sizes(scores)})")
-    return {"step": state.step, **scores}
+    return record
 
 
 def score_tasks(

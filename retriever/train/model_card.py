@@ -49,7 +49,7 @@ of {t.batch_size} queries (chunks of {t.chunk_size} texts; learning rate {t.lear
 
 Loss: {objective}.
 
-Last evaluation {scores}.
+Evaluation of this model {scores}.
 
 ```python
 from sentence_transformers import SentenceTransformer

@@ -264,11 +264,16 @@ class Trainer:
         return path
 
     def evaluate(self) -> dict[str, Any]:
-        """Evaluate on eval.data (main process); keep best/ when eval.metric improves."""
+        """Evaluate on eval.data (main process); keep best/ (with its model card) when
+        eval.metric improves."""
         encoder = self.accelerator.unwrap_model(self.model)
+
+        def card(scores: dict[str, Any]) -> str:  # best/'s model card
+            return model_card(self.config, self.sources, self.shares, self.state, scores)
+
         record = evaluation.evaluate_step(
             self.accelerator, encoder, self.tasks, self.config, self.state, self.output_dir,
-            self.sharding,
+            self.sharding, card,
         )  # fmt: skip
         self.log.write("eval.jsonl", record)
         return record

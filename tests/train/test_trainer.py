@@ -117,6 +117,8 @@ def test_loss_decreases_and_run_directory_is_complete(trained):
     ]
     best = trained["summary"]["best_step"]
     assert (run_dir / "best" / "eval.json").is_file() and best in (0, 3, 6)
+    card = (run_dir / "best" / "README.md").read_text()  # best/ describes itself too
+    assert f"for {best} steps" in card and f"at step {best}:" in card
 
 
 def test_resume_continues_exactly(trained):
