@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -267,10 +268,7 @@ class Trainer:
         """Evaluate on eval.data (main process); keep best/ (with its model card) when
         eval.metric improves."""
         encoder = self.accelerator.unwrap_model(self.model)
-
-        def card(scores: dict[str, Any]) -> str:  # best/'s model card
-            return model_card(self.config, self.sources, self.shares, self.state, scores)
-
+        card = partial(model_card, self.config, self.sources, self.shares, self.state)  # best/'s
         record = evaluation.evaluate_step(
             self.accelerator, encoder, self.tasks, self.config, self.state, self.output_dir,
             self.sharding, card,
