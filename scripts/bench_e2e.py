@@ -189,21 +189,21 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
     record["startup_cold_s"] = startup.stop()
     (out / "startup.json").write_text(json.dumps(record))  # for steps_done on a timeout
     loss = CachedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=args.chunk_size)
-    marks: dict[str, list[float]] = {"begin": [], "end": []}
-
-    progress = open(out / "steps.jsonl", "w")  # read by the driver if this case times out
-    marks["end"].append(now())
+    last_end, began = [0.0], [0.0]  # end of the step before, start of this one
+    steps_log: list[dict[str, float]] = []
+    progress = out / "steps.jsonl"  # read by the driver if this case times out
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            marks["begin"].append(now())
+            began[0] = now()
 
         def on_step_end(self, *a, **k):
             sync(args.device)
-            marks["end"].append(now())
-            wall, wait = marks["end"][-1] - marks["end"][-2], marks["begin"][-1] - marks["end"][-2]
-            progress.write(json.dumps({"step_s": wall, "data_wait_s": wait}) + "\n")
-            progress.flush()
+            end = now()
+            steps_log.append({"step_s": end - last_end[0], "data_wait_s": began[0] - last_end[0]})
+            last_end[0] = end
+            with open(progress, "a") as f:
+                f.write(json.dumps(steps_log[-1]) + "\n")
 
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(out / "st"),
@@ -224,13 +224,12 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset,
                                          loss=loss, callbacks=[Timer()])  # fmt: skip
     memory = peak_memory(args.device).start()
-    marks["end"][0] = begin = now()
+    last_end[0] = begin = now()
     trainer.train()
     record["train_s"] = now() - begin
-    ends = marks["end"]
-    walls = [b - a for a, b in zip(ends, ends[1:])]
-    waits = [s - e for s, e in zip(marks["begin"], ends)]
-    record.update(step_summary(walls, waits, batch, args.skip_first))
+    walls = [r["step_s"] for r in steps_log]
+    record.update(step_summary(walls, [r["data_wait_s"] for r in steps_log], batch,
+                               args.skip_first))  # fmt: skip
     if memory.stop() is not None:
         record["peak_memory_gb"] = memory.peak / GIB
     record["finish_s"] = record["train_s"] - sum(walls)
@@ -238,7 +237,8 @@ def run_st(args, batch: int, negatives: int, steps: int, data: Path, out: Path) 
 
 
 def steps_done(out: Path, peer: str, batch: int, skip: int) -> dict:
-    """The steps a case that timed out had finished, from its step log (empty if none)."""
+    """What a case that timed out had recorded: its start-up time and the steps it finished
+    (from its step log), with their summary."""
     log = out / ("run-cold/log.jsonl" if peer == "retriever" else "steps.jsonl")
     rows = [json.loads(line) for line in open(log)] if log.is_file() else []
     started = out / "startup.json"

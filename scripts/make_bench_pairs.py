@@ -92,10 +92,10 @@ def main() -> int:
         print(f"{args.output} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     extra = args.count * args.negatives if args.distinct_negatives else 0
-    made = passages(args.shared, args.window, args.stride, args.query_words, args.count + extra)
-    rng = np.random.default_rng(args.seed)
-    made = list(made)
+    made = list(passages(args.shared, args.window, args.stride, args.query_words,
+                         args.count + extra))  # fmt: skip
     pairs, pool = made[: args.count], [passage for _, passage in made[args.count :]]
+    rng = np.random.default_rng(args.seed)
     rng.shuffle(pool)  # the tail of the stream is one source's windows; mix them
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(args.output.name + ".partial")

@@ -10,7 +10,7 @@ case, so an epoch-start stall shows as a flat stretch.
 
     python scripts/plot_e2e.py docs/results/e2e_*_h200.json \\
         --steps docs/results/train_step_16k_smoke_h200.json \\
-        docs/results/train_step_65k_neg0_h200.json --output docs/results/e2e_h200.png
+        docs/results/train_step_65k_neg0_h200.json --output docs/results/e2e_h200.png --overwrite
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ STYLE = {  # colour and line of each peer
 
 
 def load(paths: list[Path]) -> list[dict]:
-    return [r for p in paths for r in json.loads(p.read_text())["results"]]
+    """Every record of the result files, or a message naming the file that is not one."""
+    records = []
+    for path in paths:
+        try:
+            records += json.loads(path.read_text(encoding="utf-8"))["results"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            why = f"no 'results' list ({exc})" if isinstance(exc, (KeyError, TypeError)) else exc
+            message = f"{path}: not a bench_e2e.py / bench_train.py result file: {why}"
+            raise SystemExit(message) from None
+    return records
 
 
 def timeout_of(record: dict) -> float | None:
@@ -93,7 +102,10 @@ def main() -> int:
     parser.add_argument("--steps", nargs="*", type=Path, default=[], help="bench_train.py JSON")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--title", default="retriever train vs SentenceTransformerTrainer+CMNRL")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = parser.parse_args()
+    if args.output.exists() and not args.overwrite:
+        raise SystemExit(f"{args.output} exists; pass --overwrite to replace it")
     import matplotlib
 
     matplotlib.use("Agg")
