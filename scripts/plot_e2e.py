@@ -11,6 +11,9 @@ case, so an epoch-start stall shows as a flat stretch.
     python scripts/plot_e2e.py docs/results/e2e_*_h200.json \\
         --steps docs/results/train_step_16k_smoke_h200.json \\
         docs/results/train_step_65k_neg0_h200.json --output docs/results/e2e_h200.png --overwrite
+
+A case measured in several files (a peer re-run alone for longer) is drawn once, from the run
+that got furthest.
 """
 
 from __future__ import annotations
@@ -43,6 +46,22 @@ def load(paths: list[Path]) -> list[dict]:
 def timeout_of(record: dict) -> float | None:
     found = re.search(r"timed out after (\d+)", record.get("status", ""))
     return float(found.group(1)) if found else None
+
+
+def most_informative(runs: list[dict]) -> list[dict]:
+    """One record per (peer, batch, negatives): a finished run wins over a stopped one, and among
+    stopped runs the one that went furthest (most steps, then the longest time), so a case
+    measured again in a longer run of its own is drawn once."""
+
+    def reach(r: dict) -> tuple:
+        return (r.get("status") == "ok", len(r.get("step_s") or []), timeout_of(r) or 0.0)
+
+    best: dict[tuple, dict] = {}
+    for r in runs:
+        key = (r["peer"], r["batch"], r["negatives"])
+        if key not in best or reach(r) > reach(best[key]):
+            best[key] = r
+    return list(best.values())
 
 
 def rate_panel(ax, runs: list[dict], steps: list[dict]) -> None:
@@ -111,7 +130,7 @@ def main() -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for r in load(args.runs) if "step_s" in r or timeout_of(r)]
+    runs = most_informative([r for r in load(args.runs) if "step_s" in r or timeout_of(r)])
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     rate_panel(left, runs, load(args.steps))
     timeline_panel(right, runs)
