@@ -20,7 +20,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -89,23 +90,70 @@ def tokenize(
     """Tokenise ``texts`` for one side, unpadded, as ``Encoder.tokenize`` would."""
     pieces: list[np.ndarray] = []
     lengths = np.empty(len(texts), dtype=np.int64)
-    starts = range(0, len(texts), TOKENIZE_BATCH)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not show_progress):
-        batch = [settings.text(t) for t in texts[start : start + TOKENIZE_BATCH]]
-        encoded = tokenizer(
-            batch,
-            truncation="longest_first",
-            max_length=settings.max_length,
-            padding=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )["input_ids"]
+    batches = _id_batches(tokenizer, texts, settings)
+    total = -(-len(texts) // TOKENIZE_BATCH)
+    start = 0
+    for encoded in tqdm(batches, desc=desc, unit="batch", total=total, disable=not show_progress):
         for i, ids in enumerate(encoded):
             lengths[start + i] = len(ids)
             pieces.append(np.asarray(ids, dtype=np.int32))
+        start += len(encoded)
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return TokenTable(ids, offsets)
+
+
+def _id_batches(
+    tokenizer: Any, texts: Sequence[str], settings: SideSettings
+) -> Iterator[list[list[int]]]:
+    """The token ids of ``texts``, TOKENIZE_BATCH texts at a time. With a fast tokenizer the
+    next batch is encoded on a helper thread while this one turns the last into lists: the
+    Rust encoder releases the GIL and uses every core, and the conversion to Python ints (about
+    half the time on 16 cores) then overlaps it instead of adding to it."""
+    starts = range(0, len(texts), TOKENIZE_BATCH)
+
+    def prepared(start: int) -> list[str]:
+        return [settings.text(t) for t in texts[start : start + TOKENIZE_BATCH]]
+
+    backend = _truncating_backend(tokenizer, settings.max_length)
+    if backend is None:  # a slow (Python) tokenizer: one batch after another
+        for start in starts:
+            yield tokenizer(
+                prepared(start),
+                truncation="longest_first",
+                max_length=settings.max_length,
+                padding=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
+        return
+
+    def encode(start: int) -> list[Any]:
+        return backend.encode_batch(prepared(start), add_special_tokens=True)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(encode, start) for start in starts[:1]]
+        for start in starts[1:]:
+            pending.append(pool.submit(encode, start))
+            yield [e.ids for e in pending.pop(0).result()]
+        if pending:
+            yield [e.ids for e in pending.pop(0).result()]
+
+
+def _truncating_backend(tokenizer: Any, max_length: int) -> Any | None:
+    """A copy of the fast tokenizer's Rust backend set up as ``tokenizer(..., truncation=
+    "longest_first", max_length=max_length, padding=False)`` sets its own (the copy leaves the
+    caller's tokenizer as it was); None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    direction = getattr(tokenizer, "truncation_side", "right")
+    copy.enable_truncation(max_length, strategy="longest_first", direction=direction)
+    copy.no_padding()
+    return copy
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
