@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+from retriever.loss.matryoshka import MatryoshkaLoss
+from retriever.loss.sigmoid import SigmoidLoss
+
 
 class StepLog:
     """Sums a window of steps and writes its record every ``logging_steps``."""
@@ -35,8 +38,16 @@ class StepLog:
             with open(self.output_dir / name, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def flush(self, state: Any, lr: float, temperature: float, grad_norm: Any) -> dict[str, Any]:
-        """The window's record (losses averaged over steps and processes), written and logged."""
+    def flush(
+        self,
+        state: Any,
+        lr: float,
+        temperature: float,
+        grad_norm: Any,
+        bias: float | None = None,
+    ) -> dict[str, Any]:
+        """The window's record (losses averaged over steps and processes), written and logged;
+        ``bias``: the sigmoid loss's, where the objective has one."""
         acc = self.acc
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         local = torch.tensor([self.loss, float(self.tokens)], device=acc.device)
@@ -47,6 +58,7 @@ class StepLog:
             "loss": float(total[0]) / self.steps / acc.num_processes,
             "lr": lr,
             "temperature": temperature,
+            **({} if bias is None else {"bias": bias}),
             "queries_per_s": self.steps * self.batch_size / elapsed,
             "tokens_per_s": float(total[1]) / elapsed,
             "step_s": elapsed / self.steps,
@@ -62,6 +74,13 @@ class StepLog:
         acc.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
         self._reset()
         return record
+
+
+def sigmoid_bias(loss_fn: Any) -> float | None:
+    """The sigmoid loss's bias (also inside a Matryoshka wrapper), or None for a loss without
+    one."""
+    inner = loss_fn.loss if isinstance(loss_fn, MatryoshkaLoss) else loss_fn
+    return float(inner.bias.detach()) if isinstance(inner, SigmoidLoss) else None
 
 
 def stop_unless_finite(acc: Any, loss: float, grad_norm: Any, step: int, output_dir: Path) -> None:

@@ -69,7 +69,7 @@ from retriever.train.sharding import clip_grad_norm, no_sync_for, sharding_for
 from retriever.train.sources import batch_shares, describe_plan, loss_weight, sources_of
 from retriever.train.state import TrainState
 from retriever.train.step import cached_parts_step, loss_part
-from retriever.train.step_log import StepLog, stop_unless_finite
+from retriever.train.step_log import StepLog, sigmoid_bias, stop_unless_finite
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,8 @@ class Trainer:
     def _log(self, grad_norm: Any, progress: tqdm) -> float:
         temperature = float(1.0 / self.loss_fn.scale.detach())
         lr = self.scheduler.get_last_lr()[0]
-        record = self.log.flush(self.state, lr, temperature, grad_norm)
+        bias = sigmoid_bias(self.loss_fn)
+        record = self.log.flush(self.state, lr, temperature, grad_norm, bias)
         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
         return record["loss"]
 
