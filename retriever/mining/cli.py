@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,6 +248,7 @@ def _meta(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join(sys.argv),
         "model": args.model,
+        "encoder": asdict(job.encoder.settings),  # as mined: prefixes, truncate_dim
         "data": str(args.data),
         "split": args.split,
         "corpus": str(args.corpus) if args.corpus else f"default of {args.data}",

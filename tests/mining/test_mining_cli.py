@@ -130,6 +130,7 @@ def test_beir_directory_end_to_end(model_dir, st_model, beir_dir, tmp_path, caps
     assert {c for r in rows for c in r["candidates"]} == set(side)
     meta = json.loads((tmp_path / "mined.meta.json").read_text())
     assert meta["mining"]["range_min"] == 2 and meta["written"] == 10
+    assert meta["encoder"]["pooling"] == "mean" and meta["encoder"]["truncate_dim"] is None
     # The output is training data as it stands.
     examples = load_examples(str(out), negatives=3)
     assert [e.negatives for e in examples] == [tuple(r["neg"]) for r in rows]
@@ -176,12 +177,16 @@ def test_jsonl_data_against_a_beir_corpus(model_dir, beir_dir, tmp_path, capsys)
     out = tmp_path / "mined.jsonl"
     code, captured = _mine(
         ["--model", model_dir, "--data", data, "--corpus", beir_dir, "--output", out,
-         "--num-negatives", "2", "--range-min", "0", "--range-max", "5"],
+         "--num-negatives", "2", "--range-min", "0", "--range-max", "5",
+         "--truncate-dim", "8", "--query-prefix", "q: "],
         capsys,
     )  # fmt: skip
     assert code == 0, captured.err
     (row,) = _read_jsonl(out)
     assert row["pos_ids"] == ["d7"] and "d7" not in row["candidates"]
+    # The meta records the encoder settings the negatives were mined with.
+    encoder = json.loads((tmp_path / "mined.meta.json").read_text())["encoder"]
+    assert encoder["truncate_dim"] == 8 and encoder["query_prefix"] == "q: "
 
 
 def test_refuses_to_overwrite(model_dir, beir_dir, tmp_path, capsys):
