@@ -48,6 +48,12 @@ class Part:
     index: int
     batch: Batch
 
+    def pin_memory(self) -> Part:
+        """Called by the DataLoader (pin_memory=True): without it the loader passes an object
+        it does not know through unpinned, and every chunk's copy to the GPU waits for the
+        stream."""
+        return Part(self.epoch, self.index, self.batch.pin_memory())
+
 
 def stream_plan(stream: Stream) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, index in the epoch, global batch) of a source, epoch after epoch, without end:
