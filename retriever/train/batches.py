@@ -172,7 +172,7 @@ class Batch:
     scores: Tensor | None = None
     example_indices: Tensor | None = None  # [Bq] each query's example in its dataset
     # The chunks' flat tensors, when the chunks are views of them (after crossing from a
-    # worker): pinning then copies two tensors a side instead of two a chunk.
+    # worker, or pinning): pickling and pinning then move two tensors a side, not two a chunk.
     packed: tuple[PackedChunks, PackedChunks] | None = field(
         default=None, repr=False, compare=False
     )
@@ -186,22 +186,21 @@ class Batch:
         return (self.query_order, self.document_order, self.candidate_ids, self.num_queries,
                 self.num_tokens, self.scores, self.example_indices)  # fmt: skip
 
-    def __reduce__(self) -> tuple:
-        """Pickled (from a DataLoader worker) with each side's chunks packed flat."""
-        packed = self.packed or (
+    def _packed(self) -> tuple[PackedChunks, PackedChunks]:
+        return self.packed or (
             PackedChunks.of(self.query_chunks),
             PackedChunks.of(self.document_chunks),
         )
-        return (_unpack_batch, (packed, *self._rest()))
+
+    def __reduce__(self) -> tuple:
+        """Pickled (from a DataLoader worker) with each side's chunks packed flat."""
+        return (_unpack_batch, (self._packed(), *self._rest()))
 
     def pin_memory(self) -> Batch:
-        """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can be asynchronous."""
+        """Called by the DataLoader (pin_memory=True) so host-to-GPU copies can be asynchronous:
+        two pinned tensors a side, the chunks views of them."""
         rest = [x.pin_memory() if isinstance(x, Tensor) else x for x in self._rest()]
-        if self.packed is None:
-            chunks = [[c.pin_memory() for c in self.query_chunks],
-                      [c.pin_memory() for c in self.document_chunks]]  # fmt: skip
-            return Batch(*chunks, *rest)
-        return _unpack_batch(tuple(p.pin_memory() for p in self.packed), *rest)
+        return _unpack_batch(tuple(p.pin_memory() for p in self._packed()), *rest)
 
 
 def _unpack_batch(packed: tuple[PackedChunks, PackedChunks], *rest: Any) -> Batch:

@@ -66,3 +66,6 @@ def test_the_loader_pins_a_parts_batch(monkeypatch):
     _assert_equal(part.batch, _batch())
     # 2 flat tensors per side + query order, document order, candidate ids, scores
     assert len(pinned) == 2 * 2 + 4, pinned
+    pinned.clear()  # a batch that never crossed (no workers) is packed to be pinned too
+    _assert_equal(_batch().pin_memory(), _batch())
+    assert len(pinned) == 2 * 2 + 4, pinned
