@@ -111,9 +111,6 @@ class TokenChunk:
         # Known here on the host: without padding the network runs without a mask.
         return {"input_ids": ids, "attention_mask": mask.long(), "no_padding": self.no_padding}
 
-    def pin_memory(self) -> TokenChunk:
-        return TokenChunk(self.input_ids.pin_memory(), self.lengths.pin_memory(), self.left_padding)
-
 
 @dataclass
 class PackedChunks:

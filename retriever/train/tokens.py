@@ -107,9 +107,10 @@ def _id_batches(
     tokenizer: Any, texts: Sequence[str], settings: SideSettings
 ) -> Iterator[list[list[int]]]:
     """The token ids of ``texts``, TOKENIZE_BATCH texts at a time. With a fast tokenizer the
-    next batch is encoded on a helper thread while this one turns the last into lists: the
-    Rust encoder releases the GIL and uses every core, and the conversion to Python ints (by
-    estimate, about half the time on 16 cores) then overlaps it instead of adding to it."""
+    next batch is encoded on a helper thread while this thread turns the current one into
+    Python lists of ids: the Rust encoder releases the GIL and uses every core, and the
+    conversion (by estimate, about half the time on 16 cores) then overlaps it instead of
+    adding to it."""
     starts = range(0, len(texts), TOKENIZE_BATCH)
 
     def prepared(start: int) -> list[str]:
