@@ -145,6 +145,15 @@ class PackedChunks:
     def pin_memory(self) -> PackedChunks:
         return PackedChunks(self.ids.pin_memory(), self.lengths.pin_memory(), self.shapes)
 
+    def holds(self, chunks: list[TokenChunk]) -> bool:
+        """Whether ``chunks`` are still the views :meth:`chunks` made of these tensors."""
+        base = self.ids.untyped_storage().data_ptr()
+        return len(chunks) == len(self.shapes) and all(
+            c.input_ids.untyped_storage().data_ptr() == base
+            and (*c.input_ids.shape, c.left_padding) == shape
+            for c, shape in zip(chunks, self.shapes)
+        )
+
 
 @dataclass
 class Batch:
@@ -171,7 +180,7 @@ class Batch:
     # The chunks' flat tensors, when the chunks are views of them (after crossing from a
     # worker, or pinning): pickling and pinning then move two tensors a side, not two a chunk.
     packed: tuple[PackedChunks, PackedChunks] | None = field(
-        default=None, repr=False, compare=False
+        default=None, init=False, repr=False, compare=False
     )
 
     @property
@@ -184,10 +193,14 @@ class Batch:
                 self.num_tokens, self.scores, self.example_indices)  # fmt: skip
 
     def _packed(self) -> tuple[PackedChunks, PackedChunks]:
-        return self.packed or (
-            PackedChunks.of(self.query_chunks),
-            PackedChunks.of(self.document_chunks),
-        )
+        """The packed form: the one the chunks are views of, or (if they are not, say after
+        someone replaced them) packed anew."""
+        if self.packed is not None and all(
+            p.holds(chunks) for p, chunks in zip(self.packed, (self.query_chunks,
+                                                               self.document_chunks))
+        ):  # fmt: skip
+            return self.packed
+        return PackedChunks.of(self.query_chunks), PackedChunks.of(self.document_chunks)
 
     def __reduce__(self) -> tuple:
         """Pickled (from a DataLoader worker) with each side's chunks packed flat."""
@@ -202,7 +215,9 @@ class Batch:
 
 def _unpack_batch(packed: tuple[PackedChunks, PackedChunks], *rest: Any) -> Batch:
     queries, documents = packed
-    return Batch(queries.chunks(), documents.chunks(), *rest, packed=packed)
+    batch = Batch(queries.chunks(), documents.chunks(), *rest)
+    batch.packed = packed
+    return batch
 
 
 class Collator:

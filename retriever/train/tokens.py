@@ -116,8 +116,10 @@ def _id_batches(
     def prepared(start: int) -> list[str]:
         return [settings.text(t) for t in texts[start : start + TOKENIZE_BATCH]]
 
-    backend = _truncating_backend(tokenizer, settings.max_length)
-    if backend is None:  # a slow (Python) tokenizer: one batch after another
+    # One batch (a text dynamic mining brings in): the plain call, which copies nothing.
+    many = len(texts) > TOKENIZE_BATCH
+    backend = _truncating_backend(tokenizer, settings.max_length) if many else None
+    if backend is None:  # a slow (Python) tokenizer, or one batch: one call after another
         for start in starts:
             yield tokenizer(
                 prepared(start),
@@ -144,13 +146,19 @@ def _id_batches(
 def _truncating_backend(tokenizer: Any, max_length: int) -> Any | None:
     """A copy of the fast tokenizer's Rust backend set up as ``tokenizer(..., truncation=
     "longest_first", max_length=max_length, padding=False)`` sets its own (the copy leaves the
-    caller's tokenizer as it was); None for a slow tokenizer."""
+    caller's tokenizer as it was); None where that cannot be done faithfully: a slow
+    tokenizer, no max length, a backend with Python parts (it does not serialise)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not getattr(tokenizer, "is_fast", False):
+    if backend is None or not getattr(tokenizer, "is_fast", False) or max_length is None:
         return None
     from tokenizers import Tokenizer
 
-    copy = Tokenizer.from_str(backend.to_str())
+    try:
+        copy = Tokenizer.from_str(backend.to_str())
+    except Exception:  # e.g. "Custom PreTokenizer cannot be serialized"
+        return None
+    # Not part of the serialisation: transformers sets it from split_special_tokens.
+    copy.encode_special_tokens = backend.encode_special_tokens
     direction = getattr(tokenizer, "truncation_side", "right")
     copy.enable_truncation(max_length, strategy="longest_first", direction=direction)
     copy.no_padding()

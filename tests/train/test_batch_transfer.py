@@ -46,6 +46,15 @@ def test_a_pickled_batch_arrives_equal_and_packed():
     _assert_equal(pickle.loads(pickle.dumps(got)), batch)  # and again, from the packed form
 
 
+def test_replaced_chunks_are_packed_anew():
+    got = pickle.loads(pickle.dumps(_batch()))
+    got.query_chunks = got.query_chunks[0].split(1) + got.query_chunks[1:]  # 3 + 1 chunks
+    again = pickle.loads(pickle.dumps(got))
+    assert [c.size for c in again.query_chunks] == [1, 1, 1, 2]
+    for a, b in zip(again.query_chunks, got.query_chunks, strict=True):
+        assert torch.equal(a.input_ids, b.input_ids)
+
+
 def test_an_empty_side_packs():
     assert PackedChunks.of([]).chunks() == []
 

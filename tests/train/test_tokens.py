@@ -65,3 +65,42 @@ def test_a_slow_tokenizer_takes_the_plain_path(monkeypatch):
 def test_no_texts():
     table = tokens.tokenize(_tokenizer("bert"), [], tokens.SideSettings("", 8))
     assert len(table) == 0
+
+
+def test_split_special_tokens_is_kept(monkeypatch):
+    """A tokenizer loaded with split_special_tokens=True encodes "[MASK]" as text: the copy of
+    its backend must too (the flag is not part of the backend's serialisation)."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(tokens, "TOKENIZE_BATCH", 1)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), split_special_tokens=True)
+    texts = ["hello [MASK] world [SEP] x", "a [CLS] b"]
+    settings = tokens.SideSettings("", 16)
+    table = tokens.tokenize(tokenizer, texts, settings)
+    want = tokenizer(texts, truncation="longest_first", max_length=16)["input_ids"]
+    assert [table.row(i).tolist() for i in range(len(texts))] == want
+    assert tokenizer.mask_token_id not in table.row(0).tolist()
+
+
+def test_one_batch_copies_nothing(monkeypatch):
+    """A text that dynamic mining brings in is tokenised with the plain call: no copy of the
+    backend (which costs a whole tokenizer's serialisation) for a single text."""
+    monkeypatch.setattr(tokens, "_truncating_backend", lambda *a: pytest.fail("copied"))
+    table = tokens.tokenize(_tokenizer("bert"), ["a new negative"], tokens.SideSettings("", 8))
+    assert len(table) == 1
+
+
+def test_a_backend_that_does_not_serialise_takes_the_plain_path(monkeypatch):
+    from tokenizers import pre_tokenizers
+
+    class Words:  # a Python pre-tokenizer, as some tokenizers install (RoFormer's Jieba)
+        def pre_tokenize(self, pretok):
+            pretok.split(lambda i, s: s.split(" ", "removed"))
+
+    monkeypatch.setattr(tokens, "TOKENIZE_BATCH", 2)
+    tokenizer = _tokenizer("bert")
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.PreTokenizer.custom(Words())
+    table = tokens.tokenize(tokenizer, TEXTS, tokens.SideSettings("", 12))
+    assert [table.row(i).tolist() for i in range(len(TEXTS))] == _direct(
+        tokenizer, tokens.SideSettings("", 12)
+    )
