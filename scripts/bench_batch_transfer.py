@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
+    if min(args.chunks, args.rows, args.repeats) < 1:
+        parser.error("--chunks, --rows and --repeats must be at least 1")
     results = Results(args.output, vars(args), "cpu", argv=argv)
     for name, kind in (("one tensor pair per chunk", PerChunk), ("packed", Batch)):
         loader = DataLoader(Batches(kind, args.chunks, args.rows), batch_size=None,

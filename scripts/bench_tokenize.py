@@ -12,14 +12,13 @@ sets them (64 / 256 tokens).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 from harness import Results
 
+from retriever.examples import DataError, load_examples
 from retriever.model.locate import locate_model
 from retriever.train import tokens
 
@@ -27,9 +26,13 @@ MODES = {"one batch after another": lambda *args: None, "pipelined": tokens._tru
 
 
 def read_pairs(path: Path, count: int) -> dict[str, list[str]]:
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in islice(f, count)]
-    return {"query": [r["query"] for r in rows], "document": [r["pos"] for r in rows]}
+    """The first ``count`` pairs' queries and first positives, read as training data is (a bad
+    file stops with a message naming its line or field)."""
+    try:
+        examples = load_examples(str(path), max_examples=count)
+    except (DataError, OSError) as exc:
+        raise SystemExit(f"--pairs: {exc}") from None
+    return {"query": [e.query for e in examples], "document": [e.positives[0] for e in examples]}
 
 
 def run(tokenizer, texts: list[str], settings: tokens.SideSettings, mode: str):
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
+    if args.count < 1 or args.repeats < 1:
+        parser.error("--count and --repeats must be at least 1")
     from transformers import AutoTokenizer
 
     results = Results(args.output, vars(args), "cpu", argv=argv)

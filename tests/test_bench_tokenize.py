@@ -26,3 +26,11 @@ def test_both_modes_are_timed_and_agree(tmp_path, monkeypatch):
         (side, mode) for side in ("query", "document") for mode in bench_tokenize.MODES
     ]
     assert all(r["texts"] == 10 and r["texts_per_s"] > 0 for r in records)
+
+
+def test_a_bad_pair_file_is_named(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "q"}\n')
+    with pytest.raises(SystemExit, match=r"pairs.jsonl:1: missing field 'pos'"):
+        bench_tokenize.main(["--pairs", str(pairs)])
+    assert not list(tmp_path.glob("*.json"))
