@@ -195,12 +195,10 @@ class Batch:
     def _packed(self) -> tuple[PackedChunks, PackedChunks]:
         """The packed form: the one the chunks are views of, or (if they are not, say after
         someone replaced them) packed anew."""
-        if self.packed is not None and all(
-            p.holds(chunks) for p, chunks in zip(self.packed, (self.query_chunks,
-                                                               self.document_chunks))
-        ):  # fmt: skip
+        chunks = (self.query_chunks, self.document_chunks)
+        if self.packed is not None and all(p.holds(c) for p, c in zip(self.packed, chunks)):
             return self.packed
-        return PackedChunks.of(self.query_chunks), PackedChunks.of(self.document_chunks)
+        return PackedChunks.of(chunks[0]), PackedChunks.of(chunks[1])
 
     def __reduce__(self) -> tuple:
         """Pickled (from a DataLoader worker) with each side's chunks packed flat."""

@@ -135,12 +135,11 @@ def _id_batches(
         return backend.encode_batch(prepared(start), add_special_tokens=True)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = [pool.submit(encode, start) for start in starts[:1]]
+        ahead = pool.submit(encode, starts[0])  # there are at least two batches here
         for start in starts[1:]:
-            pending.append(pool.submit(encode, start))
-            yield [e.ids for e in pending.pop(0).result()]
-        if pending:
-            yield [e.ids for e in pending.pop(0).result()]
+            current, ahead = ahead, pool.submit(encode, start)
+            yield [e.ids for e in current.result()]
+        yield [e.ids for e in ahead.result()]
 
 
 def _truncating_backend(tokenizer: Any, max_length: int) -> Any | None:
