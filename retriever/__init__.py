@@ -1,22 +1,58 @@
 """retriever: train dense retrieval embedding models with a near-infinite-batch contrastive loss.
 
+The public API (docs/api.md)::
+
+    from retriever import Trainer, TrainConfig, Encoder
+    from retriever import InfoNCELoss, InfCLLoss, contrastive_loss
+    from retriever import evaluate_task, load_task
+
 Layers, each importing only those below it:
 
-* leaves: `texts` (reading JSONL, text ids), `fileio` (atomic writes, hashes), `gradcache`
-  (the embedding cache), `triton_mode` (where kernels can run);
-* `loss`: InfoNCE tile by tile (`contrastive_loss`, `InfoNCELoss`, `InfCLLoss`), the ring;
+* `fileio` (atomic writes, hashes) and `data` (the training-data format, JSONL texts and ids);
+* `loss`: InfoNCE tile by tile, the ring across processes, the objectives, the embedding cache;
 * `model`: `Encoder` and its `EncoderSettings`, sentence-transformers directories;
-* `examples`: the training-data format (shared by training and mining);
-* `eval`: retrieval tasks, encode-and-search (shared with mining), metrics, `retriever eval`;
-* `mining`: hard negatives, static and dynamic, `retriever mine`;
+* `eval`: retrieval and STS tasks, encode-and-search (shared with mining), metrics;
+* `mining`: hard negatives, static and dynamic;
 * `train`: options and config, data, token cache, loader, the cached step, the run directory,
-  the trainer, `retriever train`.
+  the trainer;
+* `cli`: the ``retriever`` command (``train``, ``eval``, ``mine``).
 
-`cli` dispatches the subcommands. Old module paths (`retriever.modeling`, `retriever.data`, ...)
-still import, with a DeprecationWarning naming the new one (`_compat`).
+The names below are imported when first used, so ``import retriever`` stays cheap.
 """
 
-from retriever._compat import install as _install_compat
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-_install_compat()
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "Trainer": "retriever.train.trainer",
+    "train": "retriever.train.trainer",
+    "TrainConfig": "retriever.train.config",
+    "ConfigError": "retriever.train.options",
+    "Encoder": "retriever.model.encoder",
+    "EncoderSettings": "retriever.model.settings",
+    "contrastive_loss": "retriever.loss.functional",
+    "InfoNCELoss": "retriever.loss.infonce",
+    "InfCLLoss": "retriever.loss.infcl_loss",
+    "evaluate_task": "retriever.eval.evaluator",
+    "load_task": "retriever.eval.data",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retriever' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from harness import Results
 
-from retriever.examples import DataError, load_examples
+from retriever.data.examples import DataError, load_examples
 from retriever.model.locate import locate_model
 from retriever.train import tokens
 

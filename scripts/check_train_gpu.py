@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from harness import Results
 
-from retriever.examples import load_examples
+from retriever.data.examples import load_examples
 from retriever.loss import InfoNCELoss
 from retriever.model import Encoder, locate_model
 from retriever.train.config import config_from_dict

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retriever.texts import read_jsonl
+from retriever.data.texts import read_jsonl
 
 logger = logging.getLogger(__name__)
 

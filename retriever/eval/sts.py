@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from retriever.texts import read_jsonl
+from retriever.data.texts import read_jsonl
 
 
 @dataclass

@@ -8,7 +8,9 @@ queries x candidates ever built, each one across processes through the ring (``g
   `distillation_loss` (KL to teacher scores over each query's group), `cosent_loss` (STS);
 * underneath: `functional`, `inputs` (checks, which implementation), `tiled` (autograd),
   `torch_tiles` / `triton_tiles` / `sigmoid_tiles` / `sigmoid_triton` (the tiles; triton is
-  imported only where a kernel runs), `tile_configs`, `ring` and its transport, `scaled`.
+  imported only where a kernel runs), `tile_configs`, `triton_mode` (where kernels can run),
+  `ring` and its transport, `scaled`;
+* `gradcache`: the embedding cache (GradCache) that `InfCLLoss` and the trainer's step share.
 """
 
 from retriever.loss.cosent import cosent_loss

@@ -5,7 +5,7 @@ model stored as ``self.model``, ``get_config_dict``, ``citation``), so it plugs 
 ``SentenceTransformerTrainer``, ``model.fit`` and wrappers such as ``MatryoshkaLoss``.
 
 With ``mini_batch_size`` it is an embedding cache (GradCache, design notes section 4) built on
-`retriever.gradcache`, with the same contract as sentence-transformers'
+`retriever.loss.gradcache`, with the same contract as sentence-transformers'
 ``CachedMultipleNegativesRankingLoss``: ``forward`` embeds without gradients, computes the loss
 and its gradient with respect to every embedding, and returns a detached loss whose backward
 hook re-embeds each mini-batch with gradients.  The trainer calls ``loss.backward()`` itself, so
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retriever.gradcache import backward_from_cached_grads, embed_without_grad
 from retriever.loss.columns import column_rows, embed_columns_like_mnrl, feature_devices
 from retriever.loss.functional import contrastive_loss
+from retriever.loss.gradcache import backward_from_cached_grads, embed_without_grad
 from retriever.loss.inputs import IMPLS
 from retriever.loss.mini_batches import chunk_ends, plan_column, trim_padding
 from retriever.model.sdpa import attention_backends

@@ -13,7 +13,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from retriever.triton_mode import triton_usable
+from retriever.loss.triton_mode import triton_usable
 
 IMPLS = ("auto", "naive", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

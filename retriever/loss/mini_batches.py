@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from retriever.gradcache import split_features
+from retriever.loss.gradcache import split_features
 
 
 def plan_column(

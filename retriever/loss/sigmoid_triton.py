@@ -20,13 +20,13 @@ import triton.language as tl
 from torch import Tensor
 
 from retriever.loss.tile_configs import tile_config
+from retriever.loss.triton_mode import interpreting
 from retriever.loss.triton_tiles import (
     column_splits,
     in_addressable_pieces,
     slab_backward,
     tile_dot,
 )
-from retriever.triton_mode import interpreting
 
 EMPTY_ROW = 0.0  # a row's sum before any block
 _LOG2E = tl.constexpr(1.4426950408889634)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from retriever.triton_mode import interpreting
+from retriever.loss.triton_mode import interpreting
 
 # Column splits are multiples of this, so a BLOCK_N tile never straddles two splits.
 SPLIT_ALIGN = 256

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from retriever.loss.tile_configs import SPLIT_ALIGN, tile_config
-from retriever.triton_mode import interpreting
+from retriever.loss.triton_mode import interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

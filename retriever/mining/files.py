@@ -51,7 +51,7 @@ def output_paths(output: str | os.PathLike) -> list[Path]:
 
 def text_hash_id(text: str) -> str:
     """The corpus id of a text read from a training file (stable across runs)."""
-    from retriever.texts import text_id
+    from retriever.data.texts import text_id
 
     return f"t{text_id(text.strip()) & 0xFFFFFFFFFFFFFFFF:016x}"
 
@@ -70,7 +70,7 @@ def load_queries(data: str | os.PathLike, split: str = "train") -> list[MiningQu
         return _beir_queries(path, split)
     if not path.is_file():
         raise MiningDataError(f"--data: {path}: no such file or directory")
-    from retriever.examples import DataError, read_jsonl_examples
+    from retriever.data.examples import DataError, read_jsonl_examples
 
     try:
         examples = read_jsonl_examples(path)
@@ -134,7 +134,7 @@ def load_corpus(spec: str | os.PathLike) -> Corpus:
 
 def corpus_from_training_file(path: str | os.PathLike) -> Corpus:
     """Every distinct positive and negative text of a training JSONL file, in order."""
-    from retriever.examples import DataError, read_jsonl_examples
+    from retriever.data.examples import DataError, read_jsonl_examples
 
     try:
         examples = read_jsonl_examples(path)

@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from retriever.triton_mode import interpreting
+from retriever.loss.triton_mode import interpreting
 
 # Elements per [BLOCK_M, BLOCK_N] tile, warps per program, and backward programs per SM: from
 # a sweep on an H100 with N = 384 (scripts/bench_layer_norm.py --sweep; docs/benchmarks.md).

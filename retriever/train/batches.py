@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from retriever.data.texts import text_id
 from retriever.model.settings import SideSettings
-from retriever.texts import text_id
 from retriever.train.tokens import TokenTable, load_or_build, tokenize
 
 

@@ -323,7 +323,7 @@ def build_datasets(config: TrainConfig, encoder: Encoder, accelerator: Any) -> l
 def _source_dataset(
     config: TrainConfig, source: Any, encoder: Encoder, cache_dir: Any, accelerator: Any
 ) -> Any:
-    from retriever.examples import load_examples
+    from retriever.data.examples import load_examples
     from retriever.train.pairs import PairSet
 
     settings = encoder.settings

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("retriever").setLevel(logging.INFO)
-    from retriever.examples import DataError
+    from retriever.data.examples import DataError
     from retriever.train.run_directory import RunError
 
     try:

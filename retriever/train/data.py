@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from retriever.examples import DataError, Example
+from retriever.data.examples import DataError, Example
+from retriever.data.texts import text_id
 from retriever.model import Encoder
 from retriever.model.settings import SideSettings
-from retriever.texts import text_id
 from retriever.train.batches import Batch, Collator, TextPool
 from retriever.train.tokens import tokenizer_fingerprint
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from retriever.data.examples import DataError
 from retriever.eval.sts import load_sts
-from retriever.examples import DataError
 from retriever.model.settings import SideSettings
 from retriever.train.batches import TextPool
 from retriever.train.tokens import tokenizer_fingerprint

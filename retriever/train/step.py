@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from retriever.gradcache import backward_from_cached_grads, embed_without_grad
 from retriever.loss import InfoNCELoss
 from retriever.loss.cosent import cosent_loss
 from retriever.loss.distillation import distillation_loss
+from retriever.loss.gradcache import backward_from_cached_grads, embed_without_grad
 from retriever.train.batches import Batch, TokenChunk
 
 

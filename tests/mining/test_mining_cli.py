@@ -14,7 +14,7 @@ from sentence_transformers import SentenceTransformer
 from tiny_encoder import save_tiny_bert
 
 from retriever.cli import main
-from retriever.examples import load_examples
+from retriever.data.examples import load_examples
 from retriever.model import Encoder
 
 WORDS = "cat dog fish bird tree rock river cloud apple bread stone light moon sand".split()

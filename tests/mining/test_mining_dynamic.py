@@ -15,10 +15,10 @@ import pytest
 import torch
 from mining_helpers import TableEncoder, unit_with_score
 
-from retriever.examples import load_examples
+from retriever.data.examples import load_examples
+from retriever.data.texts import text_id
 from retriever.mining.dynamic import DynamicMiner, DynamicMiningConfig, stale_negatives
 from retriever.mining.files import MiningDataError
-from retriever.texts import text_id
 from retriever.train.data import TrainSet
 
 DIM, RANGE_MIN, N_NEG = 48, 2, 3

@@ -13,9 +13,9 @@ import pytest
 import torch
 from train_helpers import SHARED_DATA, make_tiny_model
 
-from retriever.examples import DataError, load_examples
+from retriever.data.examples import DataError, load_examples
+from retriever.data.texts import text_id
 from retriever.model import Encoder
-from retriever.texts import text_id
 from retriever.train.data import TrainSet, batch_of_texts, epoch_batches
 
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 from torch import nn
 
-from retriever.gradcache import (
+from retriever.loss import contrastive_loss
+from retriever.loss.gradcache import (
     RandContext,
     backward_from_cached_grads,
     embed_without_grad,
     split_features,
 )
-from retriever.loss import contrastive_loss
 
 
 def _encoder() -> nn.Module:
