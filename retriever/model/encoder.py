@@ -27,7 +27,13 @@ from retriever.model.decoder import append_eos as append_eos_token
 from retriever.model.decoder import is_decoder, pooling_problem
 from retriever.model.locate import locate_model
 from retriever.model.lora import is_lora, save_merged
-from retriever.model.network import MODEL_INPUTS, max_length_problems, pool, set_dropout
+from retriever.model.network import (
+    MODEL_INPUTS,
+    max_length_problems,
+    pool,
+    pool_stream,
+    set_dropout,
+)
 from retriever.model.sdpa import attention_backends
 from retriever.model.settings import EncoderSettings, SideSettings
 from retriever.model.st_dir import (
@@ -175,11 +181,30 @@ class Encoder(nn.Module):
             )
         )
 
-    def forward(self, features: dict[str, Tensor]) -> Tensor:
+    def forward(self, features: dict[str, Any]) -> Tensor:
         """[B, D] pooled (and, if ``normalize``, unit-length) embeddings, with gradients.
 
-        ``features["no_padding"] = True`` (set by the training collator) says no row is padded.
+        ``features`` are a tokenizer's padded batch (``no_padding = True``, set by the training
+        collator, says no row is padded) or a token stream (``cu_seqlens`` and the rest of
+        `retriever.train.batches.StreamChunk.features`; see :meth:`use_padding_free`).
         """
+        if "cu_seqlens" in features:
+            from retriever.model.packed import stream_hidden
+
+            with attention_backends(cudnn=self.cudnn_attention):
+                hidden = stream_hidden(self.model, features)
+            embeddings = pool_stream(
+                hidden, features["cu_seqlens"], features["texts"], self.settings.pooling
+            )
+        else:
+            embeddings = self._padded(features)
+        if self.settings.truncate_dim is not None:  # a Matryoshka prefix, normalised on its own
+            embeddings = embeddings[:, : self.settings.truncate_dim]
+        if self.settings.normalize:
+            embeddings = F.normalize(embeddings, p=2, dim=-1)
+        return embeddings
+
+    def _padded(self, features: dict[str, Any]) -> Tensor:
         inputs = {k: v for k, v in features.items() if k in MODEL_INPUTS}
         if features.get("no_padding") is True:
             # The caller knows on the host that no token is padding: without a mask SDPA can use
@@ -187,12 +212,19 @@ class Encoder(nn.Module):
             inputs.pop("attention_mask", None)
         with attention_backends(cudnn=self.cudnn_attention):
             hidden = self.model(**inputs).last_hidden_state
-        embeddings = pool(hidden, features["attention_mask"], self.settings.pooling)
-        if self.settings.truncate_dim is not None:  # a Matryoshka prefix, normalised on its own
-            embeddings = embeddings[:, : self.settings.truncate_dim]
-        if self.settings.normalize:
-            embeddings = F.normalize(embeddings, p=2, dim=-1)
-        return embeddings
+        return pool(hidden, features["attention_mask"], self.settings.pooling)
+
+    def use_padding_free(self) -> str | None:
+        """Let ``forward`` take token streams (padding-free chunks: `retriever.model.packed`).
+        Returns why this network cannot (it is then left as it was), or None."""
+        from retriever.model.packed import packing_problem, use_packed_attention
+
+        before = self.model.config._attn_implementation
+        switched = use_packed_attention(self.model)
+        problem = packing_problem(self.model, len(self.tokenizer))
+        if problem is not None and switched:
+            self.model.set_attn_implementation(before)
+        return problem
 
     @torch.no_grad()
     def encode(

@@ -74,3 +74,28 @@ def max_length_problems(encoder: Any) -> list[tuple[str, int, int]]:
         return []
     sides = (("query", encoder.query_max_length), ("document", encoder.document_max_length))
     return [(side, length, limit) for side, length in sides if length > limit]
+
+
+def pool_stream(hidden: Tensor, cu_seqlens: Tensor, texts: int, mode: str) -> Tensor:
+    """Pool a token stream's states [T, D] into [texts, D]: text i is tokens
+    ``cu_seqlens[i]:cu_seqlens[i + 1]`` (later bounds, a static shape's padded tail, are left
+    out). ``cls`` takes a text's first token, ``last`` its last, ``mean`` averages its tokens
+    (summed in fp32 for half-precision states)."""
+    starts, ends = cu_seqlens[:texts].long(), cu_seqlens[1 : texts + 1].long()
+    if mode == "cls":
+        return hidden[starts]
+    if mode == "last":
+        return hidden[ends - 1]
+    if mode == "mean":
+        acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        lengths = ends - starts
+        # Each token's text; the tail after the last text counts as text `texts`, dropped.
+        text = torch.repeat_interleave(
+            torch.arange(texts + 1, device=hidden.device),
+            torch.cat([lengths, hidden.shape[0] - ends[-1:]]),
+            output_size=hidden.shape[0],
+        )
+        sums = torch.zeros(texts + 1, hidden.shape[1], dtype=acc, device=hidden.device)
+        sums = sums.index_add(0, text, hidden.to(acc))[:texts]
+        return (sums / lengths.clamp(min=1)[:, None].to(acc)).to(hidden.dtype)
+    raise ValueError(f"unknown pooling {mode!r}; expected one of {POOLING_MODES}")

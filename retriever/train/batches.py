@@ -1,8 +1,10 @@
 """Batches for the embedding cache: a global batch's share of one process, gathered from the
-token tables, sorted by token length and padded chunk by chunk (in the DataLoader's workers).
+token tables, sorted by token length and cut into chunks (in the DataLoader's workers): padded
+chunks of a number of texts, or padding-free streams of a number of tokens.
 
 * :class:`TextPool`: one side's distinct texts, their token table and text ids;
-* :class:`TokenChunk`: texts embedded in one forward pass (int32 ids, lengths on the host);
+* :class:`TokenChunk`: texts embedded in one forward pass, padded (int32 ids, lengths on the host);
+* :class:`StreamChunk`: texts embedded in one forward pass as one token stream, padding-free;
 * :class:`Batch`: query and document chunks, the orders that put embeddings back in batch
   order, and the documents' text ids;
 * :class:`Collator`: groups of token rows -> a ``Batch``.
@@ -111,48 +113,164 @@ class TokenChunk:
         # Known here on the host: without padding the network runs without a mask.
         return {"input_ids": ids, "attention_mask": mask.long(), "no_padding": self.no_padding}
 
+    def layout(self) -> tuple:
+        """What `PackedChunks` keeps to rebuild the chunk from its flat ids and lengths."""
+        return ("padded", *self.input_ids.shape, self.left_padding)
+
+    @classmethod
+    def from_flat(cls, ids: Tensor, lengths: Tensor, layout: tuple) -> TokenChunk:
+        _, rows, width, left = layout
+        return cls(ids.view(rows, width), lengths, left)
+
+
+def stream_cuts(lengths: np.ndarray, budget: int) -> list[int]:
+    """Where consecutive groups of texts start (and, last, where the last ends): each group
+    holds at most ``budget`` tokens, filled greedily in order; a text longer than the budget
+    is a group of its own."""
+    ends = np.cumsum(lengths, dtype=np.int64)
+    cuts = [0]
+    while cuts[-1] < len(lengths):
+        start = cuts[-1]
+        before = int(ends[start - 1]) if start else 0
+        end = int(np.searchsorted(ends, before + budget, side="right"))
+        cuts.append(max(end, start + 1))
+    return cuts
+
+
+SEGMENT_BUCKET = 128  # a static stream's number of bounds is rounded up to a multiple of this
+
 
 @dataclass
-class PackedChunks:
-    """One side's chunks as two flat tensors, ``ids`` (every chunk's padded ids, one chunk
-    after another) and ``lengths``, with each chunk's (rows, width, left padding): the form in
-    which a batch crosses from a DataLoader worker and is pinned. A tensor per chunk would cost
-    the receiving process a shared-memory handshake (and a pinned allocation) each: measured on
-    2 CPU cores, receiving 1,024 chunks took 0.51-0.71 s of the main process's CPU (1.1-2.3 s
-    wall), packed 0.06-0.08 s (`scripts/bench_batch_transfer.py`)."""
+class StreamChunk:
+    """Texts embedded in one forward pass as one token stream, padding-free (design notes
+    section 9): their ids one after another, ``ids`` [T] int32 (in pinned host memory during
+    training), and their ``lengths`` [n] (on the host). No padding enters a matrix product:
+    attention runs within each text (`retriever.model.varlen`) and pooling reads the bounds.
+
+    ``max_length`` bounds a text's length (the attention kernels size their work by it; one
+    value for every chunk, so compiled graphs see one). ``pad_to``, a static shape: the stream
+    is padded to that many tokens by a tail of dummy texts that no embedding reads, and its
+    bounds to a multiple of `SEGMENT_BUCKET`, so every chunk of a budget has one shape (what
+    compiled graphs and CUDA graphs need).
+    """
 
     ids: Tensor
     lengths: Tensor
-    shapes: list[tuple[int, int, bool]]
+    max_length: int
+    pad_to: int | None = None
+
+    @property
+    def size(self) -> int:
+        """Real tokens: what a stream chunk's budget counts (``training.chunk_tokens``)."""
+        return int(self.ids.shape[0])
+
+    @property
+    def texts(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def split(self, tokens: int) -> list[StreamChunk]:
+        """Consecutive pieces of at most ``tokens`` real tokens each (a longer text alone),
+        views of this stream; a static shape pads each to ``tokens``."""
+        if tokens >= self.size:
+            return [self]
+        cuts = stream_cuts(self.lengths.numpy(), tokens)
+        starts = np.concatenate([[0], np.cumsum(self.lengths.numpy(), dtype=np.int64)])
+        pad_to = tokens if self.pad_to is not None else None
+        return [
+            StreamChunk(self.ids[starts[a] : starts[b]], self.lengths[a:b], self.max_length, pad_to)
+            for a, b in zip(cuts[:-1], cuts[1:])
+        ]
+
+    def bounds(self) -> Tensor:
+        """[segments] the lengths of the stream's segments: the texts, then a static shape's
+        tail (dummy texts of at most ``max_length`` tokens, then empty ones)."""
+        lengths = self.lengths.long()
+        tail = (self.pad_to or 0) - self.size
+        if tail <= 0:
+            return lengths
+        full, rest = divmod(tail, self.max_length)
+        pieces = [lengths, torch.full((full,), self.max_length, dtype=torch.long)]
+        pieces.append(torch.tensor([rest] if rest else [], dtype=torch.long))
+        count = sum(p.numel() for p in pieces)
+        pieces.append(torch.zeros(-count % SEGMENT_BUCKET, dtype=torch.long))
+        return torch.cat(pieces)
+
+    def features(self, device: torch.device | str) -> dict[str, Any]:
+        """The encoder's input on ``device``: int64 ``input_ids`` [width], ``position_ids``
+        (restarting at 0 for each text), ``cu_seqlens`` (int32 bounds), ``max_length`` and
+        ``texts`` (host ints)."""
+        segments = self.bounds()
+        width = int(segments.sum())
+        cu = torch.zeros(segments.numel() + 1, dtype=torch.int32)
+        cu[1:] = segments.cumsum(0)
+        ids = self.ids.to(device, non_blocking=True).long()
+        if width > self.size:
+            ids = torch.cat([ids, ids.new_zeros(width - self.size)])
+        segments, cu = segments.to(ids.device), cu.to(ids.device)
+        starts = torch.repeat_interleave(cu[:-1].long(), segments, output_size=width)
+        positions = torch.arange(width, device=ids.device) - starts
+        return {"input_ids": ids, "position_ids": positions, "cu_seqlens": cu,
+                "max_length": self.max_length, "texts": self.texts}  # fmt: skip
+
+    def layout(self) -> tuple:
+        return ("stream", self.texts, self.size, self.max_length, self.pad_to)
 
     @classmethod
-    def of(cls, chunks: list[TokenChunk]) -> PackedChunks:
-        shapes = [(*c.input_ids.shape, c.left_padding) for c in chunks]
+    def from_flat(cls, ids: Tensor, lengths: Tensor, layout: tuple) -> StreamChunk:
+        return cls(ids, lengths, *layout[3:])
+
+
+Chunk = TokenChunk | StreamChunk
+
+
+@dataclass
+class PackedChunks:
+    """One side's chunks as two flat tensors, ``ids`` (every chunk's ids, padded or streamed,
+    one chunk after another) and ``lengths``, with each chunk's layout (`TokenChunk.layout`,
+    `StreamChunk.layout`): the form in which a batch crosses from a DataLoader worker and is
+    pinned. A tensor per chunk would cost the receiving process a shared-memory handshake (and
+    a pinned allocation) each: measured on 2 CPU cores, receiving 1,024 chunks took 0.51-0.71 s
+    of the main process's CPU (1.1-2.3 s wall), packed 0.06-0.08 s
+    (`scripts/bench_batch_transfer.py`)."""
+
+    ids: Tensor
+    lengths: Tensor
+    layouts: list[tuple]
+
+    @classmethod
+    def of(cls, chunks: list[Chunk]) -> PackedChunks:
+        layouts = [c.layout() for c in chunks]
         if not chunks:
             return cls(torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.long), [])
-        ids = torch.cat([c.input_ids.reshape(-1) for c in chunks])
-        return cls(ids, torch.cat([c.lengths for c in chunks]), shapes)
+        ids = torch.cat([_flat_ids(c) for c in chunks])
+        return cls(ids, torch.cat([c.lengths for c in chunks]), layouts)
 
-    def chunks(self) -> list[TokenChunk]:
+    def chunks(self) -> list[Chunk]:
         """The chunks again, as views of the two tensors (no copy)."""
         out, at, row = [], 0, 0
-        for rows, width, left in self.shapes:
-            ids = self.ids[at : at + rows * width].view(rows, width)
-            out.append(TokenChunk(ids, self.lengths[row : row + rows], left))
-            at, row = at + rows * width, row + rows
+        for layout in self.layouts:
+            kind, rows = layout[:2]
+            numel = layout[2] * (layout[1] if kind == "padded" else 1)
+            chunk_class = TokenChunk if kind == "padded" else StreamChunk
+            ids, lengths = self.ids[at : at + numel], self.lengths[row : row + rows]
+            out.append(chunk_class.from_flat(ids, lengths, layout))
+            at, row = at + numel, row + rows
         return out
 
     def pin_memory(self) -> PackedChunks:
-        return PackedChunks(self.ids.pin_memory(), self.lengths.pin_memory(), self.shapes)
+        return PackedChunks(self.ids.pin_memory(), self.lengths.pin_memory(), self.layouts)
 
-    def holds(self, chunks: list[TokenChunk]) -> bool:
+    def holds(self, chunks: list[Chunk]) -> bool:
         """Whether ``chunks`` are still the views :meth:`chunks` made of these tensors."""
         base = self.ids.untyped_storage().data_ptr()
-        return len(chunks) == len(self.shapes) and all(
-            c.input_ids.untyped_storage().data_ptr() == base
-            and (*c.input_ids.shape, c.left_padding) == shape
-            for c, shape in zip(chunks, self.shapes)
+        return len(chunks) == len(self.layouts) and all(
+            _flat_ids(c).untyped_storage().data_ptr() == base and c.layout() == layout
+            for c, layout in zip(chunks, self.layouts)
         )
+
+
+def _flat_ids(chunk: Chunk) -> Tensor:
+    return chunk.input_ids.reshape(-1) if isinstance(chunk, TokenChunk) else chunk.ids
 
 
 @dataclass
@@ -166,8 +284,8 @@ class Batch:
     document i. ``candidate_ids`` are the documents' text ids in batch order.
     """
 
-    query_chunks: list[TokenChunk]
-    document_chunks: list[TokenChunk]
+    query_chunks: list[Chunk]
+    document_chunks: list[Chunk]
     query_order: Tensor
     document_order: Tensor
     candidate_ids: Tensor
@@ -218,9 +336,20 @@ def _unpack_batch(packed: tuple[PackedChunks, PackedChunks], *rest: Any) -> Batc
     return batch
 
 
+@dataclass(frozen=True)
+class Packing:
+    """How a Collator cuts padding-free chunks (`StreamChunk`); its chunk size then counts
+    real tokens. ``max_length``: the longest a text of either side can be; ``static``: pad every
+    stream to the budget (one shape per chunk)."""
+
+    max_length: int
+    static: bool = False
+
+
 class Collator:
     """Groups of token rows ``(query, positive, [negatives])`` -> a ``Batch``: a gather, a sort
-    by token length and a pad per chunk (it runs in the DataLoader's workers)."""
+    by token length and, per chunk, a pad (``chunk_size`` texts) or, with ``packing``, a
+    concatenation (``chunk_size`` tokens). It runs in the DataLoader's workers."""
 
     def __init__(
         self,
@@ -229,39 +358,67 @@ class Collator:
         tokenizer: Any,
         chunk_size: int,
         sort_by_length: bool = True,
+        packing: Packing | None = None,
     ) -> None:
         self.queries, self.documents = queries, documents
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.left_padding = tokenizer.padding_side == "left"
         self.chunk_size = chunk_size
         self.sort_by_length = sort_by_length
+        self.packing = packing
 
     @classmethod
-    def of(cls, dataset: Any, tokenizer: Any, chunk_size: int, sort_by_length: bool) -> Collator:
+    def of(
+        cls,
+        dataset: Any,
+        tokenizer: Any,
+        chunk_size: int,
+        sort_by_length: bool,
+        packing: Packing | None = None,
+    ) -> Collator:
         """The Collator of a dataset's token pools (``queries``, ``documents``)."""
-        return cls(dataset.queries, dataset.documents, tokenizer, chunk_size, sort_by_length)
+        return cls(
+            dataset.queries, dataset.documents, tokenizer, chunk_size, sort_by_length, packing
+        )
 
-    def _chunks(self, pool: TextPool, rows: np.ndarray) -> tuple[list[TokenChunk], Tensor]:
+    def _chunks(self, pool: TextPool, rows: np.ndarray) -> tuple[list[Chunk], Tensor]:
         assert pool.table is not None
         lengths = pool.table.lengths[rows]
         if self.sort_by_length:  # longest first: an out-of-memory shows on the first chunk
             order = np.argsort(-lengths, kind="stable")
         else:
             order = np.arange(len(rows))
-        chunks = []
-        for start in range(0, len(rows), self.chunk_size):
-            picked = rows[order[start : start + self.chunk_size]]
-            ids = pool.table.padded(picked, self.pad_id, left=self.left_padding)
-            chunks.append(
-                TokenChunk(
-                    torch.from_numpy(ids),
-                    torch.from_numpy(pool.table.lengths[picked]),
-                    self.left_padding,
-                )
-            )
+        if self.packing is not None:
+            chunks = self._streams(pool, rows[order], lengths[order])
+        else:
+            chunks = [
+                self._padded(pool, rows[order[start : start + self.chunk_size]])
+                for start in range(0, len(rows), self.chunk_size)
+            ]
         position = torch.empty(len(rows), dtype=torch.long)
         position[torch.from_numpy(order)] = torch.arange(len(rows))
         return chunks, position
+
+    def _padded(self, pool: TextPool, picked: np.ndarray) -> TokenChunk:
+        ids = pool.table.padded(picked, self.pad_id, left=self.left_padding)
+        lengths = torch.from_numpy(pool.table.lengths[picked])
+        return TokenChunk(torch.from_numpy(ids), lengths, self.left_padding)
+
+    def _streams(self, pool: TextPool, rows: np.ndarray, lengths: np.ndarray) -> list[Chunk]:
+        packing, budget = self.packing, self.chunk_size
+        cuts = stream_cuts(lengths, budget)
+        ids = torch.from_numpy(pool.table.concatenated(rows))
+        starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        pad_to = budget if packing.static else None
+        return [
+            StreamChunk(
+                ids[starts[a] : starts[b]],
+                torch.from_numpy(lengths[a:b]),
+                packing.max_length,
+                pad_to,
+            )  # fmt: skip
+            for a, b in zip(cuts[:-1], cuts[1:])
+        ]
 
     def __call__(self, groups: Iterable[tuple[int, int, list[int]]]) -> Batch:
         groups = list(groups)

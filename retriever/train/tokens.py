@@ -69,6 +69,15 @@ class TokenTable:
         out[row_of, column] = self.ids[source]
         return out
 
+    def concatenated(self, rows: np.ndarray) -> np.ndarray:
+        """[sum of their lengths] int32 token ids of ``rows``, one after another (a
+        padding-free stream): one vectorised gather."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.lengths[rows].astype(np.int64)
+        starts = np.cumsum(lengths) - lengths
+        within = np.arange(int(lengths.sum())) - np.repeat(starts, lengths)
+        return np.asarray(self.ids[np.repeat(self.offsets[rows], lengths) + within], np.int32)
+
     @classmethod
     def concatenate(cls, tables: Sequence[TokenTable]) -> TokenTable:
         ids = np.concatenate([np.asarray(t.ids) for t in tables])
