@@ -67,10 +67,16 @@ def example_from_record(record: Mapping[str, Any], where: str) -> Example:
     positive_key = next((k for k in POSITIVE_KEYS if k in record), None)
     if query_key is None or positive_key is None:
         missing = "query" if query_key is None else "pos"
+        hint = ""
+        if {"sentence1", "sentence2"} <= set(record):
+            hint = (
+                "; these look like STS pairs (sentence1, sentence2, score): train on them as a "
+                "source with task: sts, e.g. data.train: [{path: ..., task: sts}]"
+            )
         raise DataError(
             f"{where}: missing field '{missing}' (expected {'/'.join(QUERY_KEYS)}, "
             f"{'/'.join(POSITIVE_KEYS)} and optional {'/'.join(NEGATIVE_KEYS)}; "
-            f"found {sorted(record)})"
+            f"found {sorted(record)}){hint}"
         )
     query = record[query_key]
     if not isinstance(query, str) or not query.strip():

@@ -10,8 +10,11 @@ embedders expect).
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from retriever.data.texts import read_jsonl
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,14 +66,29 @@ def load_sts(spec: str | os.PathLike, split: str = "test") -> STSTask:
         where = f"{path}:{line_no}"
         a, b, score = obj.get("sentence1"), obj.get("sentence2"), obj.get("score")
         if not isinstance(a, str) or not isinstance(b, str) or not a.strip() or not b.strip():
-            raise ValueError(f"{where}: 'sentence1' and 'sentence2' must be non-empty strings")
+            hint = ""
+            if "sentence1" not in obj and {"query", "anchor"} & set(obj):
+                hint = (
+                    " (this line looks like a retrieval example: give its source task: retrieval)"
+                )
+            raise ValueError(
+                f"{where}: 'sentence1' and 'sentence2' must be non-empty strings{hint}"
+            )
         if isinstance(score, bool) or not isinstance(score, (int, float)):
             raise ValueError(f"{where}: 'score' must be a number, got {score!r}")
+        if not math.isfinite(score):
+            raise ValueError(f"{where}: 'score' must be a finite number, got {score!r}")
         first.append(a)
         second.append(b)
         scores.append(float(score))
     if len(scores) < 2:
         raise ValueError(f"{path}: an STS task needs at least 2 pairs, found {len(scores)}")
+    if len(set(scores)) == 1:
+        logger.warning(
+            "%s: all %d scores are %g: correlations with them are undefined (nan) and a CoSENT "
+            "loss learns nothing from these pairs",
+            path, len(scores), scores[0],
+        )  # fmt: skip
     name = path.parent.name if path.name.startswith(split) else path.stem
     return STSTask(name, split, first, second, np.asarray(scores, dtype=np.float64))
 
@@ -88,14 +108,21 @@ def evaluate_sts(encoder: Any, task: STSTask, *, batch_size: int = 64, show_prog
     a = vectors[[row[t] for t in task.first]]
     b = vectors[[row[t] for t in task.second]]
     cosine = (a * b).sum(axis=1)
-    spearman = float(spearmanr(cosine, task.scores).statistic)
+    with warnings.catch_warnings():  # constant inputs: nan, and said once (load_sts, below)
+        warnings.simplefilter("ignore")
+        spearman = float(spearmanr(cosine, task.scores).statistic)
+        pearson = float(pearsonr(cosine, task.scores).statistic)
+    if np.ptp(cosine) == 0:
+        logger.warning("%s: every pair has the same cosine similarity (%g): the model embeds "
+                       "all sentences alike; the correlations are undefined (nan)",
+                       task.name, cosine[0])  # fmt: skip
     return {
         "task": task.name,
         "split": task.split,
         "task_type": "sts",
         "main_score": spearman,
         "spearman": spearman,
-        "pearson": float(pearsonr(cosine, task.scores).statistic),
+        "pearson": pearson,
         "num_pairs": len(task.scores),
         "seconds": time.perf_counter() - start,
     }

@@ -1,4 +1,4 @@
-"""LoRA adapters through peft (``pip install "retriever[lora]"``): only the adapters train, and
+"""LoRA adapters through peft (``pip install "retriever-train[lora]"``): only the adapters train, and
 the saved model is the merged network, which loads without peft.
 
     model = add_lora(model, {"r": 16, "alpha": 32, "dropout": 0.05,
@@ -32,7 +32,7 @@ def add_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise ImportError(
-            'model.lora needs peft: pip install "retriever[lora]" (or pip install peft)'
+            'model.lora needs peft: pip install "retriever-train[lora]" (or pip install peft)'
         ) from None
     r = int(options.get("r", 8))
     config = LoraConfig(

@@ -16,7 +16,7 @@ import torch
 
 from retriever.fileio import directory_problem
 from retriever.loss import InfoNCELoss
-from retriever.model import Encoder, ModelNotFoundError
+from retriever.model import Encoder, EncoderSettings, ModelNotFoundError
 from retriever.model.network import max_length_problems
 from retriever.train.config import ConfigError, TrainConfig
 from retriever.train.data import TrainSet
@@ -143,10 +143,11 @@ def _load_encoder(m: Any, kwargs: dict[str, Any]) -> Encoder:
     )
 
 
-def build_miner(config: TrainConfig, train_set: TrainSet) -> Any:
-    """The dynamic miner ``config.mining`` asks for; data.train must be a mined file."""
+def build_miner(config: TrainConfig, train_set: TrainSet, settings: EncoderSettings) -> Any:
+    """The dynamic miner ``config.mining`` asks for; data.train must be a mined file, mined
+    with the encoder ``settings`` the run trains with."""
     from retriever.mining.dynamic import DynamicMiner
-    from retriever.mining.files import MiningDataError
+    from retriever.mining.files import MiningDataError, read_meta
 
     if not str(config.data.train).endswith((".jsonl", ".jsonl.gz")):
         raise ConfigError(
@@ -154,11 +155,45 @@ def build_miner(config: TrainConfig, train_set: TrainSet) -> Any:
             f"written by `retriever mine` (with ranked candidate lists), got {config.data.train!r}"
         )
     try:
+        _check_mined_with(config, read_meta(config.data.train).get("encoder"), settings)
         return DynamicMiner.from_mined_file(
             config.data.train, train_set, config.mining, corpus=config.mining.corpus
         )
     except MiningDataError as exc:
         raise ConfigError(f"mining.dynamic: {exc}") from None
+
+
+# EncoderSettings field -> the option that sets it in training (None: the model's own)
+_MINED_SETTINGS = {
+    "query_prefix": "model.query_prefix",
+    "document_prefix": "model.document_prefix",
+    "query_max_length": "model.query_max_length",
+    "document_max_length": "model.document_max_length",
+    "pooling": "model.pooling",
+    "normalize": "model.normalize",
+    "do_lower_case": None,
+    "truncate_dim": None,
+}
+
+
+def _check_mined_with(config: TrainConfig, mined: Any, settings: EncoderSettings) -> None:
+    """Re-mining compares each negative's score now with its score when mined: under other
+    prefixes or max lengths the scores move with the model unchanged, and most negatives would
+    be replaced at the first pass."""
+    if not isinstance(mined, dict):
+        return  # mined by a version that did not record them
+    for name, option in _MINED_SETTINGS.items():
+        ours = getattr(settings, name)
+        if name not in mined or mined[name] == ours:
+            continue
+        fix = f"Set {option}: {mined[name]!r}" if option else "Train the model that was mined"
+        raise ConfigError(
+            f"{config.where(option or 'mining.dynamic')}: mining.dynamic: {config.data.train} "
+            f"was mined with {name} = {mined[name]!r} (its .meta.json), this run trains with "
+            f"{name} = {ours!r}: re-scoring under other settings moves every score, and most "
+            "negatives would be replaced at the first re-mine with the model unchanged. "
+            f"{fix}, or mine again with the settings of this run"
+        )
 
 
 def build_loss(

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retriever.fileio import atomic_directory, partial_path, publish
+from retriever.fileio import atomic_directory, partial_path, publish, write_failure_reason
 from retriever.train.run_directory import RunError, list_checkpoints, write_manifest
 
 
@@ -30,13 +30,15 @@ def save_checkpoint(accelerator: Any, path: Path, files: dict[str, str]) -> Path
                 (partial / name).write_text(text, encoding="utf-8")
             write_manifest(partial, int(path.name[5:]))
             publish(partial, path)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # the serialisers word a full disk in their own exceptions
+        reason = write_failure_reason(exc, path)  # before the space is freed again
         shutil.rmtree(partial, ignore_errors=True)
         newest = list_checkpoints(path.parent.parent)
         raise RunError(
-            f"{path}: could not write the checkpoint ({exc}); "
+            f"{path}: could not write the checkpoint ({reason}); it was "
+            "removed, and "
             + (f"the newest complete one is {newest[-1]}" if newest else "none is complete")
-        ) from None
+        ) from exc
     return path
 
 

@@ -12,6 +12,7 @@ Every option of the config can be given on the command line as ``--section.optio
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     )
     logging.getLogger("retriever").setLevel(logging.INFO)
     from retriever.data.examples import DataError
+    from retriever.fileio import WriteFailed, write_failure_reason
     from retriever.train.run_directory import RunError
 
     try:
@@ -60,8 +62,18 @@ def run(args: argparse.Namespace) -> int:
         from retriever.train.trainer import train
 
         train(config, resume=args.resume, overwrite=args.overwrite)
-    except (ConfigError, DataError, RunError) as exc:
+    except (ConfigError, DataError, RunError, WriteFailed) as exc:
         print(f"retriever train: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"retriever train: error: {exc.filename or 'a file'}: {write_failure_reason(exc)}; "
+            "the run directory holds its newest complete checkpoint (free some space, then "
+            "continue with --resume)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from retriever.train.options import SECTIONS, ConfigError
 
 if TYPE_CHECKING:
     from retriever.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 REQUIRED = {
     "model.name_or_path": "--model",
@@ -39,6 +43,12 @@ def _check_sources(config: TrainConfig) -> list:
         raise ConfigError(
             f"{config.where('mining.dynamic')}: mining.dynamic re-mines one retrieval source; "
             "data.train lists several"
+        )
+    if all(source.loss_weight == 0 for source in sources):
+        raise ConfigError(
+            f"{config.where('data.train')}: data.train: every source has loss_weight 0, so the "
+            "loss is 0 and nothing would be trained; give at least one source a loss_weight "
+            "> 0 (or leave it unset: its share of the batch)"
         )
     return sources
 
@@ -199,6 +209,48 @@ def _check_metric(config: TrainConfig) -> None:
         )
 
 
+# option -> (whether this config uses it, what would use it)
+_USED_ONLY_WITH: dict[str, tuple[Callable[[TrainConfig, list], bool], str]] = {
+    "loss.gcl_gamma_min": (lambda c, s: c.loss.objective == "gcl", "loss.objective: gcl"),
+    "loss.gcl_decay_steps": (lambda c, s: c.loss.objective == "gcl", "loss.objective: gcl"),
+    "loss.sigmoid_bias": (lambda c, s: c.loss.objective == "sigmoid", "loss.objective: sigmoid"),
+    "loss.teacher_temperature": (lambda c, s: c.loss.distill_weight > 0, "loss.distill_weight > 0"),
+    "loss.cosent_scale": (
+        lambda c, s: any(x.task == "sts" for x in s),
+        "a data.train source with task: sts",
+    ),
+    "training.save_total_limit": (
+        lambda c, s: c.training.save_checkpoints,
+        "training.save_checkpoints: true",
+    ),
+    "training.memory_gb": (
+        lambda c, s: "auto" in (c.training.chunk_size, c.training.embed_chunk_size),
+        "training.chunk_size or training.embed_chunk_size: auto",
+    ),
+    **{
+        f"mining.{f.name}": (lambda c, s: c.mining.dynamic, "mining.dynamic: true")
+        for f in dataclasses.fields(SECTIONS["mining"])
+        if f.name != "dynamic"
+    },
+    **{
+        f"eval.{f.name}": (lambda c, s: bool(c.eval.data), "eval.data")
+        for f in dataclasses.fields(SECTIONS["eval"])
+        if f.name != "data"
+    },
+}
+
+
+def warn_unused(config: TrainConfig, sources: list) -> list[str]:
+    """Warn of each option set (in the file or on the command line) that this configuration
+    never reads; returns the warnings."""
+    said = []
+    for key, (used, user) in _USED_ONLY_WITH.items():
+        if key in config.sources and not used(config, sources):
+            said.append(f"{config.where(key)}: {key} does nothing here: it is used with {user}")
+            logger.warning(said[-1])
+    return said
+
+
 def _expected(f: dataclasses.Field, kind: type) -> str:
     """What the bounds of field ``f`` ask for, in words."""
     meta = f.metadata
@@ -240,7 +292,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     """Bounds and cross-field checks that single values cannot make; errors name where each
     value was set."""
     for key, flag in REQUIRED.items():
-        if not config.get(key):
+        if config.get(key) in (None, ""):  # an empty list of sources says so itself, below
             raise ConfigError(f"{key} is required: set it in the config file or pass {flag}")
     check_bounds(config)
     sources = _check_sources(config)
@@ -276,6 +328,12 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"{config.where('mining.dynamic')}: mining.dynamic re-mines hard negatives, but "
             "data.negatives is 0 (in-batch negatives only); set data.negatives"
         )
+    if config.training.save_steps and not config.training.save_checkpoints:
+        raise ConfigError(
+            f"{config.where('training.save_steps')}: training.save_steps asks for checkpoints "
+            f"but training.save_checkpoints is false ({config.where('training.save_checkpoints')})"
+        )
+    warn_unused(config, sources)
     for tracker in config.training.report_to:
         if tracker not in ("tensorboard", "wandb"):
             raise ConfigError(

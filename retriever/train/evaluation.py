@@ -34,8 +34,45 @@ def load_eval_tasks(config: TrainConfig) -> list[Any]:
             if isinstance(exc, FileNotFoundError) and f"qrels/{config.eval.split}.tsv" in str(exc):
                 key = "eval.split"
             raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
+    _name_uniquely(config, tasks, specs)
+    _default_metric(config, tasks)
     _check_metric_task(config, tasks)
     return tasks
+
+
+def _name_uniquely(config: TrainConfig, tasks: list[Any], specs: list[str]) -> None:
+    """Tasks whose folders share a name (``v1/scifact``, ``v2/scifact``) are named by as much of
+    their path as tells them apart: each task's scores are logged under its name."""
+    names = [task.name for task in tasks]
+    clashing = {name for name in names if names.count(name) > 1}
+    if not clashing:
+        return
+    parts = [Path(str(spec).rstrip("/")).parts for spec in specs]
+    for depth in range(2, max(map(len, parts)) + 1):
+        longer = ["/".join(p[-depth:]) if n in clashing else n for p, n in zip(parts, names)]
+        if len(set(longer)) == len(longer):
+            for task, name in zip(tasks, longer):
+                task.name = name
+            return
+    first = names.index(next(iter(clashing)))
+    again = names.index(names[first], first + 1)
+    raise ConfigError(
+        f"{config.where(f'eval.data[{again}]')}: eval.data[{again}]: the same task as "
+        f"eval.data[{first}] ({specs[first]}); list each task once"
+    )
+
+
+def _default_metric(config: TrainConfig, tasks: list[Any]) -> None:
+    """eval.metric left at its default picks what the tasks report: nDCG@10 of one retrieval
+    task, the main score (Spearman) of one STS task, the mean of the main scores of several."""
+    from retriever.eval.sts import STSTask
+
+    if not tasks or config.where("eval.metric") != "default":
+        return
+    if len(tasks) > 1:
+        config.eval.metric = "mean_main_score"
+    elif isinstance(tasks[0], STSTask):
+        config.eval.metric = "main_score"
 
 
 def _check_metric_task(config: TrainConfig, tasks: list[Any]) -> None:
@@ -96,7 +133,10 @@ def evaluate_step(
     metric = config.eval.metric
     result: list[Any] = [None]
     if acc.is_main_process or sharding is not None:
-        scores, details = score_tasks(encoder, tasks, config.eval.batch_size, config.eval.index)
+        show = acc.is_local_main_process
+        scores, details = score_tasks(
+            encoder, tasks, config.eval.batch_size, config.eval.index, show_progress=show
+        )
         result = [scores]
     result = broadcast_object_list(result) if acc.num_processes > 1 else result
     scores = result[0]
@@ -118,16 +158,21 @@ def evaluate_step(
 
 
 def score_tasks(
-    encoder: Any, tasks: list[Any], batch_size: int, index: str = "flat"
+    encoder: Any,
+    tasks: list[Any],
+    batch_size: int,
+    index: str = "flat",
+    show_progress: bool = False,
 ) -> tuple[dict, dict]:
     """(numeric scores, full results): one task's keys as they are; several tasks' prefixed
-    with the task's name, plus the mean of their main scores."""
+    with the task's name, plus the mean of their main scores. ``show_progress``: a progress bar
+    for each task's encoding."""
     from retriever.eval.tasks import run_task
 
     results = {}
     for task in tasks:
         results[task.name] = run_task(
-            encoder, task, batch_size=batch_size, index=index, show_progress=False
+            encoder, task, batch_size=batch_size, index=index, show_progress=show_progress
         )
     numeric = {name: _numbers(r) for name, r in results.items()}
     if len(tasks) == 1:

@@ -89,6 +89,21 @@ class ModelArguments:
         "Run the model's LayerNorms with retriever's Triton kernels (forward and backward "
         "fused; same parameters and results); null: on when a CUDA GPU is present.",
     )
+    padding_free: bool = _opt(
+        True,
+        "Embed each chunk's texts as one token stream without padding (training.chunk_tokens "
+        "tokens a chunk; attention within each text by a varlen kernel), where the model "
+        "supports it; a model that does not trains on length-sorted padded chunks, with one "
+        "line saying why. false: padded chunks of training.chunk_size texts.",
+    )
+    compile: str | None = _opt(
+        None,
+        "torch.compile the network's layers for padding-free chunks (fuses the work between "
+        "matrix products: bias + GELU, dropout + residual + LayerNorm, casts): dynamic (one "
+        "graph for every stream length), static (every stream padded to the chunk's token "
+        "budget: one shape), cudagraphs (static, replayed as CUDA graphs), off. null: off.",
+        choices=("off", "dynamic", "static", "cudagraphs"),
+    )
     append_eos: bool = _opt(
         False,
         "End every text with the tokenizer's EOS token (decoder embedders with last-token "
@@ -235,6 +250,15 @@ class TrainingArguments:
         "(measured on the GPU at the start; 64 on CPU).",
         min=1,
     )
+    chunk_tokens: int | str | None = _opt(
+        None,
+        "Real tokens per forward and backward pass of the gradient pass with padding-free "
+        "chunks (model.padding_free); a text longer than this gets a chunk of its own. auto: "
+        "the most that training.memory_gb allows (measured on the GPU at the start); null: "
+        "training.chunk_size texts of the longest max length (auto: auto). "
+        "training.embed_chunk_size, given, then counts texts of the longest max length.",
+        min=1,
+    )
     embed_chunk_size: int | str | None = _opt(
         None,
         "Texts per forward pass of the no-grad pass, which keeps no activations and so can be "
@@ -301,6 +325,11 @@ class TrainingArguments:
         "Save a resumable checkpoint every N steps (and always at the end); null: at the end.",
         min=1,
     )
+    save_checkpoints: bool = _opt(
+        True,
+        "Save resumable checkpoints (model, optimizer, RNG: about 3x the model's size each). "
+        "false: only final/ and best/, for quick runs that will not be resumed.",
+    )
     save_total_limit: int | None = _opt(
         2,
         "Keep only the newest N step checkpoints (best/ and final/ are kept); null: all.",
@@ -346,7 +375,12 @@ class EvalArguments:
         "N in all (quick runs; not comparable with MTEB).",
         min=1,
     )
-    metric: str = _opt("ndcg_at_10", "Metric that picks the best checkpoint (higher is better).")
+    metric: str = _opt(
+        "ndcg_at_10",
+        "Metric that picks the best checkpoint (higher is better): a metric of the one task, "
+        "TASK/METRIC, or mean_main_score. Left unset: ndcg_at_10 for a retrieval task, "
+        "main_score (Spearman) for an STS task, mean_main_score for several tasks.",
+    )
     index: str = _opt(
         "flat",
         "Search of retrieval tasks: flat (exact faiss) or torch (exact matrix products in "

@@ -13,6 +13,7 @@ import yaml
 from retriever.train.config import TrainConfig, apply_mapping, differing_options
 from retriever.train.run_directory import (
     CHECKPOINTS,
+    MARKER,
     RunDirectory,
     RunError,
     newest_valid_checkpoint,
@@ -76,6 +77,7 @@ def plan_run_directory(
     ``--overwrite`` (put back if this start fails first)."""
     output_dir = Path(config.training.output_dir)
     run = RunDirectory(output_dir)
+    _refuse_foreign(run)
     if resume:
         if overwrite:
             raise RunError("--resume and --overwrite contradict each other; pick one")
@@ -108,6 +110,25 @@ def plan_run_directory(
             "continue it or --overwrite to replace it"
         )
     return None
+
+
+def _refuse_foreign(run: RunDirectory) -> None:
+    """A start writes (and ``--overwrite`` replaces) the files of `RUN_ARTIFACTS`: one of those
+    names that a person put there stops it, whatever the flags."""
+    foreign = run.foreign_artifacts()
+    if foreign:
+        names = ", ".join(str(p) for p in foreign)
+        hint = (
+            " (keep a config beside the run, e.g. as train.yaml)"
+            if any(p.name == "config.yaml" for p in foreign)
+            else ""
+        )
+        raise RunError(
+            f"{names}: not written by retriever ({run.path} has no {MARKER}), and a run writes "
+            f"its own files under {'these names' if len(foreign) > 1 else 'that name'} there: "
+            f"move {'them' if len(foreign) > 1 else 'it'} elsewhere{hint} or choose another "
+            "training.output_dir"
+        )
 
 
 def saved_state(checkpoint: Path) -> dict:

@@ -22,6 +22,12 @@ the old one back, also when it was killed (the next start in that directory repa
 * ``.replaced-run/``: the old run, whole. With a complete checkpoint beside it the new run
   succeeded and it is deleted; otherwise the new run's files are removed and it goes back.
 * ``.restoring-run/``: putting it back was interrupted (the new run's files are already gone).
+
+Only what a start of ours wrote is ever moved or replaced: every start writes ``.retriever-run``
+before anything else, and the names of `RUN_ARTIFACTS` in a directory without it (a user's own
+``logs/`` or ``config.yaml``) stop the start, named, unless they are provably ours (a
+``config.yaml`` that is exactly a config we dump, a ``checkpoints/`` of step directories: runs of
+versions before the marker).
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from retriever.fileio import (
     directory_problem,
@@ -39,6 +48,7 @@ from retriever.fileio import (
     fsync_directory,
     write_text_atomically,
 )
+from retriever.train.options import SECTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +70,7 @@ RUN_ARTIFACTS = (
 LOGS_BY_STEP = ("log.jsonl", "eval.jsonl", "mining.jsonl")
 SETTING_ASIDE, REPLACED, RESTORING = ".replaced-run.partial", ".replaced-run", ".restoring-run"
 LOCK = ".lock"
+MARKER = ".retriever-run"
 
 
 class RunError(RuntimeError):
@@ -204,6 +215,35 @@ class RunDirectory:
     def artifacts(self) -> list[str]:
         return [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
 
+    def foreign_artifacts(self) -> list[Path]:
+        """Files and folders here under the names a run writes that no start of ours can be
+        shown to have written (a user's own ``logs/`` or ``config.yaml``): a start must neither
+        remove nor replace them."""
+        present = self.artifacts()
+        if (self.path / MARKER).is_file():
+            return []
+        # A run of a version before the marker proves itself by what only we write.
+        older_run = any(self._provably_ours(name) for name in present)
+        return [
+            self.path / name
+            for name in present
+            if not self._provably_ours(name) and (name == "config.yaml" or not older_run)
+        ]
+
+    def _provably_ours(self, name: str) -> bool:
+        path = self.path / name
+        if name == "config.yaml":
+            return _is_dumped_config(path)
+        if name == CHECKPOINTS:
+            return path.is_dir() and all(_STEP_ENTRY.fullmatch(p.name) for p in path.iterdir())
+        return False
+
+    def mark(self) -> None:
+        """Record that the run files here are ours (before the start writes any)."""
+        if not (self.path / MARKER).is_file():
+            text = json.dumps({"written_by": "retriever train", "run_files": RUN_ARTIFACTS})
+            write_text_atomically(self.path / MARKER, text + "\n")
+
     def holds_results(self) -> bool:
         """Whether the run here saved anything worth keeping: a checkpoint, ``final/``, or a
         ``best/`` from after training began (not the start's own evaluation at step 0)."""
@@ -218,7 +258,8 @@ class RunDirectory:
     def lock(self) -> None:
         """Hold the directory for this process: a second ``retriever train`` on it (a refused
         start too) stops at once instead of touching a live run. Released by :meth:`unlock`,
-        or by the system when the process dies."""
+        or by the system the moment this process dies: a POSIX record lock belongs to the
+        process alone, where a ``flock`` would live on in forked DataLoader workers."""
         problem = directory_problem(self.path)
         if problem:
             raise RunError(f"training.output_dir: {problem}")
@@ -228,7 +269,7 @@ class RunDirectory:
         try:
             import fcntl
 
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # no fcntl (Windows): no protection against a second process
             pass
         except OSError:
@@ -276,9 +317,9 @@ class RunDirectory:
             aside.rmdir()
             return f"{self.path}: put back the run that an interrupted --overwrite was moving aside"
         if replaced.is_dir():
-            if list_checkpoints(self.path):
+            if list_checkpoints(self.path) or (self.path / "final").is_dir():
                 shutil.rmtree(replaced)
-                return None  # the replacing run had published a checkpoint: it stands
+                return None  # the replacing run had published a checkpoint or final/: it stands
             self._remove_artifacts()
             os.replace(replaced, restoring)
         if restoring.is_dir():
@@ -320,3 +361,19 @@ class RunDirectory:
     def write_config(self, text: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomically(self.path / "config.yaml", text)
+
+
+_STEP_ENTRY = re.compile(r"step-\d+|\.step-\d+\.(partial|deleting|old)")
+
+
+def _is_dumped_config(path: Path) -> bool:
+    """Whether ``path`` is exactly what `TrainConfig.to_yaml` writes (no comment, no other
+    layout): a config.yaml of a run, not one a person wrote."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    if not isinstance(values, dict) or list(values) != list(SECTIONS):
+        return False
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True) == text

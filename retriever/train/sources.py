@@ -116,10 +116,19 @@ def _parse(config: Any, index: int, entry: Any) -> Source:
     return source
 
 
+FORMATS = ("auto", "jsonl", "beir", "datasets")
+
+
 def _check(source: Source, where: str, label: str) -> None:
     if source.task not in TASKS:
         tasks = ", ".join(TASKS)
         raise SourceError(f"{where}: {label}: task: {source.task!r} is not one of {tasks}")
+    if source.format not in FORMATS:
+        close = difflib.get_close_matches(source.format, FORMATS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise SourceError(
+            f"{where}: {label}: format: {source.format!r} is not one of {', '.join(FORMATS)}{hint}"
+        )
     if not (math.isfinite(source.weight) and source.weight > 0):
         raise SourceError(f"{where}: {label}: weight: expected a number > 0, got {source.weight}")
     if source.loss_weight is not None and not (

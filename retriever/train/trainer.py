@@ -162,7 +162,7 @@ class Trainer:
         self.train_set = self.datasets[0]
         self.miner = None
         if config.mining.dynamic:  # keeps the hard negatives hard: retriever/mining/dynamic.py
-            self.miner = build_miner(config, self.train_set)
+            self.miner = build_miner(config, self.train_set, self.encoder.settings)
 
     def _prepare_optimization(self) -> None:
         """Optimizer and schedule, and what a checkpoint holds."""
@@ -190,6 +190,7 @@ class Trainer:
                     ", ".join(self.run_dir.artifacts()),
                 )
             self.run_dir.set_aside()
+        self.run_dir.mark()
         if self.resume_from is not None:
             truncate_logs(self.output_dir, self.state.step)
         self.run_dir.write_config(self.config.to_yaml())
@@ -374,7 +375,8 @@ class Trainer:
         acc, cfg, state = self.accelerator, self.config, self.state
         if self.tasks and state.evaluated_step != state.step:
             evaluations.append(self.evaluate())
-        self.save_checkpoint()
+        if cfg.training.save_checkpoints:
+            self.save_checkpoint()
         final = self.output_dir / "final"
         sharding, main = self.sharding, acc.is_main_process
         whole = sharding.whole_encoder(main) if sharding else acc.unwrap_model(self.model)
@@ -383,6 +385,7 @@ class Trainer:
             card = model_card(cfg, self.sources, self.shares, state, last)
             adapter = self.output_dir / "final-adapter" if cfg.model.save_adapter else None
             save_final(whole, self.master, final, card, adapter)
+            self.run_dir.discard_replaced()  # without checkpoints, final/ stands for the run
             if cfg.training.push_to_hub:
                 where = cfg.where("training.push_to_hub")
                 url = push_final(final, cfg.training.push_to_hub, where)
