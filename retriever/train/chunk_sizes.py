@@ -1,4 +1,5 @@
-"""How many texts the embedding cache embeds per forward pass: given, or ``auto``.
+"""How much the embedding cache embeds per forward pass (texts, or real tokens for padding-free
+chunks): given, or ``auto``; and whether the chunks are padding-free.
 
 The gradient pass keeps one chunk's activations for its backward, so its size is what the
 memory allows; the no-grad pass keeps none, so its chunks can be far larger, and fewer, larger
@@ -11,16 +12,25 @@ embedding and embedding gradient. On CPU, ``auto`` is 64.
 Different chunkings of the two passes draw different dropout masks, so the cached gradient is
 exact only for a network without dropout: with dropout, a given ``embed_chunk_size`` that
 differs from ``chunk_size`` is refused and ``auto`` keeps them equal.
+
+Padding-free chunks (``model.padding_free``, `retriever.model.packed`): where the model runs
+packed (a probe says; otherwise one line says why and the run keeps padded chunks), a chunk is
+a budget of real tokens, ``training.chunk_tokens``: given, ``auto`` (measured per token as above),
+or ``chunk_size`` texts of the longest max length; the no-grad pass's budget is
+``embed_chunk_size`` texts of that length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from retriever.train.batches import Packing, StreamChunk
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +47,15 @@ class ChunkSizeError(ValueError):
 
 @dataclass(frozen=True)
 class ChunkSizes:
-    grad: int  # texts per forward + backward of the gradient pass
-    embed: int  # texts per forward of the no-grad pass
+    grad: int  # texts (tokens, with packing) per forward + backward of the gradient pass
+    embed: int  # texts (tokens, with packing) per forward of the no-grad pass
     measured: dict[str, float] | None = None  # what auto measured (bytes), for the log
+    packing: Packing | None = None  # padding-free chunks: the sizes count real tokens
+
+    def record(self) -> list[int]:
+        """What a checkpoint keeps: [grad, embed], and a third entry 1 when they count
+        tokens (so a resumed run never reads one unit as the other)."""
+        return [self.grad, self.embed, 1] if self.packing else [self.grad, self.embed]
 
 
 def fixed_costs(model: torch.nn.Module, bf16_weights: bool, texts: int, dim: int) -> int:
@@ -62,6 +78,34 @@ def probe_bytes_per_text(
     ``PROBE_TEXTS`` texts of ``length`` tokens, per text."""
     ids = torch.randint(1000 % vocab_size, vocab_size, (PROBE_TEXTS, length), device=device)
     features = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "no_padding": True}
+    return probe_bytes(embed, model, device, features, grad) / PROBE_TEXTS
+
+
+def probe_bytes_per_token(
+    embed: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    model: torch.nn.Module,
+    device: torch.device,
+    packing: Packing,
+    vocab_size: int,
+    grad: bool,
+) -> float:
+    """Peak memory of one pass over a token stream of ``PROBE_TEXTS`` texts of the longest
+    max length, per token."""
+    tokens = PROBE_TEXTS * packing.max_length
+    ids = torch.randint(1000 % vocab_size, vocab_size, (tokens,), dtype=torch.int32)
+    lengths = torch.full((PROBE_TEXTS,), packing.max_length, dtype=torch.int32)
+    chunk = StreamChunk(ids, lengths, packing.max_length, tokens if packing.static else None)
+    return probe_bytes(embed, model, device, chunk.features(device), grad) / tokens
+
+
+def probe_bytes(
+    embed: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    model: torch.nn.Module,
+    device: torch.device,
+    features: dict,
+    grad: bool,
+) -> float:
+    """Peak memory of one forward (and backward, with ``grad``) of ``features``."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
@@ -73,7 +117,7 @@ def probe_bytes_per_text(
     peak = torch.cuda.max_memory_allocated(device) - base
     for p in model.parameters():
         p.grad = None
-    return peak / PROBE_TEXTS
+    return peak
 
 
 def plan_chunk_sizes(
@@ -84,15 +128,20 @@ def plan_chunk_sizes(
     device: torch.device,
     measure: Callable[[bool], float] | None = None,
     available: Callable[[], int] | None = None,
+    per_text: int = 1,
+    grad_option: str = "training.chunk_size",
 ) -> ChunkSizes:
-    """The sizes of both passes. ``measure(grad)`` gives bytes per text of a pass and
-    ``available()`` the bytes the budget leaves after fixed costs (both GPU only)."""
+    """The sizes of both passes. ``measure(grad)`` gives bytes per unit (a text, or a token)
+    of a pass and ``available()`` the bytes the budget leaves after fixed costs (both GPU
+    only). ``per_text``: units a text counts for in the defaults and bounds (1 for texts, the
+    longest max length for tokens)."""
     exact_only = dropout > 0
     if isinstance(embed_chunk_size, int) and embed_chunk_size != chunk_size and exact_only:
+        unit = " tokens" if per_text > 1 else ""
         raise ChunkSizeError(
-            f"training.embed_chunk_size ({embed_chunk_size}) differs from training.chunk_size "
-            f"({chunk_size}), but the network has dropout (p = {dropout:g}): the no-grad pass "
-            "would draw other dropout masks than the gradient pass, and the cached gradient "
+            f"training.embed_chunk_size ({embed_chunk_size}{unit}) differs from {grad_option} "
+            f"({chunk_size}{unit}), but the network has dropout (p = {dropout:g}): the no-grad "
+            "pass would draw other dropout masks than the gradient pass, and the cached gradient "
             "would no longer be exact. Set model.dropout: 0 (with LoRA also model.lora's "
             "dropout: 0), or leave embed_chunk_size unset"
         )
@@ -100,18 +149,19 @@ def plan_chunk_sizes(
     if not wants_auto:
         return ChunkSizes(int(chunk_size), int(embed_chunk_size or chunk_size))
     if device.type != "cuda" or measure is None or available is None:
-        grad = CPU_CHUNK if chunk_size == "auto" else int(chunk_size)
+        grad = CPU_CHUNK * per_text if chunk_size == "auto" else int(chunk_size)
         embed = grad if embed_chunk_size in (None, "auto") else int(embed_chunk_size)
         return ChunkSizes(grad, embed)
     left = available()
     grad_bytes = measure(True)
-    grad = int(chunk_size) if chunk_size != "auto" else _fit(left, grad_bytes, *GRAD_RANGE)
+    low, high = (n * per_text for n in GRAD_RANGE)
+    grad = int(chunk_size) if chunk_size != "auto" else _fit(left, grad_bytes, low, high)
     embed = grad
-    measured = {"bytes_left": float(left), "grad_bytes_per_text": grad_bytes}
+    measured = {"bytes_left": float(left), "grad_bytes_per_text": grad_bytes * per_text}
     if embed_chunk_size == "auto" and not exact_only:
         embed_bytes = measure(False)
-        measured["embed_bytes_per_text"] = embed_bytes
-        embed = max(grad, _fit(left, embed_bytes, grad, EMBED_MAX))
+        measured["embed_bytes_per_text"] = embed_bytes * per_text
+        embed = max(grad, _fit(left, embed_bytes, grad, EMBED_MAX * per_text))
     elif isinstance(embed_chunk_size, int):
         embed = embed_chunk_size
     return ChunkSizes(grad, embed, measured)
@@ -128,13 +178,14 @@ def _fit(bytes_left: float, bytes_per_text: float, low: int, high: int) -> int:
 
 
 def describe(sizes: ChunkSizes, budget_gb: float | None) -> str:
-    text = f"chunk sizes: {sizes.grad} texts per gradient pass, {sizes.embed} per no-grad pass"
+    unit = "real tokens (padding-free)" if sizes.packing else "texts"
+    text = f"chunk sizes: {sizes.grad} {unit} per gradient pass, {sizes.embed} per no-grad pass"
     if sizes.measured:
         m = sizes.measured
         text += (
             f" (auto, {m['bytes_left'] / 2**30:.1f} GiB left for activations of "
-            f"{budget_gb or 0:.1f} GiB; {m['grad_bytes_per_text'] / 2**20:.1f} MiB per text "
-            "with gradients"
+            f"{budget_gb or 0:.1f} GiB; {m['grad_bytes_per_text'] / 2**20:.1f} MiB per "
+            "full-length text with gradients"
         )
         if "embed_bytes_per_text" in m:
             text += f", {m['embed_bytes_per_text'] / 2**20:.2f} MiB without"
@@ -151,21 +202,34 @@ def budget_bytes(memory_gb: float | None, device: torch.device) -> int:
     return int(0.9 * free) + torch.cuda.memory_allocated(device)
 
 
-__all__ = ["ChunkSizeError", "ChunkSizes", "plan_chunk_sizes", "probe_bytes_per_text"]
+__all__ = [
+    "ChunkSizeError",
+    "ChunkSizes",
+    "plan_chunk_sizes",
+    "probe_bytes_per_text",
+    "plan_packing",
+]
 
 
 def plan_for_run(
     config: Any, accelerator: Any, encoder: Any, recorded: list[int] | None = None
 ) -> ChunkSizes:
-    """The sizes a run of ``config`` uses: ``recorded`` (by the checkpoint it resumes), or
-    planned, measuring ``encoder`` on the GPU when a size is ``auto``."""
+    """The sizes a run of ``config`` uses, and whether its chunks are padding-free (which
+    readies ``encoder`` for them): ``recorded`` (by the checkpoint it resumes) when it counts
+    the same unit, else planned, measuring ``encoder`` on the GPU when a size is ``auto``."""
     from retriever.model.network import dropout_probability
 
-    if recorded:
-        return ChunkSizes(*recorded)
+    packing = plan_packing(config, accelerator, encoder)
+    if recorded and (len(recorded) > 2) == (packing is not None):
+        return ChunkSizes(recorded[0], recorded[1], None, packing)
     t, acc = config.training, accelerator
+    grad_size, embed_size, per_text = t.chunk_size, t.embed_chunk_size, 1
+    if packing is not None:
+        per_text = packing.max_length
+        grad_size = t.chunk_tokens or _tokens(t.chunk_size, per_text)
+        embed_size = _tokens(t.embed_chunk_size, per_text)
     measure = available = None
-    if acc.device.type == "cuda" and "auto" in (t.chunk_size, t.embed_chunk_size):
+    if acc.device.type == "cuda" and "auto" in (grad_size, embed_size):
         device = acc.device
         encoder.to(device)
         length = max(encoder.query_max_length, encoder.document_max_length)
@@ -176,6 +240,8 @@ def plan_for_run(
 
         def measure(grad: bool) -> float:
             vocab = len(encoder.tokenizer)
+            if packing is not None:
+                return probe_bytes_per_token(embed, encoder, device, packing, vocab, grad)
             return probe_bytes_per_text(embed, encoder, device, length, vocab, grad)
 
         texts = t.batch_size // acc.num_processes * (2 + config.data.negatives)
@@ -184,14 +250,52 @@ def plan_for_run(
         def available() -> int:
             return budget_bytes(t.memory_gb, device) - torch.cuda.memory_allocated(device) - fixed
 
-    return plan_chunk_sizes(
-        t.chunk_size,
-        t.embed_chunk_size,
+    sizes = plan_chunk_sizes(
+        grad_size,
+        embed_size,
         dropout=dropout_probability(encoder.model),
         device=acc.device,
         measure=measure,
         available=available,
+        per_text=per_text,
+        grad_option="training.chunk_size" if packing is None else "the chunk's token budget",
     )
+    return dataclasses.replace(sizes, packing=packing)
+
+
+def _tokens(texts: int | str | None, per_text: int) -> int | str | None:
+    """A size in texts as tokens of texts of ``per_text`` tokens (auto and None stay)."""
+    return texts * per_text if isinstance(texts, int) else texts
+
+
+def plan_packing(config: Any, accelerator: Any, encoder: Any) -> Packing | None:
+    """Padding-free chunks for this run, or None: ``model.padding_free`` asks for them and the
+    encoder runs packed here (else one line says why). Readies the encoder: its attention,
+    and ``model.compile``."""
+    m = config.model
+    if not m.padding_free:
+        return None
+    problem = None
+    if accelerator.device.type == "cuda" and not _half_precision(config, accelerator):
+        problem = (
+            "a GPU computes padding-free attention in bf16 or fp16 only (set "
+            "training.mixed_precision: bf16 or model.dtype: bfloat16)"
+        )
+    problem = problem or encoder.use_padding_free()
+    if problem is not None:
+        logger.warning("model.padding_free: %s; training on padded chunks", problem)
+        return None
+    mode = m.compile or "off"
+    if mode != "off":
+        from retriever.model.compiled import compile_layers
+
+        compile_layers(encoder.model, mode)
+    length = max(encoder.query_max_length, encoder.document_max_length)
+    return Packing(length, static=mode in ("static", "cudagraphs"))
+
+
+def _half_precision(config: Any, accelerator: Any) -> bool:
+    return config.model.dtype == "bfloat16" or accelerator.mixed_precision in ("bf16", "fp16")
 
 
 def plan_checked(

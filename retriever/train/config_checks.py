@@ -153,6 +153,26 @@ def check_fsdp(config: TrainConfig) -> None:
         )
 
 
+def check_padding_free(config: TrainConfig) -> None:
+    """What padding-free chunks (model.padding_free) ask of the other options."""
+    m, t, where = config.model, config.training, config.where
+    if not m.padding_free and t.chunk_tokens is not None:
+        raise ConfigError(
+            f"{where('training.chunk_tokens')}: training.chunk_tokens sizes padding-free chunks, "
+            "but model.padding_free is false (padded chunks count texts: training.chunk_size)"
+        )
+    if m.compile not in (None, "off") and not m.padding_free:
+        raise ConfigError(
+            f"{where('model.compile')}: model.compile compiles the layers for padding-free "
+            "chunks; set model.padding_free: true (or model.compile: off)"
+        )
+    if m.compile not in (None, "off") and m.gradient_checkpointing:
+        raise ConfigError(
+            f"{where('model.compile')}: model.compile with model.gradient_checkpointing: the "
+            "checkpointed recomputation runs outside the compiled graphs; choose one"
+        )
+
+
 def _check_objective(config: TrainConfig, sources: list) -> None:
     """What the loss options ask of each other and of the data."""
     loss, where = config.loss, config.where
@@ -299,6 +319,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check_model(config, sources)
     _check_objective(config, sources)
     check_fsdp(config)
+    check_padding_free(config)
     loss = config.loss
     if loss.min_temperature > loss.max_temperature:
         raise ConfigError(

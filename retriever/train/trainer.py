@@ -126,10 +126,12 @@ class Trainer:
                             self.total_steps, self.sharding is not None)  # fmt: skip
         self.state.start_positions(len(self.sources))
         self.state.data_fingerprint = self.data_fingerprint
-        self.state.chunk_sizes = [self.chunks.grad, self.chunks.embed]
+        self.state.chunk_sizes = self.chunks.record()
         self.state.sharded = self.sharding is not None
-        tokenizer, embed = self.encoder.tokenizer, self.chunks.embed
-        self.collators = [Collator.of(d, tokenizer, embed, t.sort_by_length) for d in self.datasets]
+        tokenizer, embed, packing = self.encoder.tokenizer, self.chunks.embed, self.chunks.packing
+        self.collators = [
+            Collator.of(d, tokenizer, embed, t.sort_by_length, packing) for d in self.datasets
+        ]
         self.log = StepLog(acc, self.output_dir, t.batch_size)
         self.group = dist.group.WORLD if acc.num_processes > 1 else None
 
