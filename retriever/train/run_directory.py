@@ -203,6 +203,9 @@ def _record_step(line: str) -> float:
 # --- replacing a run --------------------------------------------------------------------------
 
 
+_HELD: set[Path] = set()  # the run directories this process has locked
+
+
 class RunDirectory:
     """One run directory and the ``--overwrite`` protocol of the module docstring."""
 
@@ -263,6 +266,11 @@ class RunDirectory:
         problem = directory_problem(self.path)
         if problem:
             raise RunError(f"training.output_dir: {problem}")
+        if self.path.resolve() in _HELD:  # a record lock would grant this process it again
+            raise RunError(
+                f"{self.path} is in use by a running `retriever train` (pid {os.getpid()}, this "
+                "process); wait for it to finish or stop it first"
+            )
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         handle = open(self.path / LOCK, "a+", encoding="utf-8")
@@ -285,6 +293,7 @@ class RunDirectory:
         handle.write(f"pid {os.getpid()}\n")
         handle.flush()
         self._lock = handle
+        _HELD.add(self.path.resolve())
 
     def unlock(self) -> None:
         """Release the directory; remove the lock file, and the directory if this start made
@@ -294,6 +303,7 @@ class RunDirectory:
         (self.path / LOCK).unlink(missing_ok=True)
         self._lock.close()
         self._lock = None
+        _HELD.discard(self.path.resolve())
         if self._created and not any(self.path.iterdir()):
             self.path.rmdir()
 

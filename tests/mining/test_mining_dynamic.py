@@ -299,7 +299,7 @@ def test_config_checks(tmp_path):
 
     config = tiny_config("m", str(tmp_path), tmp_path, mining={"dynamic": True})
     with pytest.raises(ConfigError, match="mining.dynamic needs data.train to be a file"):
-        build_miner(config, None)
+        build_miner(config, None, None)
 
 
 # --------------------------------------------------------------------------- in the trainer
@@ -320,6 +320,7 @@ def dynamic_run(tmp_path_factory):
     data = write_examples(root / "train.jsonl", n=48, negatives=3)
     mined = root / "mined.jsonl"
     args = ["--model", model, "--data", data, "--output", str(mined), "--num-negatives", "3"]
+    args += ["--query-max-length", "16", "--document-max-length", "24"]  # as tiny_config trains
     assert main(["mine", *args, "--range-min", "1", "--range-max", "40", "--no-progress"]) == 0
     config = tiny_config(
         model,
