@@ -242,3 +242,123 @@ def reference_layer_norm(x, w, b, dy, eps):
     y = F.layer_norm(leaves[0], leaves[0].shape[-1:], leaves[1], leaves[2], eps)
     y.backward(dy.double())
     return y, [None if t is None else t.grad for t in leaves]
+
+
+# -- InfoNCE's options (docs/objectives.md, "Loss options") --------------------------------------
+
+
+def _normalised(x: Tensor, k: int, normalize: bool) -> Tensor:
+    x = x.double()[:, :k]
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+def option_blocks(q, d, scale, labels, ids=None, owners=None, *, k=None, normalize=False,
+                  directions=("query_to_doc",), hardness_mode=None, hardness_strength=0.0,
+                  margin=None):  # fmt: skip
+    """{direction: (logits [Bq, n] float64 with dropped terms at -inf)} and the positive logits
+    [Bq], on the first k dimensions (re-normalised with ``normalize``), as sentence-transformers'
+    MultipleNegativesRankingLoss builds them, plus the masks of this package's options:
+
+    * query_to_doc  S(q_i, d_j); candidate_ids duplicates of the positive dropped; hardness
+      adds alpha * X to the negatives of the mode's class;
+    * query_to_query  S(q_i, q_k), k != i, without queries whose positives share an id;
+    * doc_to_query  S(p_i, q_k), without queries k != i whose positives share p_i's id;
+    * doc_to_doc  S(p_i, d_j), without query i's own candidates and duplicates of p_i;
+    * false_negative_margin: every term with X > X_pos + margin dropped, except labelled pairs
+      (query k with its own positive)."""
+    n_q = q.shape[0]
+    k = q.shape[1] if k is None else k
+    qk, dk = _normalised(q, k, normalize), _normalised(d, k, normalize)
+    labels = labels.cpu().long()
+    pk = dk[labels]
+    s = scale.double() if isinstance(scale, Tensor) else float(scale)
+    rows = torch.arange(n_q)
+    owners = torch.arange(d.shape[0]) % n_q if owners is None else owners.cpu().long()
+    pos_ids = None if ids is None else ids.cpu()[labels]
+    x = {
+        "query_to_doc": qk @ dk.T,
+        "query_to_query": qk @ qk.T,
+        "doc_to_query": pk @ qk.T,
+        "doc_to_doc": pk @ dk.T,
+    }
+    xpos = x["query_to_doc"][rows, labels]
+    is_target = {
+        "query_to_doc": torch.arange(d.shape[0])[None, :] == labels[:, None],
+        "query_to_query": torch.zeros(n_q, n_q, dtype=torch.bool),
+        # doc p_i with query k is a labelled pair when p_i is k's positive
+        "doc_to_query": labels[None, :] == labels[:, None],
+        "doc_to_doc": torch.zeros(n_q, d.shape[0], dtype=torch.bool),
+    }
+    dropped = {
+        "query_to_doc": torch.zeros(n_q, d.shape[0], dtype=torch.bool),
+        "query_to_query": rows[:, None] == rows[None, :],
+        "doc_to_query": torch.zeros(n_q, n_q, dtype=torch.bool),
+        "doc_to_doc": owners[None, :] == rows[:, None],
+    }
+    if ids is not None:
+        ids = ids.cpu()
+        dropped["query_to_doc"] |= (ids[None, :] == pos_ids[:, None]) & ~is_target["query_to_doc"]
+        dropped["query_to_query"] |= pos_ids[None, :] == pos_ids[:, None]
+        dropped["doc_to_query"] |= (pos_ids[None, :] == pos_ids[:, None]) & (
+            rows[None, :] != rows[:, None]
+        )
+        dropped["doc_to_doc"] |= ids[None, :] == pos_ids[:, None]
+    out = {}
+    for name in directions:
+        logits = s * x[name]
+        if name == "query_to_doc" and hardness_mode is not None and hardness_strength > 0:
+            own = owners[None, :] == rows[:, None]
+            cls = {
+                "in_batch_negatives": ~own,
+                "hard_negatives": own & ~is_target[name],
+                "all_negatives": ~is_target[name],
+            }[hardness_mode]
+            logits = logits + hardness_strength * x[name].detach() * cls  # sg(X)
+        drop = dropped[name]
+        if margin is not None:
+            drop = drop | ((x[name] > xpos[:, None] + margin) & ~is_target[name])
+        out[name] = logits.masked_fill(drop, float("-inf"))
+    return out, s * xpos
+
+
+def _block_value(logits: Tensor, pos: Tensor, debias: float, label_smoothing: float, scale):
+    """One softmax per row: plain, label-smoothed (cross-entropy's convention over the kept
+    terms) or debiased (Chuang et al. 2020 with M = 1, N the kept terms but the positive)."""
+    lse = torch.logsumexp(logits, 1)
+    kept = torch.isfinite(logits)
+    if label_smoothing > 0:
+        k = kept.sum(1).double()
+        mean = torch.where(kept, logits, 0.0).sum(1) / k
+        return lse - (1 - label_smoothing) * pos - label_smoothing * mean
+    if debias > 0:
+        n = kept.sum(1).double() - 1
+        pi = torch.exp(pos - lse)  # everything relative to e^lse: no overflow
+        negatives = 1 - pi
+        estimate = (negatives - n * debias * pi) / (1 - debias)
+        floor = n * torch.exp(-scale - lse)
+        return lse + torch.log(pi + torch.maximum(estimate, floor)) - pos
+    return lse - pos
+
+
+def reference_option_rows(q, d, scale, labels, ids=None, owners=None, *,
+                          directions=("query_to_doc",), partition_mode="joint",
+                          hardness_mode=None, hardness_strength=0.0, margin=None, debias=0.0,
+                          label_smoothing=0.0, dims=None, normalize=True):  # fmt: skip
+    """Per-row losses [NP, Bq] float64 of InfoNCE with the options; one row per prefix of
+    ``dims`` (Matryoshka, re-normalised with ``normalize``), else the whole embedding as is."""
+    prefixes = [None] if dims is None else sorted(dims)
+    out = []
+    for k in prefixes:
+        blocks, pos = option_blocks(
+            q, d, scale, labels, ids, owners, k=k, normalize=dims is not None and normalize,
+            directions=directions, hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength, margin=margin,
+        )  # fmt: skip
+        if partition_mode == "joint":
+            joint = torch.cat([blocks[name] for name in directions], 1)
+            out.append(_block_value(joint, pos, debias, label_smoothing, scale))
+        else:
+            values = [_block_value(blocks[n], pos, debias, label_smoothing, scale)
+                      for n in directions]  # fmt: skip
+            out.append(sum(values) / len(values))
+    return torch.stack(out)

@@ -8,6 +8,7 @@ never needs triton.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -77,6 +78,57 @@ def check_inputs(
             )
     if candidate_ids is not None:
         _check_index_tensor("candidate_ids", candidate_ids, n_candidates, queries.device)
+
+
+def check_owners(
+    owners: Tensor | None, labels: Tensor | None, n_queries: int, n_candidates: int
+) -> Tensor | None:
+    """``candidate_owners`` checked: [Bd] int, each candidate's query in [0, Bq) or -1 (none),
+    every query owning its positive. None stays None (the caller decides the default)."""
+    if owners is None:
+        return None
+    _check_index_tensor("candidate_owners", owners, n_candidates, owners.device)
+    owners = owners.long()
+    if bool(((owners < -1) | (owners >= n_queries)).any()):
+        raise ValueError(
+            f"candidate_owners must be query indices in [0, {n_queries}) or -1 (no query); got "
+            f"values in [{int(owners.min())}, {int(owners.max())}]"
+        )
+    positives = torch.arange(n_queries, device=owners.device) if labels is None else labels.long()
+    if not torch.equal(owners[positives], torch.arange(n_queries, device=owners.device)):
+        raise ValueError(
+            "candidate_owners must give each query's positive (candidate labels[i]) to query i"
+        )
+    return owners
+
+
+def check_prefixes(
+    dims: Sequence[int] | None, weights: Sequence[float] | None, normalize: bool, dim: int
+) -> tuple[tuple[int, ...], tuple[float, ...], bool]:
+    """Matryoshka's prefixes checked: (sizes increasing, one weight each, normalize); without
+    ``dims``, the whole embedding, weight 1, as is."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights needs matryoshka_dims")
+        return (dim,), (1.0,), False
+    if isinstance(dims, (int, str)) or not len(dims):
+        raise ValueError(f"matryoshka_dims must be a non-empty list of sizes, got {dims!r}")
+    if any(isinstance(k, bool) or not isinstance(k, int) for k in dims):
+        raise ValueError(f"matryoshka_dims must be integers, got {list(dims)}")
+    if len(set(dims)) != len(dims) or min(dims) < 1 or max(dims) > dim:
+        raise ValueError(
+            f"matryoshka_dims must be distinct sizes in [1, {dim}] (the embedding size), got "
+            f"{list(dims)}"
+        )
+    weights = [1.0] * len(dims) if weights is None else list(weights)
+    if len(weights) != len(dims) or not all(isinstance(w, (int, float)) for w in weights):
+        raise ValueError(
+            f"matryoshka_weights must be one number per matryoshka_dims entry, got {weights}"
+        )
+    if not isinstance(normalize, bool):
+        raise ValueError(f"matryoshka_normalize must be a bool, got {normalize!r}")
+    order = sorted(range(len(dims)), key=lambda i: dims[i])  # the kernels want them increasing
+    return tuple(dims[i] for i in order), tuple(float(weights[i]) for i in order), normalize
 
 
 def _check_index_tensor(name: str, t: Tensor, length: int, device: torch.device) -> None:

@@ -6,6 +6,7 @@ rank raise the same ValueError, so that no rank is left waiting in a collective 
 from __future__ import annotations
 
 import struct
+import zlib
 
 import torch
 from torch import Tensor
@@ -21,7 +22,8 @@ FIELDS = (
     "dim",
     "dtype",
     "has_ids",
-    "symmetric",
+    "settings",
+    "stat_cols",
     "needs_grad",
     "scale_grad",
     "scale_bits",
@@ -42,8 +44,16 @@ def _scale_bits(scale_t: Tensor) -> int:
     return bits
 
 
-def local_meta(queries, candidates, scale_t, candidate_ids, symmetric) -> list[int]:
-    """This rank's row of the table `agree` exchanges, one value per field of FIELDS."""
+def setting_bits(kind: str, objective, prefixes) -> int:
+    """The loss's settings (which loss, its options, its Matryoshka prefixes) as one number,
+    the same on every rank that has the same settings."""
+    text = repr((kind, objective, prefixes)).encode()
+    return zlib.crc32(text)
+
+
+def local_meta(queries, candidates, scale_t, candidate_ids, settings, stat_cols) -> list[int]:
+    """This rank's row of the table `agree` exchanges, one value per field of FIELDS;
+    ``stat_cols``: the leading candidates that are positives (doc_to_query's columns)."""
     wants_grad = any(
         isinstance(t, Tensor) and t.requires_grad for t in (queries, candidates, scale_t)
     )
@@ -54,7 +64,8 @@ def local_meta(queries, candidates, scale_t, candidate_ids, symmetric) -> list[i
         queries.shape[1],
         _DTYPE_CODES[queries.dtype],
         int(candidate_ids is not None),
-        int(symmetric),
+        settings,
+        stat_cols,
         int(torch.is_grad_enabled() and wants_grad),
         int(torch.is_grad_enabled() and scale_t.requires_grad),
         _scale_bits(scale_t),
@@ -79,7 +90,12 @@ def _mismatch(table: list[dict[str, int]]) -> str | None:
             "candidate_ids must be given on every rank or on none",
             ("absent", "given").__getitem__,
         ),
-        ("symmetric", "symmetric must be the same on every rank", lambda v: str(bool(v))),
+        (
+            "settings",
+            "the loss's options (symmetric, directions, partition_mode, hardness, margin, debias, "
+            "label_smoothing, matryoshka) must be the same on every rank",
+            lambda v: f"settings {v:08x}",
+        ),
         (
             "needs_grad",
             "every rank must compute gradients (and call backward) or none",

@@ -64,10 +64,9 @@ def sigmoid_loss(
             scale=params,
             labels=labels,
             candidate_ids=candidate_ids,
-            symmetric=False,
             group=group,
             impl=impl,
-            objective="sigmoid",
+            kind="sigmoid",
         )
     check_inputs(queries, candidates, labels, candidate_ids)
     impl = resolve_impl(impl, queries.shape[0], candidates.shape[0], device)

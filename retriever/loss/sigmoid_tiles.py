@@ -22,7 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from retriever.loss.torch_tiles import COL_CHUNK, ROW_CHUNK, _positive_in_tile, _tile_mask
+from retriever.loss import torch_tiles
+
+
+def _tile_mask(
+    labels: Tensor, row_pos_ids: Tensor | None, col_ids: Tensor | None, c0: int, c1: int
+) -> Tensor | None:
+    """[rows, c1 - c0] bool: True where a candidate duplicates the row's positive."""
+    if row_pos_ids is None or col_ids is None:
+        return None
+    cols = torch.arange(c0, c1, device=labels.device)
+    return (col_ids[c0:c1][None, :] == row_pos_ids[:, None]) & (cols[None, :] != labels[:, None])
+
+
+def _positive_in_tile(labels: Tensor, c0: int, c1: int) -> tuple[Tensor, Tensor]:
+    """Rows whose positive lies in columns [c0, c1), and its column inside the tile."""
+    inside = (labels >= c0) & (labels < c1)
+    return inside, (labels - c0).clamp(0, c1 - c0 - 1)
+
 
 EMPTY_ROW = 0.0  # a row's sum before any block
 
@@ -51,12 +68,12 @@ def forward_block(
     where InfoNCE's backends return the positive logit, so both fit one autograd Function."""
     t, b = params[0], params[1]
     out = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
-    for r0 in range(0, q.shape[0], ROW_CHUNK):
-        r1 = min(r0 + ROW_CHUNK, q.shape[0])
+    for r0 in range(0, q.shape[0], torch_tiles.ROW_CHUNK):
+        r1 = min(r0 + torch_tiles.ROW_CHUNK, q.shape[0])
         q_rows, lab = q[r0:r1].float(), labels[r0:r1]
         ids = None if row_pos_ids is None else row_pos_ids[r0:r1]
-        for c0 in range(0, c.shape[0], COL_CHUNK):
-            c1 = min(c0 + COL_CHUNK, c.shape[0])
+        for c0 in range(0, c.shape[0], torch_tiles.COL_CHUNK):
+            c1 = min(c0 + torch_tiles.COL_CHUNK, c.shape[0])
             x = (q_rows @ c[c0:c1].float().T).mul_(t).add_(b)
             y = _targets(lab, c0, c1, r1 - r0, q.device)
             loss = F.softplus(x * (1 - 2 * y))  # softplus(-z x) with z = 2y - 1
@@ -83,13 +100,13 @@ def backward_block(
     (``row_sums``, the forward's output, is not needed: each pair's gradient is local)."""
     t, b = params[0], params[1]
     dparams = torch.zeros(2, dtype=torch.float32, device=q.device)
-    for r0 in range(0, q.shape[0], ROW_CHUNK):
-        r1 = min(r0 + ROW_CHUNK, q.shape[0])
+    for r0 in range(0, q.shape[0], torch_tiles.ROW_CHUNK):
+        r1 = min(r0 + torch_tiles.ROW_CHUNK, q.shape[0])
         q_rows, lab = q[r0:r1].float(), labels[r0:r1]
         ids = None if row_pos_ids is None else row_pos_ids[r0:r1]
         dq_rows = torch.zeros_like(q_rows)
-        for c0 in range(0, c.shape[0], COL_CHUNK):
-            c1 = min(c0 + COL_CHUNK, c.shape[0])
+        for c0 in range(0, c.shape[0], torch_tiles.COL_CHUNK):
+            c1 = min(c0 + torch_tiles.COL_CHUNK, c.shape[0])
             c_cols = c[c0:c1].float()
             dot = q_rows @ c_cols.T
             # d/dx softplus(-z x) = -z sigmoid(-z x) = sigmoid(x) - y for z = 2y - 1.

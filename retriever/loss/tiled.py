@@ -1,9 +1,11 @@
-"""The one autograd.Function shared by the tiled backends (PyTorch tiles and Triton kernels).
+"""The autograd.Functions around the tiled backends (PyTorch tiles and Triton kernels).
 
-It returns the per-query losses loss_i = lse_i - S_i,labels[i] and saves only the inputs and
-lse ([Bq] fp32) for backward, which recomputes the logits tile by tile.  The incoming gradient
-of loss_i is the row weight w_i of the backends' backward, so means, the symmetric average and
-the ring's gradient convention are all plain autograd around this Function.
+`TiledObjective`: InfoNCE and its options (`retriever.loss.passes`): the per-row, per-prefix
+losses [NP, Bq]; it saves the inputs and O(Bq) statistics, and its backward recomputes the
+logits tile by tile. `TiledRowLosses`: a block backend's row losses (the sigmoid loss's).
+
+In both, the incoming gradient of loss_i is the row weight of the backends' backward, so means,
+weights and the symmetric average are plain autograd around them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,27 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+
+class TiledObjective(torch.autograd.Function):
+    """Per-row losses [NP, Bq] fp32 of ``engine`` (an `ObjectiveEngine` with a local runner)."""
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, candidates: Tensor, scale: Tensor, engine) -> Tensor:
+        queries, candidates = queries.contiguous(), candidates.contiguous()
+        scale_value = scale.detach().float()
+        losses, saved = engine.forward(queries, candidates, scale_value)
+        ctx.save_for_backward(queries, candidates, scale_value)
+        ctx.engine, ctx.state = engine, saved
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: Tensor):
+        queries, candidates, scale = ctx.saved_tensors
+        dq, dc, dscale = ctx.engine.backward(
+            queries, candidates, scale, ctx.state, grad_losses.float()
+        )
+        return dq.to(queries.dtype), dc.to(candidates.dtype), dscale, None
 
 
 class TiledRowLosses(torch.autograd.Function):
