@@ -217,6 +217,13 @@ def load_examples(
         raise DataError(f"data.format: unknown format {kind!r}")
     if max_examples is not None:
         examples = examples[:max_examples]
+    check_negatives(examples, negatives)
+    return examples
+
+
+def check_negatives(examples: list[Example], negatives: int) -> None:
+    """Every example needs a hard negative when groups take ``negatives`` of them (an error
+    names the first without); those with fewer are sampled with replacement (a warning)."""
     if negatives > 0:
         none = [e for e in examples if not e.negatives]
         if none:
@@ -235,4 +242,3 @@ def load_examples(
                 negatives,
                 short[0].source,
             )
-    return examples

@@ -15,6 +15,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,21 @@ def is_sts(spec: str | os.PathLike, split: str = "test") -> bool:
 
 
 def load_sts(spec: str | os.PathLike, split: str = "test") -> STSTask:
-    """Read an STS task; a line without a text or a numeric score is an error naming it."""
+    """Read an STS task; a line without a text or a finite numeric score is an error naming it."""
     path = sts_path(spec, split)
+    name = path.parent.name if path.name.startswith(split) else path.stem
+    records = ((f"{path}:{line_no}", obj) for line_no, obj in read_jsonl(path))
+    return sts_from_records(records, name, split, str(path))
+
+
+def sts_from_records(
+    records: Iterable[tuple[str, Mapping[str, Any]]], name: str, split: str = "train",
+    where: str | None = None,
+) -> STSTask:  # fmt: skip
+    """An STS task from ``(where, record)`` pairs with ``sentence1``, ``sentence2`` and
+    ``score``; ``where`` names the whole (a file) in messages about it."""
     first, second, scores = [], [], []
-    for line_no, obj in read_jsonl(path):
-        where = f"{path}:{line_no}"
+    for place, obj in records:
         a, b, score = obj.get("sentence1"), obj.get("sentence2"), obj.get("score")
         if not isinstance(a, str) or not isinstance(b, str) or not a.strip() or not b.strip():
             hint = ""
@@ -72,24 +83,24 @@ def load_sts(spec: str | os.PathLike, split: str = "test") -> STSTask:
                     " (this line looks like a retrieval example: give its source task: retrieval)"
                 )
             raise ValueError(
-                f"{where}: 'sentence1' and 'sentence2' must be non-empty strings{hint}"
+                f"{place}: 'sentence1' and 'sentence2' must be non-empty strings{hint}"
             )
         if isinstance(score, bool) or not isinstance(score, (int, float)):
-            raise ValueError(f"{where}: 'score' must be a number, got {score!r}")
+            raise ValueError(f"{place}: 'score' must be a number, got {score!r}")
         if not math.isfinite(score):
-            raise ValueError(f"{where}: 'score' must be a finite number, got {score!r}")
+            raise ValueError(f"{place}: 'score' must be a finite number, got {score!r}")
         first.append(a)
         second.append(b)
         scores.append(float(score))
+    where = where or name
     if len(scores) < 2:
-        raise ValueError(f"{path}: an STS task needs at least 2 pairs, found {len(scores)}")
+        raise ValueError(f"{where}: an STS task needs at least 2 pairs, found {len(scores)}")
     if len(set(scores)) == 1:
         logger.warning(
             "%s: all %d scores are %g: correlations with them are undefined (nan) and a CoSENT "
             "loss learns nothing from these pairs",
-            path, len(scores), scores[0],
+            where, len(scores), scores[0],
         )  # fmt: skip
-    name = path.parent.name if path.name.startswith(split) else path.stem
     return STSTask(name, split, first, second, np.asarray(scores, dtype=np.float64))
 
 

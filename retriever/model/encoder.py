@@ -133,7 +133,7 @@ class Encoder(nn.Module):
             model_kwargs[_dtype_argument()] = torch_dtype
         model = AutoModel.from_pretrained(model_path, **model_kwargs)
         tokenizer = _load_tokenizer(model_path, padding_side, append_eos)
-        _adapt_network(model, gradient_checkpointing, dropout, fused_layer_norm, cudnn_attention)
+        adapt_network(model, gradient_checkpointing, dropout, fused_layer_norm, cudnn_attention)
         overrides = dict(
             pooling=pooling,
             normalize=normalize,
@@ -149,6 +149,20 @@ class Encoder(nn.Module):
         # already is, and a wrapper left claiming training mode would hide that dropout is off.
         # Training code calls .train().
         return encoder.eval()
+
+    @classmethod
+    def from_sentence_transformer(
+        cls, model: Any, *, cudnn_attention: bool = False, **overrides: Any
+    ) -> Encoder:
+        """An Encoder around a loaded ``SentenceTransformer``'s network and tokenizer (the same
+        modules: training it trains ``model``), with its pooling, normalisation, prompts and
+        max lengths; ``overrides`` (the settings of :meth:`from_pretrained`) replace them."""
+        from retriever.model.st_dir import read_sentence_transformer
+
+        st = read_sentence_transformer(model)
+        network, tokenizer = st.pop("network"), st.pop("tokenizer")
+        settings = _settings_for(network.config, st, overrides)
+        return cls(network, tokenizer, settings, cudnn_attention=cudnn_attention)
 
     @property
     def device(self) -> torch.device:
@@ -310,13 +324,14 @@ def _load_tokenizer(model_path: str, padding_side: str | None, append_eos: bool)
     return tokenizer
 
 
-def _adapt_network(
+def adapt_network(
     model: nn.Module,
     gradient_checkpointing: bool,
     dropout: float | None,
     fused_layer_norm: bool,
     cudnn_attention: bool,
 ) -> None:
+    """What loading with these options does to a network (also to one a script passes)."""
     if gradient_checkpointing:
         enable_checkpointing(model, cudnn_attention)
     if dropout is not None:

@@ -1,5 +1,5 @@
-"""LoRA adapters through peft (``pip install "retriever-train[lora]"``): only the adapters train, and
-the saved model is the merged network, which loads without peft.
+"""LoRA adapters through peft (``pip install "retriever-train[lora]"``): only the adapters
+train, and the saved model is the merged network, which loads without peft.
 
     model = add_lora(model, {"r": 16, "alpha": 32, "dropout": 0.05,
                              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]})

@@ -73,20 +73,7 @@ def read_sentence_transformers_dir(path: str | os.PathLike) -> dict[str, Any] | 
                     break
         elif kind == "Pooling":
             config = _read_json(module_dir / "config.json")
-            modes = config.get("pooling_mode")
-            if modes is None:
-                modes = [m for k, m in _ST_LEGACY_POOLING.items() if config.get(k)] or ["mean"]
-            modes = [modes] if isinstance(modes, str) else list(modes)
-            if len(modes) != 1 or _ST_POOLING.get(modes[0], modes[0]) not in POOLING_MODES:
-                raise NotImplementedError(
-                    f"{module_dir / 'config.json'}: pooling {modes} is not supported "
-                    f"(supported: cls, mean, lasttoken)"
-                )
-            if config.get("include_prompt", True) is False:
-                raise NotImplementedError(
-                    f"{module_dir / 'config.json'}: include_prompt=false is not supported"
-                )
-            settings["pooling"] = _ST_POOLING.get(modes[0], modes[0])
+            settings["pooling"] = _pooling(config, str(module_dir / "config.json"))
         elif kind == "Normalize":
             settings["normalize"] = True
         else:
@@ -99,6 +86,51 @@ def read_sentence_transformers_dir(path: str | os.PathLike) -> dict[str, Any] | 
         model_config = _read_json(st_config)
         settings["prompts"] = model_config.get("prompts") or {}
         settings["truncate_dim"] = model_config.get("truncate_dim")
+    return settings
+
+
+def _pooling(config: dict[str, Any], where: str) -> str:
+    """Our pooling mode for a sentence-transformers Pooling config (current or legacy keys)."""
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [m for k, m in _ST_LEGACY_POOLING.items() if config.get(k)] or ["mean"]
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or _ST_POOLING.get(modes[0], modes[0]) not in POOLING_MODES:
+        raise NotImplementedError(
+            f"{where}: pooling {modes} is not supported (supported: cls, mean, lasttoken)"
+        )
+    if config.get("include_prompt", True) is False:
+        raise NotImplementedError(f"{where}: include_prompt=false is not supported")
+    return _ST_POOLING.get(modes[0], modes[0])
+
+
+def read_sentence_transformer(model: Any) -> dict[str, Any]:
+    """The settings of a loaded ``SentenceTransformer`` (as :func:`read_sentence_transformers_dir`
+    reads them from its directory), with ``network`` and ``tokenizer``: its modules themselves."""
+    settings: dict[str, Any] = {
+        "pooling": None, "normalize": False, "prompts": dict(getattr(model, "prompts", {}) or {}),
+        "max_seq_length": None, "query_length": None, "document_length": None,
+        "do_lower_case": False, "truncate_dim": getattr(model, "truncate_dim", None),
+    }  # fmt: skip
+    for index, module in enumerate(model):
+        kind, where = type(module).__name__, f"the SentenceTransformer's module {index}"
+        if kind == "Transformer" and index == 0:
+            settings["network"] = getattr(module, "auto_model", None) or module.model
+            settings["tokenizer"] = getattr(module, "tokenizer", None) or module.processor
+            for key in ("max_seq_length", "query_length", "document_length", "do_lower_case"):
+                settings[key] = getattr(module, key, settings[key])
+        elif kind == "Pooling":
+            settings["pooling"] = _pooling(module.get_config_dict(), where)
+        elif kind == "Normalize":
+            settings["normalize"] = True
+        else:
+            raise NotImplementedError(
+                f"{where} ({kind}) is not supported by retriever's Encoder (supported: "
+                "Transformer first, Pooling, Normalize)"
+            )
+    if "network" not in settings:
+        raise NotImplementedError("the SentenceTransformer has no Transformer module first")
+    settings["do_lower_case"] = bool(settings["do_lower_case"])
     return settings
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -56,17 +57,23 @@ def build_accelerator(config: TrainConfig) -> Any:
     )
 
 
-def build_encoder(config: TrainConfig) -> Encoder:
-    """The encoder ``model`` describes (with LoRA adapters when ``model.lora``)."""
+def build_encoder(config: TrainConfig, model: Any = None) -> Encoder:
+    """The encoder ``model`` describes (with LoRA adapters when ``model.lora``), or the model a
+    script passed: a Hub id or path, a ``SentenceTransformer`` or an ``Encoder`` (trained in
+    place), with the model options that are set applied to it."""
     m = config.model
+    if isinstance(model, (str, os.PathLike)):
+        m.name_or_path, model = str(model), None
+        config.sources["model.name_or_path"] = "Trainer(model=...)"
     kwargs: dict[str, Any] = {}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     try:
-        encoder = _load_encoder(m, kwargs)
+        encoder = _load_encoder(m, kwargs) if model is None else _given_encoder(m, model)
     except (ModelNotFoundError, NotImplementedError, OSError, ValueError, ImportError) as exc:
         key = _encoder_option(m, exc)
-        raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
+        where = config.where(key) if model is None else "Trainer(model=...)"
+        raise ConfigError(f"{where}: {key}: {exc}") from None
     if m.lora is not None:
         from retriever.model.lora import add_lora
 
@@ -114,7 +121,8 @@ def _encoder_option(m: Any, exc: Exception) -> str:
     return "model.name_or_path"
 
 
-def _load_encoder(m: Any, kwargs: dict[str, Any]) -> Encoder:
+def _settings_options(m: Any) -> dict[str, Any]:
+    """The encoder settings the model options ask for (None: the model's own)."""
     from retriever.model.settings import template_prefix
 
     query_prefix, document_prefix = m.query_prefix, m.document_prefix
@@ -122,25 +130,69 @@ def _load_encoder(m: Any, kwargs: dict[str, Any]) -> Encoder:
         query_prefix = template_prefix(m.query_template, m.instruction)
     if m.document_template is not None:
         document_prefix = template_prefix(m.document_template, None)
-    return Encoder.from_pretrained(
-        m.name_or_path,
+    return dict(
         pooling=m.pooling,
         normalize=m.normalize,
         query_prefix=query_prefix,
         document_prefix=document_prefix,
-        append_eos=m.append_eos,
-        padding_side=m.padding_side,
         query_max_length=m.query_max_length,
         document_max_length=m.document_max_length,
-        torch_dtype=getattr(torch, m.dtype),
+    )
+
+
+def _network_options(m: Any) -> dict[str, Any]:
+    """What the model options do to the network once it is loaded."""
+    fused = torch.cuda.is_available() if m.fused_layer_norm is None else m.fused_layer_norm
+    return dict(
         gradient_checkpointing=m.gradient_checkpointing,
-        cudnn_attention=m.cudnn_attention,
         dropout=m.dropout,
-        fused_layer_norm=torch.cuda.is_available()
-        if m.fused_layer_norm is None
-        else m.fused_layer_norm,
+        fused_layer_norm=fused,
+        cudnn_attention=m.cudnn_attention,
+    )
+
+
+def _load_encoder(m: Any, kwargs: dict[str, Any]) -> Encoder:
+    return Encoder.from_pretrained(
+        m.name_or_path,
+        **_settings_options(m),
+        append_eos=m.append_eos,
+        padding_side=m.padding_side,
+        torch_dtype=getattr(torch, m.dtype),
+        **_network_options(m),
         **kwargs,
     )
+
+
+def _given_encoder(m: Any, model: Any) -> Encoder:
+    """A script's ``Encoder`` or ``SentenceTransformer`` (trained in place), with the model
+    options that are set applied to it."""
+    from retriever.model.decoder import append_eos
+    from retriever.model.encoder import adapt_network
+
+    asked = {k: v for k, v in _settings_options(m).items() if v is not None}
+    network = _network_options(m)
+    if isinstance(model, Encoder):
+        encoder = model
+        encoder.settings = dataclasses.replace(encoder.settings, **asked)
+        encoder.cudnn_attention = network["cudnn_attention"]
+    elif type(model).__name__ == "SentenceTransformer":
+        encoder = Encoder.from_sentence_transformer(
+            model, cudnn_attention=network["cudnn_attention"], **asked
+        )
+    else:
+        raise ValueError(
+            "expected a Hub id, a local path, a SentenceTransformer or a retriever Encoder, got "
+            f"{type(model).__name__}"
+        )
+    adapt_network(encoder.model, **network)
+    encoder.model.to(getattr(torch, m.dtype))
+    if m.padding_side is not None:
+        encoder.tokenizer.padding_side = m.padding_side
+    if m.append_eos:
+        append_eos(encoder.tokenizer)
+    if m.name_or_path is None:  # named in the model card and config.yaml
+        m.name_or_path = str(getattr(encoder.model.config, "_name_or_path", "") or "a given model")
+    return encoder
 
 
 def build_miner(config: TrainConfig, train_set: TrainSet, settings: EncoderSettings) -> Any:
@@ -243,12 +295,12 @@ def build_loss(
 
 
 def example_offsets(datasets: list[Any]) -> list[int]:
-    """Where each source's examples start in a loss's per-example state (retrieval sources
-    only, in order; STS sources get the end, which they never index)."""
+    """Where each source's examples start in a loss's per-example state (map-style retrieval
+    sources only, in order; STS and streamed sources get the end, which they never index)."""
     offsets, total = [], 0
     for dataset in datasets:
         offsets.append(total)
-        if not hasattr(dataset, "pool"):
+        if not hasattr(dataset, "pool") and not getattr(dataset, "streaming", False):
             total += len(dataset)
     return offsets
 
@@ -337,10 +389,12 @@ def flat_hparams(config: TrainConfig) -> dict[str, Any]:
     return out
 
 
-def build_datasets(config: TrainConfig, encoder: Encoder, accelerator: Any) -> list[Any]:
+def build_datasets(
+    config: TrainConfig, encoder: Encoder, accelerator: Any, sources: list[Any]
+) -> list[Any]:
     """Every source's examples (a TrainSet for retrieval, a PairSet for STS), tokenised through
-    the token cache with the source's own prefixes."""
-    from retriever.train.sources import sources_of
+    the token cache with the source's own prefixes; a streamed source's StreamSet (tokenised as
+    training goes)."""
     from retriever.train.tokens import default_cache_dir
 
     d = config.data
@@ -350,7 +404,7 @@ def build_datasets(config: TrainConfig, encoder: Encoder, accelerator: Any) -> l
         raise ConfigError(f"{config.where('data.token_cache')}: data.token_cache: {problem}")
     datasets = []
     with accelerator.main_process_first():  # the main process fills the cache
-        for source in sources_of(config):
+        for source in sources:
             datasets.append(_source_dataset(config, source, encoder, cache_dir, accelerator))
     return datasets
 
@@ -358,7 +412,6 @@ def build_datasets(config: TrainConfig, encoder: Encoder, accelerator: Any) -> l
 def _source_dataset(
     config: TrainConfig, source: Any, encoder: Encoder, cache_dir: Any, accelerator: Any
 ) -> Any:
-    from retriever.data.examples import load_examples
     from retriever.train.pairs import PairSet
 
     settings = encoder.settings
@@ -374,29 +427,93 @@ def _source_dataset(
     for side, side_settings in (("query", query), ("document", document)):
         _check_prompt_room(config, source, encoder.tokenizer, side, side_settings)
     progress = accelerator.is_local_main_process
+    seed = config.training.seed
     if source.task == "sts":
-        pairs = PairSet(source.path, source.split, config.training.seed, source.max_examples)
+        pairs = PairSet(_sts_task(source), seed, source.max_examples)
         pairs.attach_tokens(encoder.tokenizer, query, cache_dir, show_progress=progress)
         return pairs
-    examples = load_examples(
-        source.path,
-        format=source.format,
-        split=source.split,
-        negatives=source.negatives,
-        max_examples=source.max_examples,
-    )
     teacher = config.loss.distill_weight > 0 and source.negatives > 0
-    train_set = TrainSet(examples, source.negatives, config.training.seed, teacher=teacher)
+    if source.streaming:
+        from retriever.train.streams import StreamSet
+
+        rank, world = accelerator.process_index, accelerator.num_processes
+        stream = StreamSet(
+            _record_stream(source), source.negatives, seed, teacher=teacher, rank=rank, world=world
+        )
+        stream.attach_tokens(encoder.tokenizer, query, document, None)
+        return stream
+    train_set = TrainSet(_examples(source), source.negatives, seed, teacher=teacher)
     train_set.attach_tokens(encoder.tokenizer, query, document, cache_dir, show_progress=progress)
     return train_set
+
+
+def _examples(source: Any) -> list[Any]:
+    """A map-style retrieval source's examples: read from its path, or from what a script
+    passed (a list of dicts, a datasets.Dataset)."""
+    from retriever.data.examples import check_negatives, example_from_record, load_examples
+    from retriever.data.inputs import records_in_memory
+
+    if source.data is None:
+        return load_examples(
+            source.path,
+            format=source.format,
+            split=source.split,
+            negatives=source.negatives,
+            max_examples=source.max_examples,
+        )
+    records = records_in_memory(source.data, source.path)[: source.max_examples]
+    examples = [example_from_record(record, where) for where, record in records]
+    check_negatives(examples, source.negatives)
+    return examples
+
+
+def _sts_task(source: Any) -> Any:
+    """An STS source's pairs: read from its path, or from the rows a script passed."""
+    from retriever.data.examples import DataError
+    from retriever.data.inputs import records_in_memory
+    from retriever.eval.sts import load_sts, sts_from_records
+
+    try:
+        if source.data is None:
+            return load_sts(source.path, source.split)
+        return sts_from_records(records_in_memory(source.data, source.path), source.name)
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(str(exc)) from None
+
+
+def _record_stream(source: Any) -> Any:
+    """A streamed source's records: the stream a script passed, a JSONL file read line by line,
+    or a Hub (or saved) dataset loaded with streaming=True."""
+    from retriever.data.examples import DataError, detect_format
+    from retriever.data.inputs import RecordStream
+
+    if source.data is not None:
+        return RecordStream(source.data, source.path)
+    kind = detect_format(source.path) if source.format == "auto" else source.format
+    if kind == "jsonl":
+        return RecordStream.jsonl(source.path)
+    if kind != "datasets":
+        raise DataError(f"{source.path}: a {kind} source is read whole: set streaming: false")
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(source.path, split=source.split, streaming=True)
+    except Exception as exc:  # datasets raises many kinds (not found, offline, bad files)
+        raise DataError(
+            f"{source.path}: cannot be streamed as a Hub dataset ({type(exc).__name__}: {exc})"
+        ) from None
+    return RecordStream(loaded, source.path)
 
 
 def _prefix(own: str | None, model: str) -> str:
     return model if own is None else own
 
 
-def batches_per_epoch(config: TrainConfig, dataset: Any, share: int, where: str) -> int:
-    """How many batches of ``share`` one epoch of ``dataset`` makes; none is an error."""
+def batches_per_epoch(config: TrainConfig, dataset: Any, share: int, where: str) -> int | None:
+    """How many batches of ``share`` one epoch of ``dataset`` makes (None for a stream: not
+    known in advance); none is an error."""
+    if getattr(dataset, "streaming", False):
+        return None
     plan = dataset.epoch_plan(0, share)
     if not plan:
         size = config.training.batch_size

@@ -73,6 +73,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, dict[str, Any]]) -> TrainConfig:
+        """A config from nested dicts (the YAML file's shape), checked as the YAML route checks
+        it: ``TrainConfig.from_dict({"model": {"name_or_path": ...}, "training": {...}})``.
+        ``data.train`` may be left out when the Trainer is given ``train_dataset``."""
+        return config_from_dict(values, required=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
+        """A config read from a YAML file; errors name the file and line."""
+        return validate(load_config(path), required=False)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
@@ -314,13 +326,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return validate(config)
 
 
-def config_from_dict(values: dict[str, dict[str, Any]], where: str = "dict") -> TrainConfig:
-    """A validated config from nested dicts (the shape of the YAML file); for scripts and tests."""
-    node = yaml.compose(yaml.safe_dump(values))
+def config_from_dict(
+    values: dict[str, dict[str, Any]], where: str = "dict", required: bool = True
+) -> TrainConfig:
+    """A validated config from nested dicts (the shape of the YAML file); for scripts and tests.
+    ``required=False`` leaves the data and output options to be checked when training starts
+    (a Trainer given its data)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: the config must be a dict of sections ({', '.join(SECTIONS)})")
+    try:
+        node = yaml.compose(yaml.safe_dump(values))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not a plain dict of sections and values ({exc})") from None
     config = TrainConfig()
     if node is not None:
         apply_mapping(config, node, where)
-    return validate(config)
+    return validate(config, required=required)
 
 
 def differing_options(old: TrainConfig, new: TrainConfig) -> list[str]:

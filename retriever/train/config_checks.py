@@ -31,14 +31,38 @@ def suggest(word: str, candidates: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_sources(config: TrainConfig) -> list:
-    """data.train's sources, parsed now so that a bad entry stops the start before any load."""
+def _check_sources(config: TrainConfig, sources: list | None) -> list | None:
+    """data.train's sources (or those a script passed), parsed now so that a bad entry stops
+    the start before any load; None when neither is known yet."""
     from retriever.train.sources import SourceError, sources_of
 
+    if sources is None and config.data.train is None:
+        return None
     try:
-        sources = sources_of(config)
+        sources = sources_of(config) if sources is None else sources
     except SourceError as exc:
         raise ConfigError(str(exc)) from None
+    where = config.where
+    if any(s.streaming for s in sources) and config.training.max_steps is None:
+        raise ConfigError(
+            f"{where('training.max_steps')}: training.max_steps is required with a streamed "
+            "source (data.streaming, or a stream passed to the Trainer): a stream's length is "
+            "not known in advance"
+        )
+    for option, value, what in (
+        ("mining.dynamic", config.mining.dynamic, "re-mines examples held in memory"),
+        ("loss.objective", config.loss.objective == "gcl", "keeps a state per example"),
+    ):
+        if value and any(s.streaming for s in sources):
+            raise ConfigError(
+                f"{where(option)}: {option} {what}: it cannot train on a streamed source "
+                "(set data.streaming: false)"
+            )
+    if any(s.streaming and s.task == "sts" for s in sources):
+        raise ConfigError(
+            f"{where('data.train')}: data.train: an sts source is read whole (set its "
+            "streaming: false); streams carry retrieval examples"
+        )
     if config.mining.dynamic and (len(sources) > 1 or sources[0].task != "retrieval"):
         raise ConfigError(
             f"{config.where('mining.dynamic')}: mining.dynamic re-mines one retrieval source; "
@@ -199,7 +223,9 @@ def _check_objective(config: TrainConfig, sources: list) -> None:
                 f"{where('loss.distill_weight')}: loss.distill_weight distils fixed teacher "
                 "scores, but mining.dynamic replaces the negatives they score"
             )
-        if not any(s.task == "retrieval" and s.negatives > 0 for s in sources):
+        if sources is not None and not any(
+            s.task == "retrieval" and s.negatives > 0 for s in sources
+        ):
             raise ConfigError(
                 f"{where('loss.distill_weight')}: loss.distill_weight compares the teacher's and "
                 "the model's scores of each query's positive and hard negatives, but no source "
@@ -267,7 +293,11 @@ def warn_unused(config: TrainConfig, sources: list) -> list[str]:
     for key, (used, user) in _USED_ONLY_WITH.items():
         if key in config.sources and not used(config, sources):
             said.append(f"{config.where(key)}: {key} does nothing here: it is used with {user}")
-            logger.warning(said[-1])
+    warned = config.__dict__.setdefault("_warned", set())  # a Trainer checks it again
+    for text in said:
+        if text not in warned:
+            warned.add(text)
+            logger.warning(text)
     return said
 
 
@@ -308,15 +338,25 @@ def check_bounds(config: TrainConfig) -> None:
                 )
 
 
-def validate(config: TrainConfig) -> TrainConfig:
+def validate(
+    config: TrainConfig,
+    *,
+    required: bool = True,
+    sources: list | None = None,
+    model_given: bool = False,
+) -> TrainConfig:
     """Bounds and cross-field checks that single values cannot make; errors name where each
-    value was set."""
+    value was set. ``required=False``: the model, data and output options may still be unset
+    (a config built in a script, completed by the Trainer). ``sources``: the training sources
+    a script passed (instead of ``data.train``); ``model_given``: it passed the model too."""
+    given = {"data.train": sources is not None, "model.name_or_path": model_given}
     for key, flag in REQUIRED.items():
-        if config.get(key) in (None, ""):  # an empty list of sources says so itself, below
+        # An empty list of sources says so itself, below.
+        if required and not given.get(key) and config.get(key) in (None, ""):
             raise ConfigError(f"{key} is required: set it in the config file or pass {flag}")
     check_bounds(config)
-    sources = _check_sources(config)
-    _check_model(config, sources)
+    sources = _check_sources(config, sources)
+    _check_model(config, sources or [])
     _check_objective(config, sources)
     check_fsdp(config)
     check_padding_free(config)
@@ -354,11 +394,15 @@ def validate(config: TrainConfig) -> TrainConfig:
             f"{config.where('training.save_steps')}: training.save_steps asks for checkpoints "
             f"but training.save_checkpoints is false ({config.where('training.save_checkpoints')})"
         )
-    warn_unused(config, sources)
+    if sources is not None:
+        warn_unused(config, sources)
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
     for tracker in config.training.report_to:
-        if tracker not in ("tensorboard", "wandb"):
+        if tracker not in LOGGER_TYPE_TO_CLASS:
             raise ConfigError(
                 f"{config.where('training.report_to')}: training.report_to: unknown tracker "
-                f"{tracker!r} (tensorboard, wandb)"
+                f"{tracker!r}{suggest(tracker, list(LOGGER_TYPE_TO_CLASS))} (trackers: "
+                f"{', '.join(LOGGER_TYPE_TO_CLASS)})"
             )
     return config

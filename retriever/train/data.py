@@ -39,20 +39,23 @@ class TrainSet(torch.utils.data.Dataset):
     is what the DataLoader's workers collate (no tokenisation during training)."""
 
     def __init__(
-        self, examples: Sequence[Example], negatives: int, seed: int, teacher: bool = False
+        self,
+        examples: Sequence[Example],
+        negatives: int,
+        seed: int,
+        teacher: bool = False,
+        keys: Sequence[int] | None = None,
     ) -> None:
         """``teacher``: batches carry the examples' teacher scores (every example needs them
-        for its positives and negatives)."""
+        for its positives and negatives). ``keys``: what seeds each example's draws instead of
+        its index (a streamed batch's examples: their places in the stream)."""
         self.examples = list(examples)
         self.negatives = negatives
         self.seed = seed
         self.teacher = teacher
+        self.keys = list(keys) if keys is not None else None
         for e in self.examples if teacher else []:
-            if e.positive_scores is None or (e.negatives and e.negative_scores is None):
-                raise DataError(
-                    f"{e.source}: no teacher scores ('pos_scores' and 'neg_scores', one number "
-                    "per positive and negative): loss.distill_weight needs them on every line"
-                )
+            check_teacher_scores(e)
         # Positive text ids, to keep duplicates out of a batch without hashing every epoch.
         self._positive_ids = [[text_id(p) for p in e.positives] for e in self.examples]
         self.queries: TextPool | None = None
@@ -103,11 +106,11 @@ class TrainSet(torch.utils.data.Dataset):
             self._negative_rows[index] = tuple(map(self.documents.row_of, negatives))
 
     def _rng(self, epoch: int, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, epoch, index])
+        key = index if self.keys is None else self.keys[index]
+        return np.random.default_rng([self.seed, epoch, key])
 
     def _positive_index(self, rng: np.random.Generator, index: int) -> int:
-        count = len(self.examples[index].positives)
-        return int(rng.integers(count)) if count > 1 else 0
+        return positive_index(rng, len(self.examples[index].positives))
 
     def positive_id(self, epoch: int, index: int) -> int:
         ids = self._positive_ids[index]
@@ -161,6 +164,19 @@ class TrainSet(torch.utils.data.Dataset):
             int(self._query_rows[index]),
             self._positive_rows[index][positive],
             [negative_rows[i] for i in negatives],
+        )
+
+
+def positive_index(rng: np.random.Generator, count: int) -> int:
+    """Which of ``count`` positives a group takes (the first draw of its generator)."""
+    return int(rng.integers(count)) if count > 1 else 0
+
+
+def check_teacher_scores(example: Example) -> None:
+    if example.positive_scores is None or (example.negatives and example.negative_scores is None):
+        raise DataError(
+            f"{example.source}: no teacher scores ('pos_scores' and 'neg_scores', one number "
+            "per positive and negative): loss.distill_weight needs them on every line"
         )
 
 

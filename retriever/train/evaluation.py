@@ -4,6 +4,7 @@ shared with every process and logged."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -14,9 +15,49 @@ from retriever.fileio import atomic_directory
 from retriever.train.config import ConfigError, TrainConfig
 
 
-def load_eval_tasks(config: TrainConfig) -> list[Any]:
+def load_eval_tasks(config: TrainConfig, given: Any = None) -> list[Any]:
     """The tasks of ``eval.data`` (retrieval tasks, shrunk as ``eval.max_*`` say, and STS
-    sets), and a check that ``eval.metric`` names a score they report; errors name the option."""
+    sets) and those a script ``given`` (a task, a list, or a dict of name -> task), and a check
+    that ``eval.metric`` names a score they report; errors name the option."""
+    tasks = _configured_tasks(config)
+    tasks += _given_tasks(given, {task.name for task in tasks})
+    _default_metric(config, tasks)
+    _check_metric_task(config, tasks)
+    return tasks
+
+
+def _given_tasks(given: Any, taken: set[str]) -> list[Any]:
+    """Tasks passed as ``Trainer(eval_datasets=...)``, named by their dict keys if a dict."""
+    from retriever.eval.data import RetrievalTask
+    from retriever.eval.sts import STSTask
+
+    if given is None:
+        return []
+    named = given.items() if isinstance(given, dict) else [(None, t) for t in _as_list(given)]
+    tasks = []
+    for name, task in named:
+        if not isinstance(task, (RetrievalTask, STSTask)):
+            raise ConfigError(
+                "Trainer(eval_datasets=...): expected retrieval or STS tasks (retriever.eval."
+                f"load_task, retriever.eval.sts.load_sts), got {type(task).__name__}"
+            )
+        task = dataclasses.replace(task, name=str(name)) if name is not None else task
+        if task.name in taken:
+            raise ConfigError(
+                f"Trainer(eval_datasets=...): two evaluation tasks are named {task.name!r}; "
+                "pass a dict of name -> task to tell them apart"
+            )
+        taken.add(task.name)
+        tasks.append(task)
+    return tasks
+
+
+def _as_list(given: Any) -> list[Any]:
+    return list(given) if isinstance(given, (list, tuple)) else [given]
+
+
+def _configured_tasks(config: TrainConfig) -> list[Any]:
+    """The tasks of ``eval.data``, loaded, shrunk and named apart."""
     from retriever.eval.data import RetrievalTask
     from retriever.eval.tasks import load_any_task
 
@@ -35,8 +76,6 @@ def load_eval_tasks(config: TrainConfig) -> list[Any]:
                 key = "eval.split"
             raise ConfigError(f"{config.where(key)}: {key}: {exc}") from None
     _name_uniquely(config, tasks, specs)
-    _default_metric(config, tasks)
-    _check_metric_task(config, tasks)
     return tasks
 
 

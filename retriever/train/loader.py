@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from retriever.data.examples import DataError
 from retriever.train.batches import Batch, Collator
 from retriever.train.sources import rank_rows
 
@@ -55,16 +56,23 @@ class Part:
         return Part(self.epoch, self.index, self.batch.pin_memory())
 
 
-def stream_plan(stream: Stream) -> Iterator[tuple[int, int, list[int]]]:
-    """(epoch, index in the epoch, global batch) of a source, epoch after epoch, without end:
-    a source that runs out starts its next epoch while the others go on."""
+def stream_plan(stream: Stream) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, index in the epoch, batch) of a source, epoch after epoch, without end: a source
+    that runs out starts its next epoch while the others go on. A batch is the global batch's
+    example indices, or, for a streamed source, this process's examples (walked, not
+    collated, up to where the run resumes)."""
     epoch, skip = stream.start.epoch, stream.start.batch
     while True:
-        batches = stream.dataset.epoch_plan(epoch, stream.share)
-        if not batches:
-            raise RuntimeError(f"epoch {epoch} makes no batch of {stream.share}")
-        for index in range(skip, len(batches)):
-            yield epoch, index, batches[index]
+        count = 0
+        for index, batch in enumerate(stream.dataset.epoch_plan(epoch, stream.share)):
+            count += 1
+            if index >= skip:
+                yield epoch, index, batch
+        if count == 0:
+            raise DataError(
+                f"epoch {epoch} of a source makes no batch of {stream.share} rows (too few "
+                "examples with distinct positives, or an empty stream)"
+            )
         epoch, skip = epoch + 1, 0
 
 
@@ -84,7 +92,9 @@ class StepBatches(torch.utils.data.IterableDataset):
             if step % workers == worker:
                 yield [self._part(s, *item) for s, item in zip(self.streams, items)]
 
-    def _part(self, stream: Stream, epoch: int, index: int, batch: list[int]) -> Part:
+    def _part(self, stream: Stream, epoch: int, index: int, batch: Any) -> Part:
+        if getattr(stream.dataset, "streaming", False):  # already this process's examples
+            return Part(epoch, index, stream.dataset.collate(stream.collator, epoch, batch))
         local = batch[rank_rows(stream.share, self.rank, self.world)]
         collated = stream.collator([stream.dataset.rows(epoch, i) for i in local])
         collated.scores = stream.dataset.scores_of(epoch, local)

@@ -162,6 +162,13 @@ class DataArguments:
         min=0,
     )
     max_examples: int | None = _opt(None, "Use only the first N examples (quick runs).", min=1)
+    streaming: bool = _opt(
+        False,
+        "Read data.train as a stream (a JSONL file line by line, or a Hub dataset with "
+        "streaming=True): examples are batched and tokenised as training goes, in the loader's "
+        "workers, never all in memory (for data larger than RAM). Needs training.max_steps; "
+        "no token cache. A source of a list can set its own streaming.",
+    )
     num_workers: int = _opt(
         2,
         "DataLoader worker processes that collate the next batches from the token cache (0: in "
@@ -337,8 +344,10 @@ class TrainingArguments:
     )
     logging_steps: int = _opt(10, "Log loss, learning rate, throughput every N steps.", min=1)
     report_to: list[str] = _opt(
-        ["tensorboard"],
-        "Trackers: tensorboard, wandb (any of them; [] for none). Logs go to OUTPUT_DIR/logs.",
+        [],
+        "Trackers that get the logs besides log.jsonl and eval.jsonl, through Accelerate: "
+        "tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio (each "
+        "needs its package installed); [] for none. Files go to OUTPUT_DIR/logs.",
     )
     run_name: str = _opt("retriever", "Tracker project / run name.")
     push_to_hub: str | None = _opt(
@@ -363,6 +372,12 @@ class EvalArguments:
         min=1,
     )
     at_start: bool = _opt(True, "Also evaluate the model before training (step 0).")
+    early_stopping_patience: int | None = _opt(
+        None,
+        "Stop training once this many evaluations in a row have not beaten the best "
+        "eval.metric (the run ends as at its last step: evaluated, saved, final/); null: never.",
+        min=1,
+    )
     batch_size: int = _opt(128, "Texts per forward pass when encoding for evaluation.", min=1)
     max_queries: int | None = _opt(
         None,

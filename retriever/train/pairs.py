@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retriever.data.examples import DataError
-from retriever.eval.sts import load_sts
+from retriever.eval.sts import STSTask
 from retriever.model.settings import SideSettings
 from retriever.train.batches import TextPool
 from retriever.train.tokens import tokenizer_fingerprint
@@ -26,11 +25,7 @@ from retriever.train.tokens import tokenizer_fingerprint
 class PairSet:
     """Scored sentence pairs as per-epoch batches of token rows."""
 
-    def __init__(self, path: str, split: str, seed: int, max_examples: int | None = None):
-        try:
-            task = load_sts(path, split)
-        except (FileNotFoundError, ValueError) as exc:
-            raise DataError(str(exc)) from None
+    def __init__(self, task: STSTask, seed: int, max_examples: int | None = None):
         limit = max_examples or len(task.scores)
         self.first, self.second = task.first[:limit], task.second[:limit]
         self.scores = task.scores[:limit].astype(np.float32)

@@ -17,9 +17,10 @@ source (its index and name), the field and the line it was set on.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ class Source:
     document_prefix: str | None = None
     instruction: str | None = None  # fills model.query_template's {instruction}
     loss_weight: float | None = None  # its loss's weight in the sum; None: its batch share
+    streaming: bool = False  # read as a stream (train.streams), not whole
+    # The examples themselves, when a script passed them (Trainer(train_dataset=...)): a list
+    # of dicts, a datasets.Dataset, or a stream; ``path`` then only names them.
+    data: Any = field(default=None, compare=False, repr=False)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -58,6 +63,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "query_prefix": (str, type(None)),
     "document_prefix": (str, type(None)),
     "instruction": (str, type(None)),
+    "streaming": (bool,),
 }
 
 
@@ -71,10 +77,44 @@ def sources_of(config: Any) -> list[Source]:
     if isinstance(d.train, str):
         name = Path(d.train.rstrip("/")).name.split(".")[0] or "train"
         return [Source(name, d.train, "retrieval", 1.0, d.split, d.format, d.negatives,
-                       d.max_examples)]  # fmt: skip
+                       d.max_examples, streaming=d.streaming)]  # fmt: skip
     sources = [_parse(config, i, entry) for i, entry in enumerate(d.train)]
     if not sources:
         raise SourceError(f"{config.where('data.train')}: data.train: the list of sources is empty")
+    _check_names(config, sources)
+    return sources
+
+
+def sources_of_datasets(config: Any, train_dataset: Any) -> list[Source]:
+    """The sources of ``Trainer(train_dataset=...)``: one dataset (a list of dicts, a
+    ``datasets.Dataset``, a stream), or a dict of name -> dataset, or name -> ``{"dataset":
+    ..., task, weight, ...}`` with a source's fields; unset fields take the data.* options."""
+    from retriever.data.inputs import is_stream
+
+    named = train_dataset if _is_plain_dict(train_dataset) else {"train": train_dataset}
+    sources = []
+    for i, (name, value) in enumerate(named.items()):
+        entry = dict(value) if _is_plain_dict(value) else {"dataset": value}
+        label = f"train_dataset[{name!r}]"
+        if "dataset" not in entry:
+            raise SourceError(f"{label}: missing 'dataset' (the examples of this source)")
+        data = entry.pop("dataset")
+        if "path" in entry:
+            raise SourceError(f"{label}: 'path' and 'dataset' both given; keep one")
+        entry = {"name": str(name), "path": f"train_dataset[{name!r}]", **entry}
+        entry.setdefault("streaming", is_stream(data))
+        source = _parse(config, i, entry, where=label)
+        sources.append(dataclasses.replace(source, data=data))
+    _check_names(config, sources)
+    return sources
+
+
+def _is_plain_dict(value: Any) -> bool:
+    """A dict a script wrote (a datasets.DatasetDict is a dict too, but one dataset)."""
+    return isinstance(value, dict) and not type(value).__module__.startswith("datasets")
+
+
+def _check_names(config: Any, sources: list[Source]) -> None:
     seen: dict[str, int] = {}
     for i, source in enumerate(sources):
         if source.name in seen:
@@ -83,12 +123,11 @@ def sources_of(config: Any) -> list[Source]:
                 f"already the name of data.train[{seen[source.name]}]; names must differ"
             )
         seen[source.name] = i
-    return sources
 
 
-def _parse(config: Any, index: int, entry: Any) -> Source:
-    where = config.where(f"data.train[{index}]")
-    label = f"data.train[{index}]"
+def _parse(config: Any, index: int, entry: Any, where: str | None = None) -> Source:
+    label = where or f"data.train[{index}]"
+    where = config.where(f"data.train[{index}]") if where is None else "Trainer"
     if not isinstance(entry, dict):
         raise SourceError(f"{where}: {label}: expected a mapping (path, task, weight, ...)")
     if isinstance(entry.get("name"), str):
@@ -99,7 +138,9 @@ def _parse(config: Any, index: int, entry: Any) -> Source:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise SourceError(f"{where}: {label}: unknown field {key!r}{hint}; fields are "
                               f"{', '.join(_TYPES)}")  # fmt: skip
-        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
+        if (isinstance(value, bool) and bool not in _TYPES[key]) or not isinstance(
+            value, _TYPES[key]
+        ):
             raise SourceError(f"{where}: {label}: {key}: got {value!r}, of the wrong type")
     if "path" not in entry:
         raise SourceError(f"{where}: {label}: missing field 'path'")
@@ -109,6 +150,7 @@ def _parse(config: Any, index: int, entry: Any) -> Source:
         "split": d.split,
         "format": d.format,
         "negatives": d.negatives if entry.get("task", "retrieval") == "retrieval" else 0,
+        "streaming": d.streaming,
         **entry,
     }
     source = Source(**{f.name: values[f.name] for f in fields(Source) if f.name in values})
@@ -173,11 +215,11 @@ def rank_rows(share: int, rank: int, processes: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
-def describe_plan(sources: list[Source], shares: list[int], batches: list[int]) -> str:
+def describe_plan(sources: list[Source], shares: list[int], batches: list[int | None]) -> str:
     """Each source's task, rows a step, hard negatives and batches an epoch, for the log."""
     return "; ".join(
         f"{s.name} ({s.task}) {share} a step (+{s.negatives} hard negatives each), "
-        f"{count} batches an epoch"
+        + ("streamed" if count is None else f"{count} batches an epoch")
         for s, share, count in zip(sources, shares, batches)
     )
 

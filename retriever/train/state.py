@@ -20,6 +20,9 @@ class TrainState:
     chunk_sizes: list[int] | None = None  # [gradient pass, no-grad pass], also when auto
     data_fingerprint: str | None = None  # of the training examples, checked on resume
     sharded: bool = False  # the checkpoints hold FSDP's whole state (train.sharding)
+    evaluations_without_improvement: int = 0  # since the best one (eval.early_stopping_patience)
+    # Every process's positions, when each reads its own shard of a streamed source.
+    rank_positions: list[list[list[int]]] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -28,9 +31,17 @@ class TrainState:
         for key, value in state.items():
             setattr(self, key, value)
 
-    def start_positions(self, num_sources: int) -> None:
+    def start_positions(self, num_sources: int, rank: int = 0, world: int = 1) -> None:
         """A new run, or a checkpoint of one source: the first source where ``epoch`` and
-        ``batch_in_epoch`` say, the others at their start."""
+        ``batch_in_epoch`` say, the others at their start; with every process's positions
+        (shards of a stream), this process's."""
+        if self.rank_positions is not None:
+            if len(self.rank_positions) != world:
+                raise ValueError(
+                    f"--resume: the checkpoint was saved by {len(self.rank_positions)} processes, "
+                    f"each reading its own shard of a stream; resume it with as many (not {world})"
+                )
+            self.positions = self.rank_positions[rank]
         if self.positions is None:
             first = [self.epoch, self.batch_in_epoch]
             self.positions = [first] + [[0, 0] for _ in range(num_sources - 1)]

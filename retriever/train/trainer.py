@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
 from pathlib import Path
@@ -52,21 +52,31 @@ from retriever.train.builders import (
     flat_hparams,
     prepare_optimization,
 )
+from retriever.train.callbacks import Callbacks, training_arguments
 from retriever.train.checkpoints import save_checkpoint, save_final
 from retriever.train.chunk_sizes import plan_checked
 from retriever.train.config import ConfigError, TrainConfig
+from retriever.train.config_checks import validate
 from retriever.train.loader import Part, Position, StepBatches, Stream, run_loader
 from retriever.train.model_card import model_card, push_final
 from retriever.train.resume import load_checkpoint, plan_run_directory, saved_chunk_sizes
 from retriever.train.run_directory import (
     RunDirectory,
+    RunError,
     checkpoint_dir,
     list_checkpoints,
     remove_checkpoint,
     truncate_logs,
 )
 from retriever.train.sharding import clip_grad_norm, no_sync_for, sharding_for
-from retriever.train.sources import batch_shares, describe_plan, loss_weight, sources_of
+from retriever.train.sources import (
+    SourceError,
+    batch_shares,
+    describe_plan,
+    loss_weight,
+    sources_of,
+    sources_of_datasets,
+)
 from retriever.train.state import TrainState
 from retriever.train.step import cached_parts_step, loss_part
 from retriever.train.step_log import StepLog, sigmoid_bias, stop_unless_finite
@@ -77,15 +87,41 @@ logger = logging.getLogger(__name__)
 class Trainer:
     """Trains an encoder as ``config`` says; :meth:`train` runs it to the end.
 
+    From a script, what the config would name can be passed as objects instead:
+
+    * ``model``: a Hub id or path, a ``SentenceTransformer`` or an ``Encoder`` (trained in
+      place; the model options that are set apply to it);
+    * ``train_dataset``: a list of dicts, a ``datasets.Dataset``, a stream (a
+      ``datasets.IterableDataset``, a generator function), or a dict of name -> dataset (or
+      name -> ``{"dataset": ..., "task": ..., "weight": ..., ...}``) for several sources, with
+      the columns of the JSONL format; ``config.data.train`` is then left unset;
+    * ``eval_datasets``: evaluation tasks (``load_task``, ``load_sts``), one, a list, or a
+      dict of name -> task, evaluated beside ``eval.data``;
+    * ``callbacks``: ``transformers.TrainerCallback`` instances (`train.callbacks`).
+
     ``step_context``, when set, is called with each optimizer step's number (1-based) and the
     context manager it returns is entered around that step (a profiler for one step, say)."""
 
     step_context: Callable[[int], AbstractContextManager] | None = None
 
     def __init__(
-        self, config: TrainConfig, *, resume: bool | str | None = None, overwrite: bool = False
+        self,
+        config: TrainConfig,
+        *,
+        model: Any = None,
+        train_dataset: Any = None,
+        eval_datasets: Any = None,
+        callbacks: Sequence[Any] | None = None,
+        resume: bool | str | None = None,
+        overwrite: bool = False,
     ) -> None:
         self.config = config
+        self.given = {"model": model, "eval": eval_datasets, "sources": None}
+        if train_dataset is not None:
+            self.given["sources"] = given_sources(config, train_dataset)
+        validate(config, sources=self.given["sources"], model_given=model is not None)
+        self.callback_list = list(callbacks or [])
+        self.stopped: str | None = None  # why the run stops before its last step, if it does
         self.output_dir = Path(config.training.output_dir)
         self.run_dir = RunDirectory(self.output_dir)
         self.accelerator = build_accelerator(config)
@@ -110,12 +146,12 @@ class Trainer:
         from accelerate.utils import set_seed
 
         set_seed(t.seed)
-        self.encoder = build_encoder(config)
+        self.encoder = build_encoder(config, self.given["model"])
         self.encoder.train()  # from_pretrained leaves the network in eval mode: no dropout
         self._load_data()
         self.loss_fn = build_loss(config, acc.device, self.encoder, self.datasets, self.total_steps)
         self.offsets = example_offsets(self.datasets)
-        self.tasks = evaluation.load_eval_tasks(config)
+        self.tasks = evaluation.load_eval_tasks(config, self.given["eval"])
         # As configured, measured (auto), or as the resumed checkpoint recorded them; before
         # the optimizer: the probe makes gradients.
         recorded = saved_chunk_sizes(self.resume_from)
@@ -124,7 +160,10 @@ class Trainer:
         if self.resume_from is not None:
             load_checkpoint(acc, config, self.resume_from, self.data_fingerprint, self.state,
                             self.total_steps, self.sharding is not None)  # fmt: skip
-        self.state.start_positions(len(self.sources))
+        try:
+            self.state.start_positions(len(self.sources), acc.process_index, acc.num_processes)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
         self.state.data_fingerprint = self.data_fingerprint
         self.state.chunk_sizes = self.chunks.record()
         self.state.sharded = self.sharding is not None
@@ -134,6 +173,8 @@ class Trainer:
         ]
         self.log = StepLog(acc, self.output_dir, t.batch_size)
         self.group = dist.group.WORLD if acc.num_processes > 1 else None
+        args = training_arguments(config, self.total_steps, bool(self.tasks))
+        self.callbacks = Callbacks(self.callback_list, args, acc)
 
         # Only now that everything has loaded: a start that fails changes nothing on disk.
         acc.wait_for_everyone()
@@ -147,19 +188,20 @@ class Trainer:
         """Every source's examples and its share of each step; the number of steps (epochs
         count those of the first source)."""
         config, t, acc = self.config, self.config.training, self.accelerator
-        self.sources = sources_of(config)
+        self.sources = self.given["sources"] or sources_of(config)
         self.source_names = [source.name for source in self.sources]
         try:
             self.shares = batch_shares(t.batch_size, self.sources, acc.num_processes)
         except ValueError as exc:
             raise ConfigError(f"{config.where('training.batch_size')}: {exc}") from None
-        self.datasets = build_datasets(config, self.encoder, acc)
+        self.datasets = build_datasets(config, self.encoder, acc, self.sources)
         self.batches_per_epoch = [
             batches_per_epoch(config, dataset, share, f"source {source.name!r}")
             for source, dataset, share in zip(self.sources, self.datasets, self.shares)
         ]
         # As read, before any re-mining: a resumed run must see the same examples.
         self.data_fingerprint = "/".join(d.fingerprint() for d in self.datasets)
+        # A streamed first source has no known epoch: max_steps is then required (checked).
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.batches_per_epoch[0]))
         self.train_set = self.datasets[0]
         self.miner = None
@@ -251,6 +293,11 @@ class Trainer:
         """``checkpoints/step-N``, whole or absent (`train.checkpoints`); once the first one
         stands, a run that ``--overwrite`` set aside is deleted."""
         acc = self.accelerator
+        if acc.num_processes > 1 and any(s.streaming for s in self.sources):
+            from accelerate.utils import gather_object
+
+            # Each process reads its own shard of a stream: the checkpoint keeps every place.
+            self.state.rank_positions = gather_object([self.state.positions])
         path = save_checkpoint(
             acc,
             checkpoint_dir(self.output_dir, self.state.step),
@@ -265,6 +312,7 @@ class Trainer:
             for stale in list_checkpoints(self.output_dir)[:-limit] if limit else []:
                 remove_checkpoint(stale)
         acc.wait_for_everyone()
+        self.callbacks.save()
         return path
 
     def evaluate(self) -> dict[str, Any]:
@@ -277,7 +325,31 @@ class Trainer:
             self.sharding, card,
         )  # fmt: skip
         self.log.write("eval.jsonl", record)
+        self._stop_early_after(record)
+        if self.callbacks:
+            control = self.callbacks.evaluate(record, self.state.best_metric)
+            self._stop_if(control.should_training_stop, "a callback asked to stop")
         return record
+
+    def _stop_early_after(self, record: dict[str, Any]) -> None:
+        """eval.early_stopping_patience: stop once that many evaluations in a row have not
+        beaten the best eval.metric (the count is checkpointed, so a resumed run goes on
+        counting)."""
+        state, patience = self.state, self.config.eval.early_stopping_patience
+        if state.best_step == record["step"]:
+            state.evaluations_without_improvement = 0
+        else:
+            state.evaluations_without_improvement += 1
+        if patience is not None and state.evaluations_without_improvement >= patience:
+            metric = self.config.eval.metric
+            why = (
+                f"{patience} evaluation(s) without a better {metric} (eval.early_stopping_patience)"
+            )
+            self._stop_if(True, why)
+
+    def _stop_if(self, stop: bool, reason: str) -> None:
+        if stop and self.stopped is None:
+            self.stopped = reason
 
     # -- the loop --
 
@@ -311,7 +383,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(acc.device)
         last_loss = None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        while state.step < self.total_steps:
+        self.callbacks.train_begin(state.step, self.encoder)
+        while state.step < self.total_steps and self.stopped is None:
             batches = iter(self._loader())
             while True:
                 waited = time.perf_counter()
@@ -319,6 +392,7 @@ class Trainer:
                 self.log.data_wait += time.perf_counter() - waited
                 if item is None:
                     break
+                self.callbacks.step_begin()
                 hook = self.step_context
                 with hook(state.step + 1) if hook else contextlib.nullcontext():
                     loss, grad_norm = self._optimizer_step(item, params)
@@ -329,7 +403,7 @@ class Trainer:
                 if state.step % t.logging_steps == 0 or state.step == self.total_steps:
                     last_loss = self._log(grad_norm, progress)
                 remined = self._after_step(evaluations)
-                if state.step >= self.total_steps or remined:
+                if state.step >= self.total_steps or remined or self.stopped is not None:
                     break  # after re-mining: a new loader, whose workers see the new negatives
         progress.close()
         return self._finish(evaluations, last_loss)
@@ -340,22 +414,34 @@ class Trainer:
         bias = sigmoid_bias(self.loss_fn)
         record = self.log.flush(self.state, lr, temperature, grad_norm, bias)
         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+        self.callbacks.log(record)
         return record["loss"]
 
     def _after_step(self, evaluations: list[dict[str, Any]]) -> bool:
         """Re-mining, evaluation and checkpoint due after a step, in that order (a resumed run
         then has the re-mined negatives and the best metric so far); whether it re-mined."""
         state, cfg = self.state, self.config
-        if state.step >= self.total_steps:
+        control = self.callbacks.step_end(state.step, self._epoch())
+        self._stop_if(control.should_training_stop, "a callback asked to stop")
+        if state.step >= self.total_steps or self.stopped is not None:
             return False  # the end: _finish evaluates and saves
         remined = self.miner is not None and self.miner.due(state.step)
         if remined:
             self._remine()
-        if self.tasks and cfg.eval.steps and state.step % cfg.eval.steps == 0:
+        due = bool(cfg.eval.steps) and state.step % cfg.eval.steps == 0
+        if self.tasks and (due or control.should_evaluate):
             evaluations.append(self.evaluate())
-        if cfg.training.save_steps and state.step % cfg.training.save_steps == 0:
+        save_steps = cfg.training.save_steps
+        due = bool(save_steps) and state.step % save_steps == 0
+        if cfg.training.save_checkpoints and (due or control.should_save):
             self.save_checkpoint()
         return remined
+
+    def _epoch(self) -> float:
+        """Epochs of the first source done, with the fraction of the current one (when known)."""
+        epoch, batch = self.state.positions[0]
+        count = self.batches_per_epoch[0]
+        return epoch + (batch / count if count else 0.0)
 
     def _optimizer_step(self, batch: Any, params: list[torch.nn.Parameter]) -> tuple[float, Any]:
         """One global batch: gradient, clipping, the update; returns (loss, gradient norm)."""
@@ -393,8 +479,12 @@ class Trainer:
                 url = push_final(final, cfg.training.push_to_hub, where)
                 acc.print(f"pushed the final model to {url}")
         acc.wait_for_everyone()
+        self.callbacks.train_end(whole)
         acc.end_training()
         summary = state.summary(evaluations, last_loss, self.output_dir)
+        summary["stopped_early"] = self.stopped
+        if self.stopped is not None:
+            acc.print(f"stopped at step {state.step} of {self.total_steps}: {self.stopped}")
         if evaluations:
             best = self.output_dir / "best"
             acc.print(evaluation.describe_progress(evaluations, cfg.eval.metric, state, best))
@@ -402,8 +492,20 @@ class Trainer:
         return summary
 
 
-def train(
-    config: TrainConfig, *, resume: bool | str | None = None, overwrite: bool = False
-) -> dict[str, Any]:
-    """Train as ``config`` says; returns a summary (steps, final loss, evaluations, best)."""
-    return Trainer(config, resume=resume, overwrite=overwrite).train()
+def train(config: TrainConfig, **options: Any) -> dict[str, Any]:
+    """Train as ``config`` says; returns a summary (steps, final loss, evaluations, best).
+    ``options`` are the Trainer's (model, train_dataset, ..., resume, overwrite)."""
+    return Trainer(config, **options).train()
+
+
+def given_sources(config: TrainConfig, train_dataset: Any) -> list[Any]:
+    """The sources of ``Trainer(train_dataset=...)``, checked (`train.sources`)."""
+    if config.data.train is not None:
+        raise ConfigError(
+            f"{config.where('data.train')}: data.train and Trainer(train_dataset=...) both give "
+            "training data; keep one"
+        )
+    try:
+        return sources_of_datasets(config, train_dataset)
+    except SourceError as exc:
+        raise ConfigError(str(exc)) from None
