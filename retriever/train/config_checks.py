@@ -286,11 +286,13 @@ _USED_ONLY_WITH: dict[str, tuple[Callable[[TrainConfig, list], bool], str]] = {
 }
 
 
-def warn_unused(config: TrainConfig, sources: list) -> list[str]:
+def warn_unused(config: TrainConfig, sources: list, eval_given: bool = False) -> list[str]:
     """Warn of each option set (in the file or on the command line) that this configuration
-    never reads; returns the warnings."""
+    never reads (``eval_given``: a script passed evaluation tasks); returns the warnings."""
     said = []
     for key, (used, user) in _USED_ONLY_WITH.items():
+        if eval_given and key.startswith("eval."):
+            continue
         if key in config.sources and not used(config, sources):
             said.append(f"{config.where(key)}: {key} does nothing here: it is used with {user}")
     warned = config.__dict__.setdefault("_warned", set())  # a Trainer checks it again
@@ -344,11 +346,13 @@ def validate(
     required: bool = True,
     sources: list | None = None,
     model_given: bool = False,
+    eval_given: bool = False,
 ) -> TrainConfig:
     """Bounds and cross-field checks that single values cannot make; errors name where each
     value was set. ``required=False``: the model, data and output options may still be unset
     (a config built in a script, completed by the Trainer). ``sources``: the training sources
-    a script passed (instead of ``data.train``); ``model_given``: it passed the model too."""
+    a script passed (instead of ``data.train``); ``model_given``, ``eval_given``: it passed
+    the model, evaluation tasks."""
     given = {"data.train": sources is not None, "model.name_or_path": model_given}
     for key, flag in REQUIRED.items():
         # An empty list of sources says so itself, below.
@@ -395,7 +399,7 @@ def validate(
             f"but training.save_checkpoints is false ({config.where('training.save_checkpoints')})"
         )
     if sources is not None:
-        warn_unused(config, sources)
+        warn_unused(config, sources, eval_given)
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     for tracker in config.training.report_to:

@@ -119,7 +119,12 @@ class Trainer:
         self.given = {"model": model, "eval": eval_datasets, "sources": None}
         if train_dataset is not None:
             self.given["sources"] = given_sources(config, train_dataset)
-        validate(config, sources=self.given["sources"], model_given=model is not None)
+        validate(
+            config,
+            sources=self.given["sources"],
+            model_given=model is not None,
+            eval_given=eval_datasets is not None,
+        )
         self.callback_list = list(callbacks or [])
         self.stopped: str | None = None  # why the run stops before its last step, if it does
         self.output_dir = Path(config.training.output_dir)
