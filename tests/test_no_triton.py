@@ -3,42 +3,17 @@ is imported only where a kernel runs."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
+from blocked_imports import retriever_without
 from train_helpers import make_tiny_model, write_beir, write_examples
 
 TESTS = Path(__file__).resolve().parent
 
-BLOCKED = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class NoTriton(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "triton" or name.startswith("triton."):
-                raise ImportError(f"No module named {name!r} (blocked by the test)")
-
-    sys.meta_path.insert(0, NoTriton())
-    sys.argv = ["retriever", *sys.argv[1:]]
-    from retriever.cli import main
-
-    code = main(sys.argv[1:])
-    assert "triton" not in sys.modules, "triton was imported"
-    sys.exit(code)
-    """
-)
-
 
 def _retriever(*argv: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, "-c", BLOCKED, *argv], capture_output=True, text=True, env=env, timeout=600
-    )
+    return retriever_without({"triton"}, *argv)
 
 
 def test_eval_mine_and_train_run_without_triton(tmp_path):
