@@ -96,6 +96,8 @@ def run_retriever(args, batch: int, negatives: int, steps: int, data: Path, out:
                     "query_max_length": args.query_length,
                     "document_max_length": args.document_length,
                     "dtype": "bfloat16",
+                    "padding_free": args.padding_free == "true",
+                    **({"compile": args.compile} if args.compile else {}),
                     **({"dropout": args.dropout} if args.dropout is not None else {}),
                 },
                 "data": {"train": str(data), "negatives": negatives,
@@ -106,6 +108,8 @@ def run_retriever(args, batch: int, negatives: int, steps: int, data: Path, out:
                     "batch_size": batch,
                     "chunk_size": args.chunk_size,
                     "embed_chunk_size": args.embed_chunk_size,
+                    **({"chunk_tokens": args.chunk_tokens}
+                       if args.padding_free == "true" and args.chunk_tokens else {}),
                     "max_steps": steps if start == "cold" else 1,
                     "learning_rate": 2e-5,
                     "warmup_steps": 0,
@@ -120,7 +124,7 @@ def run_retriever(args, batch: int, negatives: int, steps: int, data: Path, out:
         (out / "startup.json").write_text(json.dumps(record))  # for steps_done on a timeout
         if start == "warm":
             break
-        record["chunk_sizes"] = [trainer.chunks.grad, trainer.chunks.embed]
+        record["chunk_sizes"] = trainer.chunks.record()
         if args.profile_step:
             profile_one_step(trainer, args.profile_step, record)
         with Stopwatch(args.device) as training:
@@ -275,6 +279,11 @@ def main() -> int:
     parser.add_argument("--epoch-batches", type=int, default=3, help="batches in an epoch")
     parser.add_argument("--chunk-size", type=int, default=512, help="= CMNRL mini_batch_size")
     parser.add_argument("--embed-chunk-size", type=int, default=None, help="ours, no-grad pass")
+    parser.add_argument("--padding-free", choices=["true", "false"], default="true",
+                        help="ours: model.padding_free")  # fmt: skip
+    parser.add_argument("--chunk-tokens", type=int, default=None,
+                        help="ours, padding-free: training.chunk_tokens")  # fmt: skip
+    parser.add_argument("--compile", default=None, help="ours: model.compile")
     parser.add_argument("--dropout", type=float, default=None, help="both models; null: theirs")
     parser.add_argument("--query-length", type=int, default=64)
     parser.add_argument("--document-length", type=int, default=256)

@@ -42,11 +42,11 @@ def _attention(inner: str):
     """The attention function registered for models loaded with ``inner`` attention."""
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         cu_seqlens = kw.get("cu_seq_lens_q")
         if cu_seqlens is None or inner.startswith("flash_attention"):
             # Padded batches, or transformers' own flattened path (it reads the bounds).
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
             function = ALL_ATTENTION_FUNCTIONS[inner] if inner != "eager" else _eager(module)
             return function(module, query, key, value, attention_mask, dropout=dropout,
                             scaling=scaling, **kw)  # fmt: skip

@@ -26,7 +26,6 @@ head ``h // (heads / kv_heads)``).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 from collections.abc import Callable
@@ -90,8 +89,7 @@ class FlashVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-@functools.cache
-def torch_varlen() -> Callable[..., Tensor] | None:
+def _torch_varlen() -> Callable[..., Tensor] | None:
     """PyTorch's ``varlen_attn`` adapted to one calling convention, or None where the installed
     torch has none: ``(q, k, v, cu_seqlens, max_length, causal, scale)``."""
     try:
@@ -120,8 +118,7 @@ def torch_varlen() -> Callable[..., Tensor] | None:
     return call
 
 
-@functools.cache
-def flash_attn_varlen() -> Callable[..., Tensor] | None:
+def _flash_attn_varlen() -> Callable[..., Tensor] | None:
     """flash-attn's ``flash_attn_varlen_func`` when the package is installed, else None."""
     if importlib.util.find_spec("flash_attn") is None:
         return None
@@ -132,13 +129,19 @@ def flash_attn_varlen() -> Callable[..., Tensor] | None:
     return flash_attn_varlen_func
 
 
+# Looked up once, at import: inside compiled layers the choice below is then plain attribute
+# reads (a cached function there would make torch.compile trace the lookup, or break its graph).
+TORCH_VARLEN = _torch_varlen()
+FLASH_ATTN_VARLEN = _flash_attn_varlen()
+
+
 def kernel_name(q: Tensor, dropout: float) -> str:
     """Which kernel `varlen_attention` runs for ``q`` and ``dropout`` (for logs and benchmarks)."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return "sdpa-block-diagonal"
-    if dropout == 0 and torch_varlen() is not None:
+    if dropout == 0 and TORCH_VARLEN is not None:
         return "torch-varlen_attn"
-    if flash_attn_varlen() is not None:
+    if FLASH_ATTN_VARLEN is not None:
         return "flash-attn"
     if hasattr(torch.ops.aten, "_flash_attention_forward"):
         return "torch-flash-dropout"
@@ -161,9 +164,9 @@ def varlen_attention(
     by it; any bound is right). Returns [T, H, d]."""
     kernel = kernel_name(q, dropout)
     if kernel == "torch-varlen_attn":
-        return torch_varlen()(q, k, v, cu_seqlens, max_length, causal, scale)
+        return TORCH_VARLEN(q, k, v, cu_seqlens, max_length, causal, scale)
     if kernel == "flash-attn":
-        return flash_attn_varlen()(
+        return FLASH_ATTN_VARLEN(
             q, k, v, cu_seqlens, cu_seqlens, max_length, max_length, dropout_p=dropout,
             softmax_scale=scale, causal=causal,
         )  # fmt: skip

@@ -179,3 +179,46 @@ def test_padded_batches_run_as_before_after_the_switch():
     assert encoder.use_padding_free() is None
     assert encoder.model.config._attn_implementation == "retriever_packed_sdpa"
     torch.testing.assert_close(encoder(_padded(texts, False).features("cpu")), want)
+
+
+@pytest.mark.slow
+def test_compiled_layers_equal_eager_and_keep_the_cached_gradient_exact():
+    """torch.compile of the layers (Inductor's fused kernels; on CPU its C++ ones) against the
+    eager network; with dropout, the cached gradient over streams against the direct one
+    (the RNG replay under Inductor's generator). One compile (static shape) serves both."""
+    from retriever.loss import InfoNCELoss
+    from retriever.model.compiled import compile_layers
+    from retriever.train.step import cached_step
+
+    torch.manual_seed(0)
+    encoder = _encoder("bert", "mean")
+    encoder.model.float()
+    encoder.use_padding_free()
+    texts = _texts(3)
+    queries, documents = _stream(texts[:2], pad_to=24), _stream(texts[2:], pad_to=24)
+    want = torch.cat([encoder(c.features("cpu")) for c in (queries, documents)])
+    compile_layers(encoder.model, "static")
+    got = torch.cat([encoder(c.features("cpu")) for c in (queries, documents)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    from retriever.model.network import set_dropout
+    from retriever.train.batches import Batch
+
+    set_dropout(encoder.model, 0.2)
+    batch = Batch([queries], [documents], torch.arange(2), torch.arange(3), torch.arange(3), 2, 0)
+    loss_fn = InfoNCELoss(scale=5.0, impl="torch")
+
+    def direct(seed):
+        encoder.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        e = torch.cat([encoder(c.features("cpu")) for c in (queries, documents)])
+        loss_fn(e[:2], e[2:]).backward()
+        return torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None])
+
+    same, other = direct(1), direct(2)
+    encoder.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    cached_step(encoder, batch, loss_fn)
+    cached = torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None])
+    torch.testing.assert_close(cached, same, rtol=1e-4, atol=1e-6)
+    assert (other - same).abs().max() > 1e-3  # other masks: another gradient
