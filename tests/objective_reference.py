@@ -26,6 +26,8 @@ Every bound is first order; SLACK = 2 covers the rest, as for InfoNCE.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from reference import C_EXP, SLACK, TF32, U32, UNIT_ROUNDOFF, Bounds, duplicate_mask, gamma
@@ -181,3 +183,288 @@ def distillation_bounds(q, docs, teacher, scale: float, teacher_temperature: flo
         dscale=float((e * dots.abs()).sum() + gamma(q.shape[1]) * (g.abs() * q_norm[:, None]
                      * g_norm).sum() + gamma(n_q * width) * (g * dots).abs().sum()) / n_q,
     ).scaled(SLACK)  # fmt: skip
+
+
+# -- InfoNCE's options (docs/objectives.md, "Loss options") --------------------------------------
+#
+# The reference builds every direction's logits in float64, as sentence-transformers'
+# MultipleNegativesRankingLoss does, plus this package's masks (candidate ids, the false-negative
+# margin) and the loss forms (label smoothing, debias).
+#
+# Its error model: every kept logit l_e = s_e X_e (s_e = s, or s + alpha for a hardness-weighted
+# negative) is off by at most dS_e = s_e (g(k) + 2 u_in [+ 2 g(k) + 6 u when the prefix is
+# normalised: its norms]) |x| |y| + C_EXP u |l_e|, and each row's logsumexp by g(K) + 2u more,
+# which moves the row's terms as a uniform shift of that size would. To first order each
+# gradient entry G_e = dL/dl_e (exact, from the float64 row loss) then moves by at most
+# (|H| dS)_e, H the row loss's exact Hessian in its logits (torch.func): the same bound for
+# every option, without a formula per option. The loss moves by sum |G| dS (+ the g(K) of
+# label smoothing's mean logit), and the gradients of the embeddings follow as for InfoNCE:
+# per block of terms, s (||E||_F ||V||_2 + g(n) ||r||_2 + u_g ||G||_F ||V||_2), E the entries'
+# bounds; prefix normalisation multiplies by 1 / |x[:k]| and adds its own correction's error.
+
+
+@dataclass(frozen=True)
+class Options:
+    """The options under test, in this package's argument names (``kwargs()``)."""
+
+    directions: tuple = ("query_to_doc",)
+    partition_mode: str = "joint"
+    hardness_mode: str | None = None
+    hardness_strength: float = 0.0
+    margin: float | None = None
+    debias: float = 0.0
+    label_smoothing: float = 0.0
+    dims: tuple | None = None
+    weights: tuple | None = None
+    normalize: bool = True
+
+    def kwargs(self) -> dict:
+        out = dict(directions=self.directions, partition_mode=self.partition_mode,
+                   hardness_mode=self.hardness_mode, hardness_strength=self.hardness_strength,
+                   false_negative_margin=self.margin, debias=self.debias,
+                   label_smoothing=self.label_smoothing)  # fmt: skip
+        if self.dims is not None:
+            out.update(matryoshka_dims=list(self.dims), matryoshka_normalize=self.normalize)
+            if self.weights is not None:
+                out["matryoshka_weights"] = list(self.weights)
+        return out
+
+    def prefixes(self, dim: int) -> list[tuple[int, float, bool]]:
+        """(size, weight, normalised) of each prefix the loss sums."""
+        if self.dims is None:
+            return [(dim, 1.0, False)]
+        weights = self.weights or (1.0,) * len(self.dims)
+        return [(k, float(w), self.normalize) for k, w in zip(self.dims, weights)]
+
+
+@dataclass
+class TermBlock:
+    """One direction's terms: rows are query rows (the query, or its positive), columns the
+    other side; ``row_side`` / ``col_side`` name which embedding ("q", "p", "d") each is."""
+
+    name: str
+    x: Tensor  # [Bq, n] similarities
+    logits: Tensor  # [Bq, n], dropped terms at -inf
+    slope: Tensor  # [Bq, n] dl/dX of the value (s, or s + alpha where hardness adds)
+    row_side: str
+    col_side: str
+
+
+def option_terms(q, d, scale, labels, ids, owners, opts: Options, k: int, normalize: bool):
+    """({direction: TermBlock}, positive logits [Bq], the prefix vectors {"q", "p", "d"}) in
+    float64, on the first k dimensions. The masks:
+
+    * query_to_doc  candidate_ids duplicates of the positive; hardness adds alpha * sg(X) to
+      the negatives of the mode's class;
+    * query_to_query  k != i, and not queries whose positives share an id;
+    * doc_to_query  not queries k != i whose positives share p_i's id;
+    * doc_to_doc  not query i's own candidates, nor duplicates of p_i;
+    * false_negative_margin: every term with X > X_pos + margin, except labelled pairs (a
+      query with its own positive)."""
+    n_q = q.shape[0]
+    vecs = {"q": q.double()[:, :k], "d": d.double()[:, :k]}
+    if normalize:
+        vecs = {name: F.normalize(v, dim=-1) for name, v in vecs.items()}
+    labels = labels.cpu().long()
+    vecs["p"] = vecs["d"][labels]
+    s = scale.double() if isinstance(scale, Tensor) else torch.tensor(float(scale)).double()
+    rows = torch.arange(n_q)
+    owners = torch.arange(d.shape[0]) % n_q if owners is None else owners.cpu().long()
+    sides = {
+        "query_to_doc": ("q", "d"),
+        "query_to_query": ("q", "q"),
+        "doc_to_query": ("p", "q"),
+        "doc_to_doc": ("p", "d"),
+    }
+    x = {name: vecs[r] @ vecs[c].T for name, (r, c) in sides.items()}
+    xpos = x["query_to_doc"][rows, labels]
+    labelled = {
+        "query_to_doc": torch.arange(d.shape[0])[None, :] == labels[:, None],
+        "query_to_query": torch.zeros(n_q, n_q, dtype=torch.bool),
+        "doc_to_query": labels[None, :] == labels[:, None],  # p_i is query k's positive
+        "doc_to_doc": torch.zeros(n_q, d.shape[0], dtype=torch.bool),
+    }
+    dropped = {
+        "query_to_doc": torch.zeros(n_q, d.shape[0], dtype=torch.bool),
+        "query_to_query": rows[:, None] == rows[None, :],
+        "doc_to_query": torch.zeros(n_q, n_q, dtype=torch.bool),
+        "doc_to_doc": owners[None, :] == rows[:, None],
+    }
+    if ids is not None:
+        ids = ids.cpu()
+        pos_ids = ids[labels]
+        dropped["query_to_doc"] |= (ids[None, :] == pos_ids[:, None]) & ~labelled["query_to_doc"]
+        dropped["query_to_query"] |= pos_ids[None, :] == pos_ids[:, None]
+        dropped["doc_to_query"] |= (pos_ids[None, :] == pos_ids[:, None]) & (
+            rows[None, :] != rows[:, None]
+        )
+        dropped["doc_to_doc"] |= ids[None, :] == pos_ids[:, None]
+    blocks = {}
+    for name in opts.directions:
+        slope = s * torch.ones_like(x[name])
+        logits = s * x[name]
+        if name == "query_to_doc" and opts.hardness_mode is not None and opts.hardness_strength:
+            own = owners[None, :] == rows[:, None]
+            penalised = {
+                "in_batch_negatives": ~own,
+                "hard_negatives": own & ~labelled[name],
+                "all_negatives": ~labelled[name],
+            }[opts.hardness_mode]
+            alpha = opts.hardness_strength * penalised
+            logits = logits + alpha * x[name].detach()  # sg(X): no gradient through it
+            slope = slope + alpha
+        drop = dropped[name]
+        if opts.margin is not None:
+            drop = drop | ((x[name] > xpos[:, None] + opts.margin) & ~labelled[name])
+        blocks[name] = TermBlock(name, x[name], logits.masked_fill(drop, float("-inf")), slope,
+                                 *sides[name])  # fmt: skip
+    return blocks, s * xpos, vecs
+
+
+def _block_value(logits: Tensor, pos: Tensor, opts: Options, scale) -> Tensor:
+    """One softmax per row (over the last dimension): plain, label-smoothed (cross-entropy's
+    convention over the kept terms) or debiased (Chuang et al. 2020 with M = 1, N the kept terms
+    but the positive, its floor N e^-s)."""
+    lse = torch.logsumexp(logits, -1)
+    kept = torch.isfinite(logits)
+    if opts.label_smoothing > 0:
+        eps = opts.label_smoothing
+        mean = torch.where(kept, logits, 0.0).sum(-1) / kept.sum(-1)
+        return lse - (1 - eps) * pos - eps * mean
+    if opts.debias > 0:
+        n, tau = kept.sum(-1) - 1, opts.debias
+        pi = torch.exp(pos - lse)  # relative to e^lse: no overflow
+        estimate = (1 - pi - n * tau * pi) / (1 - tau)
+        floor = n * torch.exp(-scale - lse)
+        return lse + torch.log(pi + torch.maximum(estimate, floor)) - pos
+    return lse - pos
+
+
+def _row_value(logits: Tensor, pos: Tensor, sizes: list[int], opts: Options, scale) -> Tensor:
+    """A row's loss from its terms laid out block after block (``sizes``)."""
+    if opts.partition_mode == "joint":
+        return _block_value(logits, pos, opts, scale)
+    parts = torch.split(logits, sizes, dim=-1)
+    return sum(_block_value(part, pos, opts, scale) for part in parts) / len(parts)
+
+
+def reference_option_rows(q, d, scale, labels, ids=None, owners=None, opts=Options()) -> Tensor:
+    """Per-row losses [NP, Bq] float64, one row per prefix (in ``opts.dims`` order)."""
+    out = []
+    for k, _, normalize in opts.prefixes(q.shape[1]):
+        blocks, pos, _ = option_terms(q, d, scale, labels, ids, owners, opts, k, normalize)
+        logits = torch.cat([b.logits for b in blocks.values()], 1)
+        sizes = [b.logits.shape[1] for b in blocks.values()]
+        out.append(_row_value(logits, pos, sizes, opts, scale))
+    return torch.stack(out)
+
+
+def reference_option_loss(q, d, scale, labels, ids=None, owners=None, opts=Options()) -> Tensor:
+    rows = reference_option_rows(q, d, scale, labels, ids, owners, opts)
+    weights = torch.tensor([w for _, w, _ in opts.prefixes(q.shape[1])], dtype=torch.float64)
+    return (rows.mean(1) * weights).sum()
+
+
+def _row_derivatives(blocks, pos, opts, scale) -> tuple[Tensor, Tensor]:
+    """Each row's exact gradient [Bq, K] and Hessian [Bq, K, K] in its K logits (dropped ones
+    included, with zero derivatives)."""
+    from torch.func import grad, hessian, vmap
+
+    logits = torch.cat([b.logits for b in blocks.values()], 1).detach()
+    sizes = [b.logits.shape[1] for b in blocks.values()]
+    keep = torch.isfinite(logits)
+    finite = torch.where(keep, logits, 0.0)
+    at_pos = (finite == pos.detach()[:, None]) & keep  # the positive: query_to_doc's label
+    first = at_pos.int().argmax(1)
+    onehot = torch.zeros_like(keep).scatter_(1, first[:, None], True)
+    s = scale.detach() if isinstance(scale, Tensor) else scale
+
+    def value(row: Tensor, kept: Tensor, one: Tensor) -> Tensor:
+        p = torch.where(one, row, 0.0).sum()
+        return _row_value(torch.where(kept, row, float("-inf")), p, sizes, opts, s)
+
+    return vmap(grad(value))(finite, keep, onehot), vmap(hessian(value))(finite, keep, onehot)
+
+
+def option_bounds(q, d, scale: float, labels, ids=None, owners=None, opts=Options(), *,
+                  u_in=0.0, u_g=0.0, u_out=U32) -> Bounds:  # fmt: skip
+    """The error model above on these (rounded) inputs, in float64, times SLACK."""
+    q, d = q.detach().double().cpu(), d.detach().double().cpu()
+    labels = labels.cpu().long()
+    n_q = q.shape[0]
+    total = Bounds(0.0, 0.0, 0.0, 0.0)
+    for k, weight, normalize in opts.prefixes(q.shape[1]):
+        blocks, pos, vecs = option_terms(q, d, scale, labels, ids, owners, opts, k, normalize)
+        g, h = _row_derivatives(blocks, pos, opts, scale)
+        g, h = g * weight / n_q, h * weight / n_q
+        dot_err = gamma(k) + 2 * u_in + ((2 * gamma(k) + 6 * U32) if normalize else 0.0)
+        d_s = torch.cat([
+            b.slope * dot_err * vecs[b.row_side].norm(dim=1)[:, None]
+            * vecs[b.col_side].norm(dim=1)[None, :] + C_EXP * U32 * (b.slope * b.x).abs()
+            for b in blocks.values()
+        ], 1)  # fmt: skip
+        kept = torch.cat([torch.isfinite(b.logits) for b in blocks.values()], 1)
+        lse_err = gamma(int(kept.sum(1).max())) + 2 * U32
+        shift = torch.where(kept, d_s + lse_err, 0.0)
+        e = (h.abs() @ shift[:, :, None]).squeeze(2)  # |dG| per entry, first order
+        loss = float((g.abs() * shift).sum())
+        if opts.label_smoothing:  # the mean logit's sum of K terms
+            logits = torch.cat([b.logits for b in blocks.values()], 1)
+            loss += opts.label_smoothing * weight / n_q * float(
+                (gamma(int(kept.sum(1).max())) * torch.where(kept, logits, 0.0).abs().sum(1)
+                 / kept.sum(1)).sum())  # fmt: skip
+        rows_value = reference_option_rows(q, d, scale, labels, ids, owners, opts)
+        loss += gamma(n_q) * weight * float(rows_value.abs().mean())
+        raw_norms = {"q": q[:, :k].norm(dim=1), "p": d[labels, :k].norm(dim=1),
+                     "d": d[:, :k].norm(dim=1)}  # fmt: skip
+        total = total + _gradient_bounds(blocks, g, e, d_s, vecs, raw_norms, labels, d.shape[0],
+                                         normalize, float(scale), loss, u_g, u_out)  # fmt: skip
+    return total.scaled(SLACK)
+
+
+def _gradient_bounds(blocks, g, e, d_s, vecs, raw_norms, labels, n_d, normalize, s, loss, u_g,
+                     u_out):  # fmt: skip
+    """The embeddings' and the scale's bounds of one prefix from its entries' G and bounds E;
+    ``raw_norms``: the prefix norms before normalisation."""
+    n_q = labels.shape[0]
+    err = {"q": torch.zeros(n_q), "p": torch.zeros(n_q), "d": torch.zeros(n_d)}  # per row
+    dots = {name: torch.zeros_like(t) for name, t in err.items()}
+    grads = {"q": torch.zeros_like(vecs["q"]), "p": torch.zeros_like(vecs["p"]),
+             "d": torch.zeros_like(vecs["d"])}  # fmt: skip
+    dscale, start = 0.0, 0
+    for b in blocks.values():
+        n = b.x.shape[1]
+        gb, eb = g[:, start : start + n], e[:, start : start + n]
+        dx = d_s[:, start : start + n] / b.slope
+        start += n
+        for side, other, gm, em in ((b.row_side, b.col_side, gb, eb),
+                                    (b.col_side, b.row_side, gb.T, eb.T)):  # fmt: skip
+            v = vecs[other]
+            v2 = float(torch.linalg.matrix_norm(v, 2))
+            r = (gm.abs() * v.norm(dim=1)[None, :]).sum(1)
+            err[side] += s * (em.norm(dim=1) * v2 + gamma(gm.shape[1]) * r
+                              + u_g * gm.norm(dim=1) * v2)  # fmt: skip
+            grads[side] += s * gm @ v
+            xm = b.x if gm is gb else b.x.T
+            dxm = dx if gm is gb else dx.T
+            dots[side] += (em * xm.abs() + gm.abs() * dxm).sum(1) + gamma(gm.shape[1]) * (
+                gm * xm).abs().sum(1)  # fmt: skip
+        gx = gb * b.x
+        dscale += float((eb * b.x.abs() + gb.abs() * dx).sum()
+                        + gamma(gb.numel()) * gx.abs().sum() + u_g * gx.sum().abs())  # fmt: skip
+    out = {}
+    for side in ("q", "p", "d"):
+        bound = err[side]
+        if normalize:  # a (the main term + the normalisation's correction s a (sum G X) x_hat)
+            bound = (bound + s * dots[side]) / raw_norms[side].clamp_min(1e-12)
+        out[side] = bound
+    # Positives' rows land on their candidates (labels may repeat: add their squares).
+    d_err = out["d"] ** 2
+    d_err = d_err.index_add(0, labels, out["p"] ** 2)
+    d_grad = grads["d"].index_add(0, labels, grads["p"])
+    return Bounds(
+        loss=loss,
+        dq=float(out["q"].norm()) + (u_out + u_g) * float(grads["q"].norm()),
+        dd=float(d_err.sum().sqrt()) + (u_out + u_g) * float(d_grad.norm()),
+        dscale=dscale,
+    )

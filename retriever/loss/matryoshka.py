@@ -18,9 +18,11 @@ class MatryoshkaLoss(nn.Module):
         L = \sum_k w_k \, L_{inner}\big(\hat q_{:k}, \hat d_{:k}\big), \qquad
         \hat x_{:k} = x_{:k} / \lVert x_{:k} \rVert
 
-    Each term is one tiled loss (nothing of size Bq x Bd), computed on the cached embeddings
-    of the step (`train.step`), so its gradient reaches the full embedding exactly: the slice
-    and the normalisation are differentiable, and the terms add.
+    With `InfoNCELoss` (and its options), every prefix comes from one pass over each tile: the
+    prefix dot products accumulate as the kernels' K-loop advances, each prefix with its own
+    norms and logsumexp (`retriever.loss.contrastive_loss`'s ``matryoshka_dims``). Another loss
+    is computed once per prefix, each term one tiled loss (nothing of size Bq x Bd). Either way
+    the gradient reaches the full embedding exactly, also under the embedding cache.
 
     Args:
         loss: the loss on each prefix, a `ScaledLoss` (`InfoNCELoss` or `SigmoidLoss`; it
@@ -77,6 +79,9 @@ class MatryoshkaLoss(nn.Module):
                 f"matryoshka dims {self.dims} exceed the embedding size {queries.shape[1]}"
             )
         self.loss.clamp_()  # once: each term then reads the same scale (`ScaledLoss.forward`)
+        if getattr(self.loss, "supports_prefixes", False):  # every prefix from one pass
+            prefixes = (self.dims, self.weights, self.normalize)
+            return self.loss.compute(queries, candidates, matryoshka=prefixes, **kwargs)
         total = queries.new_zeros((), dtype=torch.float32)
         for k, weight in zip(self.dims, self.weights):
             q, c = queries[:, :k], candidates[:, :k]

@@ -191,7 +191,7 @@ def make_objective(
             )
         directions, partition_mode = wanted, "per_direction"
     return Objective(
-        directions=tuple(directions) if directions is not None else (QUERY_TO_DOC,),
+        directions=directions if directions is not None else (QUERY_TO_DOC,),
         partition_mode=partition_mode or "joint",
         hardness_mode=hardness_mode,
         hardness_strength=hardness_strength,

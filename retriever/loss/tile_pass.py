@@ -31,11 +31,6 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-# A column's statistics use a fixed reference logit in the Triton kernels; keeping it within
-# this of the column's largest possible logit bounds every term by e^64, so 2^31 rows cannot
-# overflow fp32 (e^88.7).
-REFERENCE_HEADROOM = 64.0
-
 
 @dataclass
 class RowSide:
@@ -128,8 +123,10 @@ class TilePass:
         return replace(self, col=col)
 
     def column_reference(self, scale: Tensor) -> Tensor:
-        """[NP, n_stats] fp32: each column's reference logit for its statistics: its positive's
-        logit, raised to within REFERENCE_HEADROOM of the largest |s X| it can hold."""
+        """[NP, n_stats] fp32: the logit each column's terms are summed against: the positive
+        it stands for (the softmax it feeds holds e^pos itself, so terms that underflow against
+        it do not count); a column that stands for none (its sum is never used) gets the
+        largest logit it can hold, s |c_j| max_i |r_i|."""
         n = self.col.n_stats
         cols, rows = self.col.cols[:n], self.row.rows
         bounds = []
@@ -141,10 +138,10 @@ class TilePass:
             r_max = rows[:, :k].float().norm(dim=1).amax() if rows.shape[0] else 0.0
             bounds.append(c_norm * r_max * (1.0 + 1e-3))
         upper = scale.float() * torch.stack(bounds)
-        floor = upper - REFERENCE_HEADROOM
         if self.col.pos is None:
-            return floor
-        return torch.maximum(self.col.pos.float(), floor)
+            return upper
+        pos = self.col.pos.float()
+        return torch.where(torch.isfinite(pos), pos, upper)
 
 
 @dataclass

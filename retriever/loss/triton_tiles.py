@@ -12,8 +12,9 @@ every prefix's similarities come from one pass over the tile. Per prefix, the ro
 into a running max / running sum (online logsumexp, base 2: one ``exp2`` per term); only the
 row statistics leave the chip. Column statistics (doc_to_query's softmax, the other half of a
 self pass's pairs) come from the same tile: a column's terms are summed against a fixed
-reference logit (`TilePass.column_reference`: the positive's logit, within e^64 of the largest
-possible) and added atomically; a column whose sum underflows that reference is recomputed
+reference logit, the logit of the positive the column stands for (`TilePass.column_reference`;
+its softmax holds e^pos, so terms that underflow against it do not count), and added
+atomically; a column whose sum overflows (a term e^88 above its positive's) is recomputed
 exactly by the PyTorch tiles. When the rows alone cannot fill the GPU, the columns are split
 across programs and the partial row statistics merged (flash-decoding style).
 
@@ -63,8 +64,6 @@ ROW_SLAB = 16384
 COL_SLAB = 16384
 # Largest number of elements the sigmoid kernels may address in one input (32-bit offsets).
 MAX_BLOCK_ELEMENTS = 2**31 - 1
-# A column sum below this (against its reference) has lost its precision: recompute it.
-UNDERFLOW = 2.0**-100
 EMPTY_ROW = float("-inf")  # a row's logsumexp before any block
 merge_rows = torch.logaddexp  # row logsumexps of two column blocks (as torch_tiles)
 
@@ -369,12 +368,13 @@ def forward_pass(tp: TilePass, scale: Tensor) -> PassStats:
 
 
 def _column_stats(tp: TilePass, scale: Tensor, col_out: list, ref: Tensor) -> Stats:
-    """The columns' sums against their reference, as logsumexps; those whose sum underflowed
-    (every term far below the reference) recomputed exactly by the PyTorch tiles."""
+    """The columns' sums against their reference, as logsumexps; those whose sum overflowed
+    (a term e^88 above the positive's: the positive scores far below another row) recomputed
+    exactly by the PyTorch tiles."""
     total, count, lsum = col_out
     stats = Stats(torch.log(total) + ref, count if tp.counts else None,
                   lsum if tp.counts else None)  # fmt: skip
-    bad = torch.nonzero((total < UNDERFLOW).any(dim=0)).flatten()
+    bad = torch.nonzero(torch.isinf(total).any(dim=0)).flatten()
     if bad.numel():
         exact = torch_tiles.forward_pass(tp.with_cols(tp.col.subset(bad)), scale).cols
         stats.lse[:, bad] = exact.lse
