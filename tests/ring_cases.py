@@ -11,7 +11,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from reference import error_bounds, gamma, reference_row_losses
+from objective_reference import Options, option_bounds, reference_option_rows
+from reference import U32, error_bounds, gamma, reference_row_losses
 from torch import Tensor
 
 from retriever.loss import contrastive_loss
@@ -28,6 +29,8 @@ class Case:
     labels: str = "perm"  # "perm": distinct positives; "repeat": shared ones; "none": default
     max_queries: int = 5
     scale: float = 5.0
+    options: Options | None = None  # InfoNCE's options (tests/objective_reference.py)
+    owners: bool = False  # give each candidate's query (candidate_owners)
 
 
 @dataclass
@@ -40,6 +43,16 @@ class Batch:
     ids: Tensor | None  # [M] int64
     q_slices: list[slice]
     c_slices: list[slice]
+    local_owners: list[Tensor | None] | None = None  # each candidate's local query, -1 none
+
+    def global_owners(self) -> Tensor | None:
+        if self.local_owners is None:
+            return None
+        parts = [
+            torch.where(own >= 0, own + q.start, -1)
+            for own, q in zip(self.local_owners, self.q_slices)
+        ]
+        return torch.cat(parts)
 
     def global_labels(self) -> Tensor:
         parts = []
@@ -75,7 +88,14 @@ def make_batch(case: Case) -> Batch:
     ids = None
     if case.ids:
         ids = torch.randint(0, max(2, sum(n_c) // 2), (sum(n_c),), generator=g)
-    return Batch(q, c, labels, ids, _slices(n_q), _slices(n_c))
+    owners = None
+    if case.owners:  # each positive is its query's; the other candidates a random one's or none
+        owners = []
+        for bq, bd, lab in zip(n_q, n_c, labels):
+            own = torch.randint(-1, bq, (bd,), generator=g)
+            own[torch.arange(bq) if lab is None else lab] = torch.arange(bq)
+            owners.append(own)
+    return Batch(q, c, labels, ids, _slices(n_q), _slices(n_c), owners)
 
 
 def reference_global_loss(q, c, scale, labels, ids, symmetric) -> tuple[Tensor, Tensor]:
@@ -91,9 +111,16 @@ def expected_for_rank(case: Case, batch: Batch, rank: int, device="cpu") -> dict
     c = batch.c.to(device, torch.float64).requires_grad_()
     scale = torch.tensor(case.scale, dtype=torch.float64, device=device, requires_grad=True)
     ids = None if batch.ids is None else batch.ids.to(device)
-    loss, per_row = reference_global_loss(
-        q, c, scale, batch.global_labels().to(device), ids, case.symmetric
-    )
+    if case.options is None:
+        loss, per_row = reference_global_loss(
+            q, c, scale, batch.global_labels().to(device), ids, case.symmetric
+        )
+    else:
+        rows = reference_option_rows(q.cpu(), c.cpu(), scale.cpu(), batch.global_labels(),
+                                     batch.ids, batch.global_owners(), case.options)  # fmt: skip
+        weights = [w for _, w, _ in case.options.prefixes(q.shape[1])]
+        per_row = (rows * torch.tensor(weights, dtype=torch.float64)[:, None]).sum(0)
+        loss = per_row.mean()
     dq, dc, ds = torch.autograd.grad(loss, (q, c, scale))
     return {
         "loss": per_row[batch.q_slices[rank]].mean().detach(),
@@ -124,15 +151,19 @@ def run_case(
     scale: float | Tensor = case.scale
     if case.learnable_scale:
         scale = torch.tensor(case.scale, device=device, requires_grad=True)
+    owners = None if batch.local_owners is None else batch.local_owners[rank].to(device)
+    options = {} if case.options is None else case.options.kwargs()
     loss = contrastive_loss(
         q,
         c,
         scale=scale,
         labels=None if labels is None else labels.to(device),
         candidate_ids=ids,
+        candidate_owners=owners,
         symmetric=case.symmetric,
         group=group,
         impl=impl,
+        **options,
     )
     loss.backward()
     want = expected_for_rank(case, batch, rank, device)
@@ -141,16 +172,25 @@ def run_case(
         got["dscale"] = scale.grad
     # The global problem's bounds; a rank's gradients are W times the global ones for its rows,
     # and merging W partial logsumexps adds g(W) to each row's lse.
-    bound = error_bounds(
-        batch.q.to(dtype),
-        batch.c.to(dtype),
-        case.scale,
-        batch.global_labels(),
-        batch.ids,
-        case.symmetric,
-        tf32=impl == "triton" and device != "cpu" and dtype == torch.float32,
-        gradient_slab_dtype=dtype if impl == "triton" else None,
-    )
+    tf32 = impl == "triton" and device != "cpu" and dtype == torch.float32
+    if case.options is None:
+        bound = error_bounds(
+            batch.q.to(dtype),
+            batch.c.to(dtype),
+            case.scale,
+            batch.global_labels(),
+            batch.ids,
+            case.symmetric,
+            tf32=tf32,
+            gradient_slab_dtype=dtype if impl == "triton" else None,
+        )
+    else:
+        sixteen = dtype in (torch.bfloat16, torch.float16)
+        bound = option_bounds(
+            batch.q.to(dtype), batch.c.to(dtype), case.scale, batch.global_labels(), batch.ids,
+            batch.global_owners(), case.options, u_in=2.0**-11 if tf32 else 0.0,
+            u_g=2.0**-8 if impl == "triton" and sixteen else 0.0, u_out=2.0**-8 if sixteen else U32,
+        )  # fmt: skip
     allowed = {
         "loss": bound.loss + gamma(case.world),
         "dq": case.world * bound.dq,

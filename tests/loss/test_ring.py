@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from objective_reference import Options
 from ring_cases import Case, launch, make_batch, reference_global_loss, run_case
 from torch import nn
 
@@ -46,6 +47,49 @@ def _reference_worker(rank: int, world: int, impl: str) -> None:
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ring_matches_float64_reference(world, tmp_path):
     launch(_reference_worker, world, str(tmp_path / "init"), "torch")
+
+
+ALL = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+SYMMETRIC = Options(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction")
+
+
+def _option_cases(world: int) -> list[Case]:
+    """Every option, across uneven ranks; doc_to_query's columns come home from the ring."""
+    seed = 100 * world
+    return [
+        Case(seed=seed, world=world, ids=True, learnable_scale=True, options=SYMMETRIC),
+        Case(seed=seed + 1, world=world, labels="repeat", ids=True, options=SYMMETRIC),
+        Case(seed=seed + 2, world=world, ids=True, owners=True, learnable_scale=True,
+             options=Options(directions=ALL, margin=0.2, hardness_mode="in_batch_negatives",
+                             hardness_strength=3.0)),
+        Case(seed=seed + 3, world=world, labels="none", owners=True, dim=6,
+             options=Options(directions=ALL, hardness_mode="hard_negatives",
+                             hardness_strength=2.0, label_smoothing=0.1)),
+        Case(seed=seed + 4, world=world, ids=True, learnable_scale=True,
+             options=Options(directions=("query_to_doc", "doc_to_query"), debias=0.1)),
+        Case(seed=seed + 5, world=world, owners=True, ids=True,
+             options=Options(directions=ALL, dims=(8, 4, 2), weights=(1.0, 0.5, 0.5))),
+    ]  # fmt: skip
+
+
+def _options_worker(rank: int, world: int, impl: str) -> None:
+    cases = _option_cases(world) if impl == "torch" else _option_cases(world)[2:3]
+    for case in cases:
+        _assert_small(run_case(case, dist.group.WORLD, impl=impl), f"rank {rank} {case}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_with_options_matches_float64_reference(world, tmp_path):
+    launch(_options_worker, world, str(tmp_path / "init"), "torch")
+
+
+@pytest.mark.slow  # 25 s on 2 cores; the kernels' options are tested in one process too
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1",
+)
+def test_ring_with_options_and_triton_kernels(tmp_path):
+    launch(_options_worker, 2, str(tmp_path / "init"), "triton")
 
 
 def _subgroup_worker(rank: int, world: int) -> None:
@@ -115,6 +159,14 @@ def _mismatch_worker(rank: int, world: int) -> None:
     _raises_everywhere(lambda: contrastive_loss(half, c.to(half.dtype), group=group), "dtype")
     _raises_everywhere(
         lambda: contrastive_loss(q, c, scale=10.0 + rank, group=group), "scale must be the same"
+    )
+    margin = 0.1 if rank == 1 else None
+    _raises_everywhere(
+        lambda: contrastive_loss(q, c, false_negative_margin=margin, group=group),
+        "options .* must be the same on every rank",
+    )
+    _raises_everywhere(  # a rank that cannot tell its candidates' queries: every rank raises
+        lambda: contrastive_loss(q, c, directions=ALL, group=group), "rank .*candidate_owners"
     )
     # The group is still usable after the errors: a valid call matches the reference.
     _assert_small(run_case(Case(seed=3, world=world), group), "after errors")
