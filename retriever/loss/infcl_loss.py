@@ -28,6 +28,7 @@ from retriever.loss.functional import contrastive_loss
 from retriever.loss.gradcache import backward_from_cached_grads, embed_without_grad
 from retriever.loss.inputs import IMPLS
 from retriever.loss.mini_batches import chunk_ends, plan_column, trim_padding
+from retriever.loss.objective import DIRECTIONS, make_objective
 from retriever.model.sdpa import attention_backends
 
 if TYPE_CHECKING:
@@ -52,6 +53,17 @@ INFCL_CITATION = """
     eprint={2410.17243},
     archivePrefix={arXiv},
     primaryClass={cs.CV}
+}
+"""
+GTE_CITATION = """
+@misc{li2023generaltextembeddingsmultistage,
+    title={Towards General Text Embeddings with Multi-stage Contrastive Learning},
+    author={Zehan Li and Xin Zhang and Yanzhao Zhang and Dingkun Long and Pengjun Xie
+            and Meishan Zhang},
+    year={2023},
+    eprint={2308.03281},
+    archivePrefix={arXiv},
+    primaryClass={cs.CL}
 }
 """
 GRADCACHE_CITATION = """
@@ -80,14 +92,31 @@ class InfCLLoss(nn.Module):
 
     ``symmetric=True`` averages it with the positive-to-anchor direction
     :math:`\frac{1}{B} \sum_i \big( \log \sum_k e^{s \cos(p_i, a_k)} - s \cos(p_i, a_i) \big)`,
-    as ``MultipleNegativesSymmetricRankingLoss`` does.  The similarity matrix is never built: the
-    loss keeps one logsumexp per row and recomputes the logits tile by tile in backward (fused
-    Triton kernels on CUDA), so its extra memory is O(batch).
+    as ``MultipleNegativesSymmetricRankingLoss`` does (both directions from the same tiles).
+    ``directions``, ``partition_mode``, ``hardness_mode`` and ``hardness_strength`` are
+    sentence-transformers' (MultipleNegativesRankingLoss's), so a script swaps the class and
+    nothing else: e.g. GTE's improved contrastive loss is all four directions, joint. The
+    similarity matrix is never built: the loss keeps one logsumexp per row and recomputes the
+    logits tile by tile in backward (fused Triton kernels on CUDA), so its extra memory is
+    O(batch).
 
     Args:
         model: the SentenceTransformer to train.
         scale: s = 1 / temperature (20 is temperature 0.05, sentence-transformers' default).
-        symmetric: also the positive-to-anchor direction; the loss is the average of both.
+        symmetric: also the positive-to-anchor direction; the loss is the average of both
+            (``directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"``).
+        directions: the terms of each anchor's softmax, from "query_to_doc" (required),
+            "query_to_query", "doc_to_query", "doc_to_doc"; None: ("query_to_doc",). As
+            sentence-transformers' MultipleNegativesRankingLoss.
+        partition_mode: "joint" (one softmax over every direction's terms) or "per_direction"
+            (query_to_doc and doc_to_query only, averaged). None: "joint".
+        hardness_mode, hardness_strength: add ``hardness_strength * sg(cos)`` to the
+            query_to_doc negatives of one class: "in_batch_negatives" (Lan et al. 2025, 9),
+            "hard_negatives" (EmbeddingGemma, 5) or "all_negatives". As sentence-transformers.
+        false_negative_margin: drop a negative whose similarity exceeds the positive's + margin
+            (Qwen3-Embedding: 0.1); None: off.
+        debias: tau+ of the debiased contrastive loss (Chuang et al. 2020); 0: off.
+        label_smoothing: cross-entropy's label smoothing over each softmax's terms; 0: off.
         gather_across_devices: under ``torch.distributed``, compute the loss over the global
             batch of all processes with the ring loss (candidate blocks pass from rank to rank;
             nothing is all-gathered). Each process returns the mean over its own anchors, and the
@@ -148,6 +177,13 @@ class InfCLLoss(nn.Module):
         loss_dtype: torch.dtype | str | None = None,
         impl: str = "auto",
         cudnn_attention: bool = False,
+        directions: tuple[str, ...] | None = None,
+        partition_mode: str | None = None,
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
+        false_negative_margin: float | None = None,
+        debias: float = 0.0,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
@@ -172,6 +208,16 @@ class InfCLLoss(nn.Module):
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.objective = make_objective(
+            symmetric=symmetric,
+            directions=directions,
+            partition_mode=partition_mode,
+            hardness_mode=hardness_mode,
+            hardness_strength=hardness_strength,
+            false_negative_margin=false_negative_margin,
+            debias=debias,
+            label_smoothing=label_smoothing,
+        )
         self.model = model
         self.scale = float(scale)
         self.symmetric = symmetric
@@ -229,9 +275,9 @@ class InfCLLoss(nn.Module):
             queries,
             candidates,
             scale=self.scale,
-            symmetric=self.symmetric,
             group=self._group(),
             impl=self.impl,
+            **self.objective.config(),
         )
 
     def calculate_loss(
@@ -352,7 +398,25 @@ class InfCLLoss(nn.Module):
             "loss_dtype": None if self.loss_dtype is None else str(self.loss_dtype),
             "impl": self.impl,
             "cudnn_attention": self.cudnn_attention,
+            **self.objective.config(),
+            "directions": self.directions,  # a tuple, as sentence-transformers reports it
         }
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        return self.objective.directions
+
+    @property
+    def partition_mode(self) -> str:
+        return self.objective.partition_mode
+
+    @property
+    def hardness_mode(self) -> str | None:
+        return self.objective.hardness_mode
+
+    @property
+    def hardness_strength(self) -> float:
+        return self.objective.hardness_strength
 
     @property
     def temperature(self) -> float:
@@ -360,9 +424,12 @@ class InfCLLoss(nn.Module):
 
     @property
     def citation(self) -> str:
-        if self.mini_batch_size is None:
-            return INFCL_CITATION
-        return INFCL_CITATION + GRADCACHE_CITATION
+        out = INFCL_CITATION
+        if self.directions == DIRECTIONS and self.partition_mode == "joint":
+            out += GTE_CITATION
+        if self.mini_batch_size is not None:
+            out += GRADCACHE_CITATION
+        return out
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

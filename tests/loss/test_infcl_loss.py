@@ -212,6 +212,49 @@ def test_cached_length_sorted_matches_cmnrl(tiny_bert, tmp_path, symmetric):
     _assert_same_training(ours, ref)
 
 
+# -- sentence-transformers' loss arguments: the same script, either class ----------------------
+
+ALL = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+ST_ARGUMENTS = {
+    "gte (all four, joint)": dict(directions=ALL, partition_mode="joint"),
+    "symmetric (per direction)": dict(
+        directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"
+    ),
+    "query_to_query + in-batch hardness": dict(
+        directions=("query_to_doc", "query_to_query"),
+        hardness_mode="in_batch_negatives",
+        hardness_strength=9.0,
+    ),
+    "hard-negative hardness": dict(hardness_mode="hard_negatives", hardness_strength=5.0),
+    "gte + all-negative hardness": dict(
+        directions=ALL, hardness_mode="all_negatives", hardness_strength=3.0
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ST_ARGUMENTS))
+def test_training_with_st_arguments_matches_mnrl(tiny_bert, tmp_path, name):
+    kwargs = ST_ARGUMENTS[name]
+    data = _dataset(negatives=2)
+    ours = _train(lambda m: InfCLLoss(m, scale=20.0, **kwargs), tiny_bert, tmp_path, data)
+    ref = _train(lambda m: st_losses.MultipleNegativesRankingLoss(m, scale=20.0, **kwargs),
+                 tiny_bert, tmp_path, data)  # fmt: skip
+    _assert_same_training(ours, ref)
+
+
+@pytest.mark.parametrize("name", list(ST_ARGUMENTS)[::2])
+def test_cached_with_st_arguments_matches_cmnrl(tiny_bert, tmp_path, name):
+    # Same mini-batches as CMNRL (no sorting), dropout on: the masks drawn and replayed.
+    kwargs = ST_ARGUMENTS[name]
+    data = _dataset(negatives=1)
+    make = lambda m: InfCLLoss(m, mini_batch_size=3, sort_by_length=False, **kwargs)  # noqa: E731
+    ours = _train(make, tiny_bert, tmp_path, data)
+    ref = _train(lambda m: st_losses.CachedMultipleNegativesRankingLoss(m, mini_batch_size=3,
+                                                                        **kwargs),
+                 tiny_bert, tmp_path, data)  # fmt: skip
+    _assert_same_training(ours, ref)
+
+
 @pytest.mark.parametrize("mini_batch_size", [None, 3])
 def test_prompts_and_no_duplicates_sampler(tiny_bert, tmp_path, mini_batch_size):
     # Prompts add a `prompt_length` to the features; with include_prompt=False the pooling reads
@@ -370,6 +413,12 @@ def test_backward_twice_is_refused(tiny_bert):
         (dict(impl="cuda"), "impl must be one of"),
         (dict(loss_dtype="int8"), "loss_dtype must be None or one of"),
         (dict(symmetric="yes"), "symmetric must be a bool"),
+        (dict(directions=("doc_to_doc",)), "must include 'query_to_doc'"),
+        (dict(directions=ALL, partition_mode="per_direction"), "partition_mode='per_direction'"),
+        (dict(hardness_mode="hardest"), "hardness_mode must be None or one of"),
+        (dict(hardness_strength=-1.0, hardness_mode="hard_negatives"), "hardness_strength"),
+        (dict(false_negative_margin="0.1"), "false_negative_margin must be a finite number"),
+        (dict(debias=1.5), "debias must be < 1"),
     ],
 )
 def test_bad_arguments(kwargs, message):
@@ -433,10 +482,23 @@ def test_config_and_citation(tiny_bert):
         "loss_dtype": "torch.bfloat16",
         "impl": "auto",
         "cudnn_attention": False,
+        "directions": ("query_to_doc",),
+        "partition_mode": "joint",
+        "hardness_mode": None,
+        "hardness_strength": 0.0,
+        "false_negative_margin": None,
+        "debias": 0.0,
+        "label_smoothing": 0.0,
     }
     assert loss_fn.temperature == pytest.approx(0.02)
     assert "2410.17243" in loss_fn.citation and "2101.06983" in loss_fn.citation
     assert "2101.06983" not in InfCLLoss(model).citation
+    gte = InfCLLoss(model, directions=ALL)
+    assert "2308.03281" in gte.citation and gte.directions == ALL
+    # The arguments a sentence-transformers script reads back, as MNRL names them.
+    reference = st_losses.MultipleNegativesRankingLoss(model, directions=ALL)
+    for key in ("directions", "partition_mode", "hardness_mode", "hardness_strength"):
+        assert gte.get_config_dict()[key] == reference.get_config_dict()[key]
 
 
 # -- the ring across two processes -------------------------------------------------------------
@@ -453,6 +515,13 @@ def _ring_worker(rank: int, world: int, init_file: str, model_dir: str) -> None:
             (dict(), st_losses.MultipleNegativesRankingLoss, ["anchor", "positive"]),
             (dict(mini_batch_size=4), st_losses.MultipleNegativesRankingLoss, data.column_names),
             (dict(symmetric=True), _mnsrl, data.column_names),
+            (
+                ST_ARGUMENTS["gte + all-negative hardness"],
+                lambda m: st_losses.MultipleNegativesRankingLoss(
+                    m, **ST_ARGUMENTS["gte + all-negative hardness"]
+                ),
+                data.column_names,
+            ),
         ]
         for options, reference, columns in cases:
             model = _model({0.0: Path(model_dir)}, dropout=0.0)
