@@ -255,6 +255,7 @@ def build_loss(
     Matryoshka), refusing a ``loss.impl`` that cannot run there. The global contrastive loss
     keeps one entry per example of every retrieval source (``example_offsets``)."""
     from retriever.loss.inputs import resolve_impl
+    from retriever.train.config_checks import LOSS_OPTIONS
 
     c = config.loss
     try:
@@ -281,7 +282,8 @@ def build_loss(
             examples, gamma_min=c.gcl_gamma_min, decay_steps=decay, symmetric=c.symmetric, **common
         )
     else:
-        loss = InfoNCELoss(symmetric=c.symmetric, **common)
+        options = {name: getattr(c, name) for name in LOSS_OPTIONS}
+        loss = InfoNCELoss(symmetric=c.symmetric, **options, **common)
     if c.matryoshka_dims:
         from retriever.loss.matryoshka import MatryoshkaLoss
 

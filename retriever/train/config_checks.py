@@ -197,6 +197,33 @@ def check_padding_free(config: TrainConfig) -> None:
         )
 
 
+LOSS_OPTIONS = ("directions", "partition_mode", "hardness_mode", "hardness_strength",
+                "false_negative_margin", "debias", "label_smoothing")  # fmt: skip
+
+
+def check_loss_options(config: TrainConfig) -> None:
+    """InfoNCE's options (loss.directions, ...): what they ask of each other and of
+    loss.objective, with the loss's own checks (`retriever.loss.objective`)."""
+    from retriever.loss.objective import make_objective
+
+    loss, where = config.loss, config.where
+    options = {name: getattr(loss, name) for name in LOSS_OPTIONS}
+    defaults = {f.name: f.default for f in dataclasses.fields(loss) if f.name in LOSS_OPTIONS}
+    changed = [name for name in LOSS_OPTIONS if options[name] != defaults[name]]
+    if changed and loss.objective != "infonce":
+        key = f"loss.{changed[0]}"
+        raise ConfigError(
+            f"{where(key)}: {key} is an option of loss.objective infonce (docs/objectives.md, "
+            f"Loss options); loss.objective is {loss.objective}"
+        )
+    try:
+        make_objective(symmetric=loss.symmetric, **options)
+    except ValueError as exc:
+        named = next((n for n in LOSS_OPTIONS if n in str(exc)), "symmetric")
+        key = f"loss.{named}"
+        raise ConfigError(f"{where(key)}: {key}: {exc}") from None
+
+
 def _check_objective(config: TrainConfig, sources: list) -> None:
     """What the loss options ask of each other and of the data."""
     loss, where = config.loss, config.where
@@ -362,6 +389,7 @@ def validate(
     sources = _check_sources(config, sources)
     _check_model(config, sources or [])
     _check_objective(config, sources)
+    check_loss_options(config)
     check_fsdp(config)
     check_padding_free(config)
     loss = config.loss

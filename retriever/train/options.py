@@ -192,6 +192,48 @@ class LossArguments:
     min_temperature: float = _opt(0.01, "Lower clamp of a learnable temperature.", gt=0)
     max_temperature: float = _opt(1.0, "Upper clamp of a learnable temperature.", gt=0)
     symmetric: bool = _opt(False, "Also the positive-to-query direction (average of both).")
+    directions: list[str] | None = _opt(
+        None,
+        "Terms of each query's softmax (docs/objectives.md, Loss options), as "
+        "sentence-transformers' MultipleNegativesRankingLoss: query_to_doc (required), "
+        "query_to_query, doc_to_query, doc_to_doc (all four, joint: GTE's improved contrastive "
+        "loss); null: [query_to_doc], or both doc directions with loss.symmetric.",
+    )
+    partition_mode: str | None = _opt(
+        None,
+        "joint (one softmax over every direction's terms) or per_direction (one per direction, "
+        "averaged; query_to_doc and doc_to_query only); null: joint (per_direction with "
+        "loss.symmetric).",
+        choices=("joint", "per_direction"),
+    )
+    hardness_mode: str | None = _opt(
+        None,
+        "Add loss.hardness_strength * similarity (no gradient) to the logits of these "
+        "query_to_doc negatives: in_batch_negatives (Lan et al. 2025), hard_negatives "
+        "(EmbeddingGemma) or all_negatives; null: none.",
+        choices=("in_batch_negatives", "hard_negatives", "all_negatives"),
+    )
+    hardness_strength: float = _opt(
+        0.0, "alpha of loss.hardness_mode (Lan et al. 2025: 9; EmbeddingGemma: 5).", min=0
+    )
+    false_negative_margin: float | None = _opt(
+        None,
+        "Leave a negative out of the softmax when its similarity exceeds the positive's by more "
+        "than this (Qwen3-Embedding: 0.1); null: keep every negative.",
+    )
+    debias: float = _opt(
+        0.0,
+        "tau+ of the debiased contrastive loss (Chuang et al. 2020): the prior that a negative "
+        "is a positive; 0: off.",
+        min=0,
+        below=1,
+    )
+    label_smoothing: float = _opt(
+        0.0,
+        "Label smoothing of each softmax (cross-entropy's convention over its terms); 0: off.",
+        min=0,
+        below=1,
+    )
     objective: str = _opt(
         "infonce",
         "Loss of the retrieval sources (docs/objectives.md): infonce; gcl (FastCLIP's global "

@@ -1,5 +1,6 @@
-"""Every objective through the embedding cache (the trainer's loss_part and cached step): the
-cached parameter gradient equals the gradient of the same loss computed in one graph."""
+"""Every objective (and InfoNCE's options) through the embedding cache (the trainer's loss_part
+and cached step): the cached parameter gradient equals the gradient of the same loss computed
+in one graph."""
 
 from __future__ import annotations
 
@@ -33,6 +34,30 @@ OBJECTIVES = {
         InfoNCELoss(scale=10.0, learnable_scale=True, impl="torch"), [32, 16, 4]
     ),  # fmt: skip
     "distillation": lambda: InfoNCELoss(scale=10.0, learnable_scale=True, impl="torch"),
+    # InfoNCE's options (docs/objectives.md): GTE's four directions with Qwen3's margin and
+    # hardness; the symmetric loss debiased; label smoothing under fused Matryoshka.
+    "gte + margin + hardness": lambda: InfoNCELoss(
+        scale=10.0,
+        learnable_scale=True,
+        impl="torch",
+        false_negative_margin=0.1,
+        directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+        hardness_mode="all_negatives",
+        hardness_strength=3.0,
+    ),  # fmt: skip
+    "symmetric + debias": lambda: InfoNCELoss(
+        scale=10.0, learnable_scale=True, impl="torch", symmetric=True, debias=0.1
+    ),
+    "matryoshka + smoothing": lambda: MatryoshkaLoss(
+        InfoNCELoss(
+            scale=10.0,
+            learnable_scale=True,
+            impl="torch",
+            label_smoothing=0.1,
+            directions=("query_to_doc", "doc_to_query"),
+        ),
+        [32, 16, 4],
+    ),  # fmt: skip
 }
 
 
