@@ -10,11 +10,24 @@ Compares, in one run and on the same inputs:
   inf-cl   the public `inf-cl` package's `cal_flash_loss` (pip install inf-cl); it upcasts
            any input to fp32 and multiplies in TF32.
 
+--shared: the cases retriever shares with memeff 0.3.1 (pip install memeff; its rows are
+skipped when it is absent), every one in one run, bf16 by default, Bq = Bd (pairs):
+  infonce     query_to_doc                      memeff Qwen3Loss, mask off (margin 2)
+  symmetric   query_to_doc + doc_to_query       memeff CLIPLoss
+  joint3      q-d, q-q, d-d joint, margin 0.1    memeff Qwen3Loss(use_qq, use_dd, margin 0.1)
+  joint4      all four directions, margin 0.1   (no peer: memeff has no doc_to_query term)
+  matryoshka  InfoNCE on 5 prefixes, fused      memeff MatryoshkaQwen3Loss, mask off
+and a summary per (batch, D): retriever's speed-up over memeff per case, and its symmetric,
+joint4 and Matryoshka times over its own InfoNCE's (issue 30's targets: >= 1.5x memeff,
+<= 1.2x, <= 2.2x, <= 1.6x).
+
 Work is counted as 6 * Bq * Bd * D flops (design notes section 2).  Extra memory is the peak
 allocated during forward+backward minus the inputs and their gradients (CUDA only).
 
     python scripts/bench_loss.py --device cuda --output bench.json --plot bench.png
     python scripts/bench_loss.py --device cpu --quick          # the README's smoke run
+    python scripts/bench_loss.py --shared --batches 65536 262144 1048576 --dims 384 768 1024 \
+        --output shared.json                                   # retriever against memeff
     python scripts/bench_loss.py --world-size 8 --batches 8192 32768 --output ring.json
         # the ring across 8 processes against the all-gather approach (scripts/bench_ring.py)
 """
@@ -22,6 +35,8 @@ allocated during forward+backward minus the inputs and their gradients (CUDA onl
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import math
 import statistics
 import subprocess
@@ -81,10 +96,10 @@ def make_inputs(n_queries, n_candidates, dim, dtype, device, seed=0):
     return q, d
 
 
-def measure(impl, n_queries, n_candidates, dim, dtype, device, repeat):
+def measure(impl, n_queries, n_candidates, dim, dtype, device, repeat, step=None):
     """Median seconds of `repeat` forward+backward runs and the peak extra memory (bytes, of
-    the last run; None off CUDA)."""
-    step = forward_backward(impl)
+    the last run; None off CUDA). ``step``: the forward+backward (default ``impl``'s)."""
+    step = step or forward_backward(impl)
     q, d = make_inputs(n_queries, n_candidates, dim, dtype, device)
     input_bytes = q.numel() * q.element_size() + d.numel() * d.element_size()
     watch, extra = Stopwatch(device), None
@@ -137,6 +152,131 @@ def run_case(
             extra_memory_gb=None if extra is None else extra / GB,
         )
     return record
+
+
+# -- the cases shared with memeff ----------------------------------------------------------------
+
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+SHARED_CASES = ("infonce", "symmetric", "joint3", "joint4", "matryoshka")
+MARGIN = 0.1
+TARGETS = {"speedup_vs_memeff": 1.5, "symmetric": 1.2, "joint4": 2.2, "matryoshka": 1.6}
+
+
+def matryoshka_dims(dim: int) -> tuple[int, ...]:
+    """Five prefixes, multiples of 64 ending at D (memeff's fused loss needs both)."""
+    dims = {k for k in (64, 128, 256, 512) if k < dim} | {dim}
+    extra = [k for k in range(64, dim, 64) if k not in dims]
+    while len(dims) < 5 and extra:
+        dims.add(extra.pop(len(extra) // 2))
+    return tuple(sorted(dims))
+
+
+def ours(case: str, dim: int) -> Callable:
+    options = {
+        "infonce": {},
+        "symmetric": dict(symmetric=True),
+        "joint3": dict(directions=("query_to_doc", "query_to_query", "doc_to_doc"),
+                       false_negative_margin=MARGIN),
+        "joint4": dict(directions=ALL_DIRECTIONS, false_negative_margin=MARGIN),
+        "matryoshka": dict(matryoshka_dims=matryoshka_dims(dim)),
+    }[case]  # fmt: skip
+    return lambda q, d: contrastive_loss(
+        q, d, scale=SCALE, impl="triton" if q.is_cuda else "torch", **options
+    ).backward()
+
+
+def memeff_peer(case: str, dim: int) -> Callable | None:
+    """memeff's loss for the case (None: no peer), textbook gradients (stable=False)."""
+    import memeff
+
+    temperature = 1.0 / SCALE
+    plain = dict(temperature=temperature, stable=False)
+    if case == "infonce":  # margin >= 2 switches its false-negative mask off
+        loss = memeff.MemoryEfficientQwen3Loss(margin=2.0, normalized_inputs=True, **plain)
+    elif case == "symmetric":
+        loss = memeff.MemoryEfficientCLIPLoss(normalized_inputs=True, **plain)
+    elif case == "joint3":
+        loss = memeff.MemoryEfficientQwen3Loss(margin=MARGIN, use_qq_negatives=True,
+                                               use_dd_negatives=True, normalized_inputs=True,
+                                               **plain)  # fmt: skip
+    elif case == "matryoshka":  # re-normalises each prefix itself, as ours does
+        loss = memeff.MemoryEfficientMatryoshkaQwen3Loss(matryoshka_dims(dim), margin=2.0, **plain)
+    else:
+        return None
+    return lambda q, d: loss(q, d).backward()
+
+
+def run_shared_case(results, case, impl, batch, dim, dtype_name, device, repeat) -> dict:
+    """One shared case for one implementation: compiled at 8k, then timed (once above 2 s)."""
+    record = dict(suite="shared", case=case, impl=impl, batch=batch, candidates=batch, dim=dim,
+                  dtype=dtype_name, device=results.data["device"])  # fmt: skip
+    if impl == "memeff" and importlib.util.find_spec("memeff") is None:
+        record["status"] = "skipped (memeff not installed: pip install memeff==0.3.1)"
+        return results.add(record)
+    if impl == "memeff" and device != "cuda":
+        record["status"] = "skipped (memeff's kernels need CUDA)"
+        return results.add(record)
+    step = ours(case, dim) if impl == "retriever" else memeff_peer(case, dim)
+    if step is None:
+        record["status"] = "skipped (no peer)"
+        return results.add(record)
+    dtype = DTYPES[dtype_name]
+    with results.case(record, device):  # out of memory: recorded, not raised
+        first, _ = measure(impl, min(batch, 8192), min(batch, 8192), dim, dtype, device, 1, step)
+        if batch > 8192:
+            first, _ = measure(impl, batch, batch, dim, dtype, device, 1, step)
+        seconds, extra = first, None
+        if first < 2.0:
+            seconds, extra = measure(impl, batch, batch, dim, dtype, device, repeat, step)
+        record.update(status="ok", seconds=seconds,
+                      extra_memory_gb=None if extra is None else extra / GB)  # fmt: skip
+    return record
+
+
+def shared_summary(data: dict) -> dict:
+    """Per (batch, D): speed-ups over memeff and ratios to retriever's InfoNCE, and whether
+    issue 30's targets hold."""
+    times: dict[tuple, float] = {}
+    for r in data.get("records", []):
+        if r.get("suite") == "shared" and r.get("status") == "ok":
+            times[(r["batch"], r["dim"], r["case"], r["impl"])] = r["seconds"]
+    out = []
+    for batch, dim in sorted({(b, d) for b, d, _, _ in times}):
+        row: dict = {"batch": batch, "dim": dim}
+        base = times.get((batch, dim, "infonce", "retriever"))
+        for case in SHARED_CASES:
+            t, peer = times.get((batch, dim, case, "retriever")), times.get(
+                (batch, dim, case, "memeff"))  # fmt: skip
+            if t and peer:
+                row[f"{case}_speedup_vs_memeff"] = peer / t
+            if t and base and case != "infonce":
+                row[f"{case}_vs_infonce"] = t / base
+        speedups = [v for k, v in row.items() if k.endswith("_speedup_vs_memeff")]
+        checks = {
+            "speedup_vs_memeff": bool(speedups) and min(speedups) >= TARGETS["speedup_vs_memeff"],
+            **{c: row.get(f"{c}_vs_infonce", float("inf")) <= TARGETS[c]
+               for c in ("symmetric", "joint4", "matryoshka")},
+        }  # fmt: skip
+        row["targets_met"] = checks
+        out.append(row)
+    return {"shared_summary": out}
+
+
+def run_shared(args: argparse.Namespace) -> None:
+    results = Results(args.output, vars(args), args.device, key="records", echo=False,
+                      summary=shared_summary)  # fmt: skip
+    print(f"device: {results.data['device']}; torch {torch.__version__}", flush=True)
+    for dtype_name in args.dtypes:
+        for dim in args.dims:
+            for batch in sorted(args.batches):
+                for case in args.cases:
+                    for impl in args.peers:
+                        r = run_shared_case(results, case, impl, batch, dim, dtype_name,
+                                            args.device, args.repeat)  # fmt: skip
+                        took = f"{r['seconds'] * 1e3:.1f} ms" if r["status"] == "ok" else ""
+                        print(f"{case:10s} {impl:9s} {dtype_name} D={dim} B={batch}: "
+                              f"{took or r['status']}", flush=True)  # fmt: skip
+    print(json.dumps(results.data["shared_summary"], indent=1))
 
 
 def fmt_batch(n: int) -> str:
@@ -208,6 +348,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--quick", action="store_true", help="small CPU-sized run: B in {1024, 2048}, D=128, fp32"
     )
     p.add_argument(
+        "--shared",
+        action="store_true",
+        help="the cases shared with memeff (see above): bf16, --batches, --dims, --cases, --peers",
+    )
+    p.add_argument("--cases", nargs="+", default=list(SHARED_CASES), choices=SHARED_CASES)
+    p.add_argument("--peers", nargs="+", default=["retriever", "memeff"],
+                   choices=["retriever", "memeff"])  # fmt: skip
+    p.add_argument(
         "--world-size",
         type=int,
         default=1,
@@ -230,6 +378,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if ring_extra:
         p.error(f"unrecognized arguments: {' '.join(ring_extra)}")
+    if args.shared and "--dtypes" not in (argv if argv is not None else sys.argv):
+        args.dtypes = ["bf16"]
     if args.quick:
         args.batches, args.dims, args.dtypes, args.negatives = [1024, 2048], [128], ["fp32"], [0]
         args.impls = [i for i in args.impls if i not in ("inf-cl",)]
@@ -260,6 +410,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.world_size > 1:
         raise SystemExit(run_ring(args))
+    if args.shared:
+        run_shared(args)
+        return
     # Every record is written to --output as it comes (with the run header).
     results = Results(args.output, vars(args), args.device, key="records", echo=False)
     device_name = results.data["device"]

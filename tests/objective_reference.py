@@ -261,64 +261,76 @@ def option_terms(q, d, scale, labels, ids, owners, opts: Options, k: int, normal
     * doc_to_doc  not query i's own candidates, nor duplicates of p_i;
     * false_negative_margin: every term with X > X_pos + margin, except labelled pairs (a
       query with its own positive)."""
-    n_q = q.shape[0]
+    n_q, dev = q.shape[0], q.device  # any device: the GPU check runs it at 16k
     vecs = {"q": q.double()[:, :k], "d": d.double()[:, :k]}
     if normalize:
         vecs = {name: F.normalize(v, dim=-1) for name, v in vecs.items()}
-    labels = labels.cpu().long()
+    labels = labels.to(dev).long()
     vecs["p"] = vecs["d"][labels]
-    s = scale.double() if isinstance(scale, Tensor) else torch.tensor(float(scale)).double()
-    rows = torch.arange(n_q)
-    owners = torch.arange(d.shape[0]) % n_q if owners is None else owners.cpu().long()
+    s = (
+        scale.double()
+        if isinstance(scale, Tensor)
+        else torch.tensor(float(scale), device=dev).double()
+    )
+    rows = torch.arange(n_q, device=dev)
+    owners = torch.arange(d.shape[0], device=dev) % n_q if owners is None else owners.to(dev).long()
     sides = {
         "query_to_doc": ("q", "d"),
         "query_to_query": ("q", "q"),
         "doc_to_query": ("p", "q"),
         "doc_to_doc": ("p", "d"),
     }
-    x = {name: vecs[r] @ vecs[c].T for name, (r, c) in sides.items()}
-    xpos = x["query_to_doc"][rows, labels]
-    labelled = {
-        "query_to_doc": torch.arange(d.shape[0])[None, :] == labels[:, None],
-        "query_to_query": torch.zeros(n_q, n_q, dtype=torch.bool),
-        "doc_to_query": labels[None, :] == labels[:, None],  # p_i is query k's positive
-        "doc_to_doc": torch.zeros(n_q, d.shape[0], dtype=torch.bool),
-    }
-    dropped = {
-        "query_to_doc": torch.zeros(n_q, d.shape[0], dtype=torch.bool),
-        "query_to_query": rows[:, None] == rows[None, :],
-        "doc_to_query": torch.zeros(n_q, n_q, dtype=torch.bool),
-        "doc_to_doc": owners[None, :] == rows[:, None],
-    }
-    if ids is not None:
-        ids = ids.cpu()
-        pos_ids = ids[labels]
-        dropped["query_to_doc"] |= (ids[None, :] == pos_ids[:, None]) & ~labelled["query_to_doc"]
-        dropped["query_to_query"] |= pos_ids[None, :] == pos_ids[:, None]
-        dropped["doc_to_query"] |= (pos_ids[None, :] == pos_ids[:, None]) & (
-            rows[None, :] != rows[:, None]
-        )
-        dropped["doc_to_doc"] |= ids[None, :] == pos_ids[:, None]
+    xpos = (vecs["q"] * vecs["p"]).sum(1)
+    pos_ids = None if ids is None else ids.to(dev)[labels]
     blocks = {}
-    for name in opts.directions:
-        slope = s * torch.ones_like(x[name])
-        logits = s * x[name]
+    for name in opts.directions:  # only the blocks asked for (the GPU check runs 16k x 32k)
+        x = vecs[sides[name][0]] @ vecs[sides[name][1]].T
+        labelled, drop = _labelled_and_dropped(name, labels, ids, pos_ids, owners, x.shape)
+        slope = s * torch.ones_like(x)
+        logits = s * x
         if name == "query_to_doc" and opts.hardness_mode is not None and opts.hardness_strength:
             own = owners[None, :] == rows[:, None]
             penalised = {
                 "in_batch_negatives": ~own,
-                "hard_negatives": own & ~labelled[name],
-                "all_negatives": ~labelled[name],
+                "hard_negatives": own & ~labelled,
+                "all_negatives": ~labelled,
             }[opts.hardness_mode]
             alpha = opts.hardness_strength * penalised
-            logits = logits + alpha * x[name].detach()  # sg(X): no gradient through it
+            logits = logits + alpha * x.detach()  # sg(X): no gradient through it
             slope = slope + alpha
-        drop = dropped[name]
         if opts.margin is not None:
-            drop = drop | ((x[name] > xpos[:, None] + opts.margin) & ~labelled[name])
-        blocks[name] = TermBlock(name, x[name], logits.masked_fill(drop, float("-inf")), slope,
+            drop = drop | ((x > xpos[:, None] + opts.margin) & ~labelled)
+        blocks[name] = TermBlock(name, x, logits.masked_fill(drop, float("-inf")), slope,
                                  *sides[name])  # fmt: skip
     return blocks, s * xpos, vecs
+
+
+def _labelled_and_dropped(name, labels, ids, pos_ids, owners, shape) -> tuple[Tensor, Tensor]:
+    """A direction's labelled pairs (a query with its own positive: never dropped by the
+    margin) and the terms its masks drop, [Bq, n] each."""
+    dev = labels.device
+    rows = torch.arange(shape[0], device=dev)
+    cols = torch.arange(shape[1], device=dev)
+    none = torch.zeros(shape, dtype=torch.bool, device=dev)
+    if name == "query_to_doc":
+        labelled = cols[None, :] == labels[:, None]
+        dropped = none if ids is None else (ids.to(dev)[None, :] == pos_ids[:, None]) & ~labelled
+    elif name == "query_to_query":
+        labelled = none
+        dropped = rows[:, None] == cols[None, :]
+        if ids is not None:
+            dropped = dropped | (pos_ids[None, :] == pos_ids[:, None])
+    elif name == "doc_to_query":
+        labelled = labels[None, :] == labels[:, None]  # p_i is query k's positive
+        dropped = none
+        if ids is not None:
+            dropped = (pos_ids[None, :] == pos_ids[:, None]) & (rows[:, None] != cols[None, :])
+    else:  # doc_to_doc
+        labelled = none
+        dropped = owners[None, :] == rows[:, None]
+        if ids is not None:
+            dropped = dropped | (ids.to(dev)[None, :] == pos_ids[:, None])
+    return labelled, dropped
 
 
 def _block_value(logits: Tensor, pos: Tensor, opts: Options, scale) -> Tensor:
@@ -361,8 +373,8 @@ def reference_option_rows(q, d, scale, labels, ids=None, owners=None, opts=Optio
 
 def reference_option_loss(q, d, scale, labels, ids=None, owners=None, opts=Options()) -> Tensor:
     rows = reference_option_rows(q, d, scale, labels, ids, owners, opts)
-    weights = torch.tensor([w for _, w, _ in opts.prefixes(q.shape[1])], dtype=torch.float64)
-    return (rows.mean(1) * weights).sum()
+    weights = [w for _, w, _ in opts.prefixes(q.shape[1])]
+    return (rows.mean(1) * torch.tensor(weights, dtype=torch.float64, device=rows.device)).sum()
 
 
 def _row_derivatives(blocks, pos, opts, scale) -> tuple[Tensor, Tensor]:
