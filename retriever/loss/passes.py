@@ -170,9 +170,14 @@ class ObjectiveEngine:
         inv_q = inverse_norms(q, dims) if norm else None
         inv_d = inverse_norms(d, dims) if norm else None
         inv_p = None if inv_d is None else inv_d[:, lay.labels]
-        xpos = prefix_dots(q, positives, dims, inv_q, inv_p)
+        # The positives' similarities: the margin's thresholds and the columns' reference
+        # logits (an O(Bq D) pass over the inputs, skipped when nothing reads it).
+        wanted = (
+            obj.false_negative_margin is not None or self.has_dq or self.has_qq or (self.has_dd)
+        )
+        xpos = prefix_dots(q, positives, dims, inv_q, inv_p) if wanted else None
         thresh = None if obj.false_negative_margin is None else xpos + obj.false_negative_margin
-        pos_logits = scale.float() * xpos
+        pos_logits = None if xpos is None else scale.float() * xpos
         pos_ids = None if lay.ids is None else lay.ids[lay.labels]
         query_index = torch.arange(n_q, device=device) + lay.query_offset
         owners = lay.owners
@@ -267,7 +272,8 @@ class ObjectiveEngine:
         stats = {name: self.runner.forward(name, tp, scale) for name, tp in passes.items()}
         blocks, dirs = self.blocks(stats, scale)
         losses = sum(b.value for b in blocks) / len(blocks)
-        saved = {"lse": [s.lse for s in dirs], "blocks": blocks, "pos": stats["qd"].pos}
+        saved = {"lse": [s.lse for s in dirs], "blocks": blocks, "pos": stats["qd"].pos,
+                 "passes": passes}  # fmt: skip
         return losses.float(), saved
 
     # -- backward ---------------------------------------------------------------------------
@@ -311,7 +317,7 @@ class ObjectiveEngine:
         """(d queries, d candidates, d scale) of sum_p,i weights[p, i] * loss[p, i]; the
         embedding gradients fp32."""
         lay = self.layout
-        passes = self.passes(q, d, scale)
+        passes = saved["passes"]  # the forward's: norms, thresholds and layout are the same
         coefs = self.coefficients(saved, weights)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dd = torch.zeros(d.shape, dtype=torch.float32, device=d.device)

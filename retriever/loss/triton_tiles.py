@@ -536,9 +536,13 @@ def backward_pass(
         def skip(r0: int, r1: int, c0: int, c1: int) -> bool:
             return c1 <= tp.self_cols and c1 - 1 <= r0  # wholly on or below the diagonal
 
-    return prefix_slab_backward(
-        rows, cols, tp.dims, scale, c_max, d_rows, d_cols, fill, skip, half=tp.self_cols > 0
-    )
+    row_dots, col_dots = prefix_slab_backward(
+        rows, cols, tp.dims, scale, c_max, d_rows, d_cols, fill, skip,
+        self_pass=tp.self_cols > 0, column_dots=tp.col.inv_norm is not None,
+    )  # fmt: skip
+    if col_dots is None:  # only prefix normalisation reads them
+        col_dots = torch.zeros(n_p, n_cols, device=rows.device)
+    return row_dots, col_dots
 
 
 def prefix_slab_backward(
@@ -551,27 +555,32 @@ def prefix_slab_backward(
     d_cols: Tensor,
     fill: Callable[[Tensor, int, int, int, int], None],
     skip: Callable[[int, int, int, int], bool] | None,
-    half: bool = False,
-) -> tuple[Tensor, Tensor]:
+    self_pass: bool = False,
+    column_dots: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """The backward's slab loop: ``fill(g, r0, r1, c0, c1)`` writes the slabs G_k / c_max (one
     per prefix, already times the prefix's norms) of rows r0:r1 and columns c0:c1, and two GEMMs
     per prefix add s c_max G_k C[:, :k] into d_rows and its transpose's into d_cols. Returns
-    each row's and column's sum of G_k X ([NP, n] each). A slab ``skip`` names holds no term;
-    ``half``: half-size slabs (a self pass then skips more of its lower triangle)."""
+    each row's sum of G_k X ([NP, nr]) and, with ``column_dots``, each column's (else None). A
+    slab ``skip`` names holds no term; a self pass takes quarter slabs (its diagonal's slabs
+    are computed whole, so smaller ones waste less)."""
     n_prefixes = len(dims)
     n_rows, n_cols = rows.shape[0], cols.shape[0]
     device = rows.device
-    row_slab = max(256, ROW_SLAB // (2 if half else 1) // n_prefixes)
-    col_slab = max(256, COL_SLAB // (2 if half else 1))
+    shrink = 4 if self_pass else 1
+    row_slab = max(256, ROW_SLAB // shrink // n_prefixes)
+    col_slab = max(256, COL_SLAB // shrink)
+    coef = scale * c_max
     row_dots = torch.zeros(n_prefixes, n_rows, device=device)
-    col_dots = torch.zeros(n_prefixes, n_cols, device=device)
+    col_dots = torch.zeros(n_prefixes, n_cols, device=device) if column_dots else None
     slab = torch.empty(n_prefixes, min(n_rows, row_slab), min(n_cols, col_slab), dtype=rows.dtype,
                        device=device)  # fmt: skip
-    coef = scale * c_max
     with _tf32_matmuls(rows.dtype == torch.float32 and rows.is_cuda):
         for r0 in range(0, n_rows, row_slab):
             r1 = min(r0 + row_slab, n_rows)
             r_part = rows[r0:r1]
+            # G_k C[:, :k] of these rows over every column slab, in fp32.
+            gc = [torch.zeros(r1 - r0, k, dtype=torch.float32, device=device) for k in dims]
             for c0 in range(0, n_cols, col_slab):
                 c1 = min(c0 + col_slab, n_cols)
                 if skip is not None and skip(r0, r1, c0, c1):
@@ -580,13 +589,15 @@ def prefix_slab_backward(
                 fill(g, r0, r1, c0, c1)
                 c_part = cols[c0:c1]
                 for p, k in enumerate(dims):
-                    gc = (g[p] @ c_part[:, :k]).float()  # [r, k]
+                    gc[p] += g[p] @ c_part[:, :k]
                     gr = (g[p].T @ r_part[:, :k]).float()  # [c, k]
-                    row_dots[p, r0:r1] += (r_part[:, :k].float() * gc).sum(1)
-                    col_dots[p, c0:c1] += (c_part[:, :k].float() * gr).sum(1)
-                    d_rows[r0:r1, :k] += gc.mul_(coef)
+                    if col_dots is not None:
+                        col_dots[p, c0:c1] += (c_part[:, :k].float() * gr).sum(1)
                     d_cols[c0:c1, :k] += gr.mul_(coef)
-    return row_dots * c_max, col_dots * c_max
+            for p, k in enumerate(dims):
+                row_dots[p, r0:r1] = (r_part[:, :k].float() * gc[p]).sum(1)
+                d_rows[r0:r1, :k] += gc[p].mul_(coef)
+    return row_dots * c_max, None if col_dots is None else col_dots * c_max
 
 
 def slab_backward(
