@@ -218,3 +218,22 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     assert (tmp_path / "runs" / "my-first-model" / "final" / "modules.json").is_file()
+
+
+def test_a_config_built_from_its_dataclasses_is_checked_when_training_starts(files, tmp_path):
+    from retriever.train.options import DataArguments, ModelArguments, TrainingArguments
+
+    def config(batch_size: int) -> TrainConfig:
+        return TrainConfig(
+            model=ModelArguments(
+                name_or_path=str(files["model"]), query_max_length=16, document_max_length=24
+            ),
+            data=DataArguments(num_workers=0),
+            training=TrainingArguments(
+                output_dir=str(tmp_path / "run"), batch_size=batch_size, max_steps=2, cpu=True
+            ),
+        )
+
+    with pytest.raises(ConfigError, match=r"training.batch_size: expected a positive integer"):
+        Trainer(config(0), train_dataset=rows(files["data"]))
+    assert Trainer(config(8), train_dataset=rows(files["data"])).train()["steps"] == 2
