@@ -35,15 +35,14 @@ sys.path.insert(0, str(SCRIPTS.parent / "tests"))
 from harness import Results  # noqa: E402
 
 
-def make(output: Path, count: int) -> None:
-    from make_bench_pairs import SHARED, passages
-
+def make(output: Path, count: int, synthetic: bool) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".partial")
     written = 0
+    cycle = list(synthetic_pairs()) if synthetic else None  # small: made once, cycled
     with open(tmp, "w", encoding="utf-8") as f:
         while written < count:
-            for query, passage in passages(SHARED, 120, 2, 8, 1_100_000):
+            for query, passage in cycle or shared_pairs():
                 record = {"query": f"{query} {written}", "pos": f"{passage} {written}"}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 written += 1
@@ -51,6 +50,25 @@ def make(output: Path, count: int) -> None:
                     break
     tmp.replace(output)
     print(f"wrote {written:,} lines to {output} ({output.stat().st_size / 2**30:.1f} GiB)")
+
+
+def shared_pairs():
+    from make_bench_pairs import SHARED, passages
+
+    return passages(SHARED, 120, 2, 8, 1_100_000)
+
+
+def synthetic_pairs(count: int = 100_000, seed: int = 0):
+    """Pairs of random words (a 20,000-word vocabulary; 8-word queries, 120-word passages):
+    fast to make on a machine without the shared data, tokenised at real lengths."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    vocabulary = ["".join(rng.choice(letters, size=rng.integers(3, 10))) for _ in range(20_000)]
+    for _ in range(count):
+        words = [vocabulary[i] for i in rng.integers(len(vocabulary), size=128)]
+        yield " ".join(words[:8]), " ".join(words[8:])
 
 
 def resident_bytes(pid: int) -> int:
@@ -166,6 +184,7 @@ def main() -> int:
     m = sub.add_parser("make")
     m.add_argument("--output", type=Path, required=True)
     m.add_argument("--count", type=int, default=10_000_000)
+    m.add_argument("--synthetic", action="store_true", help="random words, no shared data")
     t = sub.add_parser("train")
     t.add_argument("--pairs", type=Path, required=True)
     t.add_argument("--batch", type=int, default=16384)
@@ -181,7 +200,7 @@ def main() -> int:
     t.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     if args.stage == "make":
-        make(args.output, args.count)
+        make(args.output, args.count, args.synthetic)
     else:
         train(args)
     return 0
