@@ -235,7 +235,8 @@ class Encoder(nn.Module):
 
         before = self.model.config._attn_implementation
         switched = use_packed_attention(self.model)
-        problem = packing_problem(self.model, len(self.tokenizer))
+        longest = max(self.settings.query_max_length, self.settings.document_max_length)
+        problem = packing_problem(self.model, len(self.tokenizer), longest)
         if problem is not None and switched:
             self.model.set_attn_implementation(before)
         return problem

@@ -52,7 +52,10 @@ def _attention(inner: str):
                             scaling=scaling, **kw)  # fmt: skip
         window = kw.get("sliding_window")
         if window is not None and window < kw["max_length_q"]:
-            raise NotImplementedError("packed chunks: sliding-window attention is not supported")
+            raise NotImplementedError(
+                f"sliding-window attention ({window} tokens, shorter than the longest text) is "
+                "not supported packed"
+            )
         # [1, H, T, d] -> [T, H, d]: the stream's tokens first, as the varlen kernels take them.
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
         causal = bool(getattr(module, "is_causal", False))
@@ -136,9 +139,11 @@ def stream_hidden(model: nn.Module, features: dict[str, Any]) -> Tensor:
         return model(**inputs, **bounds).last_hidden_state[0]
 
 
-def packing_problem(model: nn.Module, vocab_size: int) -> str | None:
-    """Why ``model`` cannot embed token streams, or None: two short texts run packed must give
-    the hidden states each gives alone (in eval mode, without gradients). Call it after
+def packing_problem(model: nn.Module, vocab_size: int, max_length: int) -> str | None:
+    """Why ``model`` cannot embed token streams of texts up to ``max_length`` tokens, or None:
+    two short texts run packed must give the hidden states each gives alone (in eval mode,
+    without gradients; the kernels told ``max_length``, so that a sliding window shorter than
+    it is refused here, not in the middle of training). Call it after
     `use_packed_attention`."""
     kind = getattr(model.config, "model_type", type(model).__name__)
     if not getattr(_base(model), "_supports_attention_backend", True):
@@ -153,7 +158,8 @@ def packing_problem(model: nn.Module, vocab_size: int) -> str | None:
     ids = ids.to(device)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=device)
     positions = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4], device=device)
-    features = {"input_ids": ids, "cu_seqlens": cu, "position_ids": positions, "max_length": 5}
+    features = {"input_ids": ids, "cu_seqlens": cu, "position_ids": positions,
+                "max_length": max(max_length, 5)}  # fmt: skip
     was_training = model.training
     model.eval()
     try:

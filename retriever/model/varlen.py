@@ -15,9 +15,12 @@ so no token of one text ever sees another, and no padding enters a matrix produc
 3. PyTorch's flash kernel through the aten operators varlen_attn itself calls, with dropout
    (`FlashVarlen`): the dropout mask comes from the CUDA generator's philox state, so the
    embedding cache's RNG replay draws it again bit for bit;
-4. block-diagonal masked SDPA (`block_diagonal_attention`): the CPU path, the fallback, and
-   the reference the tests hold the others to. It computes every [tokens, tokens] score and
-   masks the pairs across texts, so it is quadratic in the stream: a CPU or test path.
+4. SDPA text by text (`per_text_attention`): the CPU and fallback path. The stream's texts
+   are scattered into a [texts, max_length] batch, attend under a key mask (the padded path's
+   cost, linear in the stream) and are gathered back.
+
+`block_diagonal_attention` (SDPA over the whole stream under a block-diagonal mask, quadratic
+in the stream) is the reference the tests hold the others to.
 
 Grouped-query attention (decoders with fewer key/value heads) is native in the flash kernels;
 the fallback repeats key/value heads as transformers' ``repeat_kv`` does (head h reads key/value
@@ -61,6 +64,34 @@ def block_diagonal_attention(
         attn_mask=mask, dropout_p=dropout, scale=scale,
     )  # fmt: skip
     return out[0].transpose(0, 1)
+
+
+def per_text_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_length: int, *, causal: bool,
+    scale: float | None, dropout: float,
+) -> Tensor:  # fmt: skip
+    """Varlen attention as padded SDPA: token t (text i, position p) goes to row i, column p of
+    a [texts, max_length] batch; keys past a text's length are masked. Returns [T, H, d]."""
+    tokens, texts = q.shape[0], cu_seqlens.numel() - 1
+    text = segment_ids(cu_seqlens, tokens)
+    position = torch.arange(tokens, device=q.device) - cu_seqlens.long()[text]
+
+    def scatter(x: Tensor) -> Tensor:  # [T, h, d] -> [texts, h, max_length, d]
+        batch = x.new_zeros(texts, max_length, *x.shape[1:])
+        return batch.index_put((text, position), x).transpose(1, 2)
+
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    keys = torch.arange(max_length, device=q.device)
+    mask = keys[None, :] < lengths.clamp(min=1)[:, None]  # an empty text keeps key 0: no NaN
+    mask = mask[:, None, None, :]
+    if causal:
+        mask = mask & (keys[None, :] <= keys[:, None])
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(scatter(q), scatter(k), scatter(v), attn_mask=mask,
+                                         dropout_p=dropout, scale=scale)  # fmt: skip
+    return out.transpose(1, 2)[text, position]
 
 
 class FlashVarlen(torch.autograd.Function):
@@ -138,14 +169,14 @@ FLASH_ATTN_VARLEN = _flash_attn_varlen()
 def kernel_name(q: Tensor, dropout: float) -> str:
     """Which kernel `varlen_attention` runs for ``q`` and ``dropout`` (for logs and benchmarks)."""
     if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return "sdpa-block-diagonal"
+        return "sdpa-per-text"
     if dropout == 0 and TORCH_VARLEN is not None:
         return "torch-varlen_attn"
     if FLASH_ATTN_VARLEN is not None:
         return "flash-attn"
     if hasattr(torch.ops.aten, "_flash_attention_forward"):
         return "torch-flash-dropout"
-    return "sdpa-block-diagonal"
+    return "sdpa-per-text"
 
 
 def varlen_attention(
@@ -172,6 +203,6 @@ def varlen_attention(
         )  # fmt: skip
     if kernel == "torch-flash-dropout":
         return FlashVarlen.apply(q, k, v, cu_seqlens, max_length, causal, scale, dropout)
-    return block_diagonal_attention(
-        q, k, v, cu_seqlens, causal=causal, scale=scale, dropout=dropout
+    return per_text_attention(
+        q, k, v, cu_seqlens, max_length, causal=causal, scale=scale, dropout=dropout
     )

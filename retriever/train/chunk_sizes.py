@@ -13,8 +13,9 @@ Different chunkings of the two passes draw different dropout masks, so the cache
 exact only for a network without dropout: with dropout, a given ``embed_chunk_size`` that
 differs from ``chunk_size`` is refused and ``auto`` keeps them equal.
 
-Padding-free chunks (``model.padding_free``, `retriever.model.packed`): where the model runs
-packed (a probe says; otherwise one line says why and the run keeps padded chunks), a chunk is
+Padding-free chunks (``model.padding_free``, `retriever.model.packed`; by default where a varlen
+attention kernel runs, a CUDA GPU in half precision): where the model runs packed (a probe
+says; otherwise one line says why and the run keeps padded chunks), a chunk is
 a budget of real tokens, ``training.chunk_tokens``: given, ``auto`` (measured per token as above),
 or ``chunk_size`` texts of the longest max length; the no-grad pass's budget is
 ``embed_chunk_size`` texts of that length.
@@ -269,19 +270,21 @@ def _tokens(texts: int | str | None, per_text: int) -> int | str | None:
 
 
 def plan_packing(config: Any, accelerator: Any, encoder: Any) -> Packing | None:
-    """Padding-free chunks for this run, or None: ``model.padding_free`` asks for them and the
-    encoder runs packed here (else one line says why). Readies the encoder: its attention,
-    and ``model.compile``."""
+    """Padding-free chunks for this run, or None. ``model.padding_free``: null asks for them
+    where a varlen kernel runs (a CUDA GPU in bf16 or fp16), true anywhere; either way the
+    encoder must run packed (else one line says why). Readies the encoder: its attention, and
+    ``model.compile``."""
     m = config.model
-    if not m.padding_free:
+    if m.padding_free is False:
         return None
-    problem = None
-    if accelerator.device.type == "cuda" and not _half_precision(config, accelerator):
-        problem = (
-            "a GPU computes padding-free attention in bf16 or fp16 only (set "
-            "training.mixed_precision: bf16 or model.dtype: bfloat16)"
+    kernel = accelerator.device.type == "cuda" and _half_precision(config, accelerator)
+    if m.padding_free is None and not kernel:
+        logger.info(
+            "padded chunks: no varlen attention kernel here (a CUDA GPU computing in bf16 or "
+            "fp16 has one); model.padding_free: true packs anyway, attending text by text"
         )
-    problem = problem or encoder.use_padding_free()
+        return None
+    problem = encoder.use_padding_free()
     if problem is not None:
         logger.warning("model.padding_free: %s; training on padded chunks", problem)
         return None

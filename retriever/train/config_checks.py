@@ -180,12 +180,12 @@ def check_fsdp(config: TrainConfig) -> None:
 def check_padding_free(config: TrainConfig) -> None:
     """What padding-free chunks (model.padding_free) ask of the other options."""
     m, t, where = config.model, config.training, config.where
-    if not m.padding_free and t.chunk_tokens is not None:
+    if m.padding_free is False and t.chunk_tokens is not None:
         raise ConfigError(
             f"{where('training.chunk_tokens')}: training.chunk_tokens sizes padding-free chunks, "
             "but model.padding_free is false (padded chunks count texts: training.chunk_size)"
         )
-    if m.compile not in (None, "off") and not m.padding_free:
+    if m.compile not in (None, "off") and m.padding_free is False:
         raise ConfigError(
             f"{where('model.compile')}: model.compile compiles the layers for padding-free "
             "chunks; set model.padding_free: true (or model.compile: off)"

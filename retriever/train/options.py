@@ -89,12 +89,14 @@ class ModelArguments:
         "Run the model's LayerNorms with retriever's Triton kernels (forward and backward "
         "fused; same parameters and results); null: on when a CUDA GPU is present.",
     )
-    padding_free: bool = _opt(
-        True,
+    padding_free: bool | None = _opt(
+        None,
         "Embed each chunk's texts as one token stream without padding (training.chunk_tokens "
-        "tokens a chunk; attention within each text by a varlen kernel), where the model "
-        "supports it; a model that does not trains on length-sorted padded chunks, with one "
-        "line saying why. false: padded chunks of training.chunk_size texts.",
+        "tokens a chunk; attention within each text by a varlen kernel). null: where a varlen "
+        "kernel runs (a CUDA GPU computing in bf16 or fp16) and the model supports it; a "
+        "model that does not trains on padded chunks, with one line saying why. true: also "
+        "elsewhere (CPU: attention text by text). false: length-sorted padded chunks of "
+        "training.chunk_size texts.",
     )
     compile: str | None = _opt(
         None,

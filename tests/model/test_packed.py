@@ -142,9 +142,11 @@ def test_a_stream_splits_by_tokens_into_views():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_block_diagonal_attention_is_attention_text_by_text(causal):
+def test_cpu_varlen_attention_is_attention_text_by_text(causal):
+    """The CPU path (SDPA text by text) and the block-diagonal reference against a loop; an
+    empty text (a static shape's bucket) changes nothing."""
     g = torch.Generator().manual_seed(0)
-    cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
+    cu = torch.tensor([0, 4, 5, 11, 11], dtype=torch.int32)
     q = torch.randn(11, 4, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(11, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
     got = varlen_attention(q, k, v, cu, 6, causal=causal, scale=0.3)  # CPU: the fallback
@@ -156,8 +158,8 @@ def test_block_diagonal_attention_is_attention_text_by_text(causal):
             scores = scores.masked_fill(torch.ones_like(scores).triu(1).bool(), float("-inf"))
         want = (scores.softmax(-1) @ vi).transpose(0, 1)
         torch.testing.assert_close(got[a:b], want, rtol=1e-12, atol=1e-12)
-    assert torch.equal(block_diagonal_attention(q, k, v, cu, causal=causal, scale=0.3,
-                                                dropout=0.0), got)  # fmt: skip
+    reference = block_diagonal_attention(q, k, v, cu, causal=causal, scale=0.3, dropout=0.0)
+    torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12)
 
 
 def test_mpnet_falls_back_and_says_why():
@@ -222,3 +224,22 @@ def test_compiled_layers_equal_eager_and_keep_the_cached_gradient_exact():
     cached = torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None])
     torch.testing.assert_close(cached, same, rtol=1e-4, atol=1e-6)
     assert (other - same).abs().max() > 1e-3  # other masks: another gradient
+
+
+def test_modernbert_runs_packed_within_its_local_window_and_falls_back_beyond():
+    import transformers as hf
+
+    config = hf.ModernBertConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                 num_hidden_layers=3, num_attention_heads=2, local_attention=16,
+                                 pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
+                                 sep_token_id=2)  # fmt: skip
+    network = hf.ModernBertModel(config)
+    short = Encoder(network, _Tokenizer(), EncoderSettings(query_max_length=8,
+                                                           document_max_length=8))  # fmt: skip
+    assert short.use_padding_free() is None
+    texts = _texts(4)[:3]
+    want = torch.cat([short(_padded([t], False).features("cpu")) for t in texts])
+    torch.testing.assert_close(short(_stream(texts).features("cpu")), want, rtol=1e-5, atol=1e-5)
+    long = Encoder(hf.ModernBertModel(config), _Tokenizer(), EncoderSettings())  # 128 / 256
+    problem = long.use_padding_free()
+    assert problem is not None and problem.startswith("modernbert:") and "sliding" in problem

@@ -165,8 +165,8 @@ def test_a_model_that_cannot_run_packed_falls_back_and_says_why(tmp_path, caplog
     data = write_examples(tmp_path / "train.jsonl", n=16, negatives=1)
     with caplog.at_level(logging.WARNING, logger="retriever"):
         # transformers runs MPNet with eager attention only.
-        config = tiny_config(str(tmp_path / "mpnet"), data, tmp_path / "run",
-                             model={"attn_implementation": "eager"})  # fmt: skip
+        model = {"attn_implementation": "eager", "padding_free": True}
+        config = tiny_config(str(tmp_path / "mpnet"), data, tmp_path / "run", model=model)
         trainer = Trainer(config)
     assert trainer.chunks.packing is None and trainer.state.chunk_sizes == [5, 5]
     (line,) = [r.getMessage() for r in caplog.records if "padding_free" in r.getMessage()]
@@ -174,14 +174,25 @@ def test_a_model_that_cannot_run_packed_falls_back_and_says_why(tmp_path, caplog
     assert line.endswith("training on padded chunks")
 
 
-def test_a_packed_run_records_token_sizes(tmp_path):
+def test_a_packed_run_records_token_sizes(tmp_path, caplog):
     from retriever.train.trainer import Trainer
 
     model = make_tiny_model(tmp_path / "model", dropout=0.0)
     data = write_examples(tmp_path / "train.jsonl", n=16, negatives=1)
-    trainer = Trainer(tiny_config(model, data, tmp_path / "run", training={"chunk_tokens": 64}))
+    config = tiny_config(model, data, tmp_path / "run", model={"padding_free": True},
+                         training={"chunk_tokens": 64})  # fmt: skip
+    trainer = Trainer(config)
     assert trainer.chunks.packing == Packing(24) and trainer.state.chunk_sizes == [64, 64, 1]
     assert all(c.packing is not None for c in trainer.collators)
+    # Left at null on a CPU (no varlen kernel) the run keeps padded chunks, and says so.
+    from train_helpers import reset_accelerate_state
+
+    reset_accelerate_state()
+    with caplog.at_level(logging.INFO, logger="retriever"):
+        trainer = Trainer(tiny_config(model, data, tmp_path / "run2"))
+    assert trainer.chunks.packing is None and trainer.state.chunk_sizes == [5, 5]
+    assert any("padded chunks: no varlen attention kernel" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -190,6 +201,7 @@ def test_a_packed_run_records_token_sizes(tmp_path):
         ({"padding_free": False}, {"chunk_tokens": 100}, "training.chunk_tokens sizes"),
         ({"padding_free": False, "compile": "static"}, {}, "model.compile compiles"),
         ({"compile": "dynamic", "gradient_checkpointing": True}, {}, "gradient_checkpointing"),
+        ({"padding_free": "maybe"}, {}, "model.padding_free: expected"),
     ],
 )
 def test_options_that_do_not_go_together_are_refused(tmp_path, model, training, message):
