@@ -34,6 +34,7 @@ FIXED_ON_RESUME = (
     "loss.",
     "training.batch_size",
     "training.chunk_size",
+    "training.chunk_tokens",
     "training.embed_chunk_size",
     "training.seed",
     "training.sort_by_length",
