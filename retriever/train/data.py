@@ -77,7 +77,8 @@ class TrainSet(torch.utils.data.Dataset):
         self._query_rows = np.array([self.queries.add(e.query) for e in self.examples])
         self._positive_rows = [tuple(map(self.documents.add, e.positives)) for e in self.examples]
         self._negative_rows = [tuple(map(self.documents.add, e.negatives)) for e in self.examples]
-        fingerprint = tokenizer_fingerprint(tokenizer)
+        # The cache's key (hashing the tokenizer takes ~1 s): not for in-memory tables.
+        fingerprint = tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
         for pool, side in ((self.queries, "queries"), (self.documents, "documents")):
             pool.tokenize(
                 tokenizer, cache_dir, f"tokenize {side}", tokenizer_hash=fingerprint, **kwargs
