@@ -102,17 +102,6 @@ def tile_dot(q_ptr, c_ptr, rows, cols, row_ok, col_ok, dim, stride_q, stride_c,
 
 
 @triton.jit
-def _column(table, p, NPP: tl.constexpr):
-    """Column p of a [BLOCK, NPP] table (one column per prefix)."""
-    return tl.sum(tl.where(tl.arange(0, NPP)[None, :] == p, table, 0.0), axis=1)
-
-
-@triton.jit
-def _set_column(table, p, value, NPP: tl.constexpr):
-    return tl.where(tl.arange(0, NPP)[None, :] == p, value[:, None], table)
-
-
-@triton.jit
 def _tile_masks(rows, cols, row_ok, col_ok, target, row_key, col_key, row_owner, col_owner,
                 self_cols, HAS_KEYS: tl.constexpr, HAS_OWNERS: tl.constexpr,
                 OWN_MASK: tl.constexpr, HARDNESS: tl.constexpr, SELF: tl.constexpr):  # fmt: skip
@@ -155,14 +144,6 @@ def _kept(x, is_target, dropped, duplicate, row_thresh, col_thresh, HAS_KEYS: tl
     return keep, keep_col
 
 
-@triton.jit
-def _load_rows(ptr, rows, row_ok, n_rows, NP: tl.constexpr, NPP: tl.constexpr, other):
-    """[BLOCK_M, NPP] table of a [NP, n_rows] tensor's rows."""
-    prefix = tl.arange(0, NPP)
-    mask = row_ok[:, None] & (prefix < NP)[None, :]
-    return tl.load(ptr + prefix[None, :] * n_rows + rows[:, None], mask=mask, other=other)
-
-
 # -- forward ----------------------------------------------------------------------------------
 
 
@@ -174,7 +155,7 @@ def _pass_stats_kernel(
     lse2_ptr, pos_ptr, count_ptr, lsum_ptr,  # [NP, n_split, n_rows] out: per column split
     col_sum_ptr, col_count_ptr, col_lsum_ptr,  # [NP, n_stats] out, added atomically
     n_rows, n_cols, cols_per_split, n_stats, self_cols, alpha, stride_r, stride_c,
-    NP: tl.constexpr, NPP: tl.constexpr, HAS_KEYS: tl.constexpr, HAS_OWNERS: tl.constexpr,
+    NP: tl.constexpr, HAS_KEYS: tl.constexpr, HAS_OWNERS: tl.constexpr,
     OWN_MASK: tl.constexpr, HARDNESS: tl.constexpr, MARGIN: tl.constexpr,
     NORMALIZE: tl.constexpr, COUNTS: tl.constexpr, COL_STATS: tl.constexpr, SELF: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -193,18 +174,23 @@ def _pass_stats_kernel(
         row_key = tl.load(row_key_ptr + rows, mask=row_ok, other=0)
     if HAS_OWNERS:
         row_owner = tl.load(row_owner_ptr + rows, mask=row_ok, other=-2)
-    row_thresh = tl.zeros([BLOCK_M, NPP], tl.float32)
-    row_norm = tl.zeros([BLOCK_M, NPP], tl.float32)
-    if MARGIN:
-        row_thresh = _load_rows(row_thresh_ptr, rows, row_ok, n_rows, NP, NPP, float("inf"))
-    if NORMALIZE:
-        row_norm = _load_rows(row_norm_ptr, rows, row_ok, n_rows, NP, NPP, 1.0)
 
-    m = tl.full([BLOCK_M, NPP], float("-inf"), tl.float32)  # running max of l * log2 e
-    l = tl.zeros([BLOCK_M, NPP], tl.float32)  # running sum of exp2(l * log2 e - m)
-    pos = tl.zeros([BLOCK_M, NPP], tl.float32)  # X at the row's target, where a tile holds it
-    count = tl.zeros([BLOCK_M, NPP], tl.float32)
-    lsum = tl.zeros([BLOCK_M, NPP], tl.float32)
+    # One running state per prefix (tuples of [BLOCK_M] vectors, unrolled): the running max m
+    # of l * log2 e, the running sum l of exp2(l * log2 e - m), X at the row's target, and the
+    # kept terms' count and logit sum.
+    none = tl.zeros([BLOCK_M], tl.float32)
+    m, l, pos, count, lsum, row_thresh, row_norm = (), (), (), (), (), (), ()
+    for p in tl.static_range(NP):
+        m = m + (tl.full([BLOCK_M], float("-inf"), tl.float32),)
+        l, pos, count, lsum = l + (none,), pos + (none,), count + (none,), lsum + (none,)
+        thresh = none
+        norm = none
+        if MARGIN:
+            thresh = tl.load(row_thresh_ptr + p * n_rows + rows, mask=row_ok, other=0.0)
+        if NORMALIZE:
+            norm = tl.load(row_norm_ptr + p * n_rows + rows, mask=row_ok, other=1.0)
+        row_thresh, row_norm = row_thresh + (thresh,), row_norm + (norm,)
+
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, n_cols)
     if SELF:  # tiles wholly left of the diagonal hold no pair j > i
@@ -224,6 +210,7 @@ def _pass_stats_kernel(
         stat_ok = col_ok & (cols < n_stats)
         dot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         k0 = 0
+        next_m, next_l, next_pos, next_count, next_lsum = (), (), (), (), ()
         for p in tl.static_range(NP):
             k1 = tl.load(dims_ptr + p)
             # The prefixes' dot products accumulate as the K-loop advances.
@@ -233,13 +220,13 @@ def _pass_stats_kernel(
             x = dot
             if NORMALIZE:
                 col_norm = tl.load(col_norm_ptr + p * n_cols + cols, mask=col_ok, other=1.0)
-                x = dot * _column(row_norm, p, NPP)[:, None] * col_norm[None, :]
+                x = dot * row_norm[p][:, None] * col_norm[None, :]
             col_thresh = x
             if MARGIN:
                 col_thresh = tl.load(col_thresh_ptr + p * n_cols + cols, mask=col_ok,
                                      other=float("inf"))  # fmt: skip
-            keep, keep_col = _kept(x, is_target, dropped, duplicate, _column(row_thresh, p, NPP),
-                                   col_thresh, HAS_KEYS, MARGIN)  # fmt: skip
+            keep, keep_col = _kept(x, is_target, dropped, duplicate, row_thresh[p], col_thresh,
+                                   HAS_KEYS, MARGIN)  # fmt: skip
             logit2 = x * scale2
             if HARDNESS != 0:  # l = (s + alpha * pen) X: the hardness term enters the softmax
                 logit2 = x * (scale2 + alpha * _LOG2E * penalised)
@@ -247,20 +234,19 @@ def _pass_stats_kernel(
             # Online logsumexp: m' = max(m, rowmax), l' = l * 2^(m - m') + rowsum(2^(s2 - m')).
             # A row that has seen only masked columns keeps m = -inf; shifting by 0 instead
             # keeps 2^(-inf - -inf) from turning into NaN.
-            m_p = _column(m, p, NPP)
-            m_new = tl.maximum(m_p, tl.max(s2, axis=1))
+            m_new = tl.maximum(m[p], tl.max(s2, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_p = _column(l, p, NPP) * tl.exp2(m_p - m_safe)
-            l_p += tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
-            m = _set_column(m, p, m_new, NPP)
-            l = _set_column(l, p, l_p, NPP)
+            l_new = l[p] * tl.exp2(m[p] - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+            next_m, next_l = next_m + (m_new,), next_l + (l_new,)
             at_target = tl.sum(tl.where(is_target & ~dropped, x, 0.0), axis=1)
-            pos = _set_column(pos, p, _column(pos, p, NPP) + at_target, NPP)
+            next_pos = next_pos + (pos[p] + at_target,)
             if COUNTS:
                 kept_count = tl.sum(tl.where(keep, 1.0, 0.0), axis=1)
-                count = _set_column(count, p, _column(count, p, NPP) + kept_count, NPP)
                 kept_sum = tl.sum(tl.where(keep, logit2, 0.0), axis=1) * _LN2
-                lsum = _set_column(lsum, p, _column(lsum, p, NPP) + kept_sum, NPP)
+                next_count = next_count + (count[p] + kept_count,)
+                next_lsum = next_lsum + (lsum[p] + kept_sum,)
+            else:
+                next_count, next_lsum = next_count + (count[p],), next_lsum + (lsum[p],)
             if COL_STATS:
                 if n0 < n_stats:
                     ref = tl.load(col_ref_ptr + p * n_stats + cols, mask=stat_ok, other=0.0)
@@ -273,15 +259,15 @@ def _pass_stats_kernel(
                                       mask=stat_ok)  # fmt: skip
                         tl.atomic_add(col_lsum_ptr + at, tl.sum(tl.where(kc, x * scale, 0.0),
                                       axis=0), mask=stat_ok)  # fmt: skip
+        m, l, pos, count, lsum = next_m, next_l, next_pos, next_count, next_lsum
 
-    prefix = tl.arange(0, NPP)
-    out = (prefix[None, :] * n_split + split) * n_rows + rows[:, None]
-    out_ok = row_ok[:, None] & (prefix < NP)[None, :]
-    tl.store(lse2_ptr + out, m + tl.log2(l), mask=out_ok)  # l = 0 gives -inf, as it should
-    tl.store(pos_ptr + out, pos * scale, mask=out_ok)
-    if COUNTS:
-        tl.store(count_ptr + out, count, mask=out_ok)
-        tl.store(lsum_ptr + out, lsum, mask=out_ok)
+    for p in tl.static_range(NP):
+        out = (p * n_split + split) * n_rows + rows
+        tl.store(lse2_ptr + out, m[p] + tl.log2(l[p]), mask=row_ok)  # l = 0 gives -inf
+        tl.store(pos_ptr + out, pos[p] * scale, mask=row_ok)
+        if COUNTS:
+            tl.store(count_ptr + out, count[p], mask=row_ok)
+            tl.store(lsum_ptr + out, lsum[p], mask=row_ok)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -305,7 +291,6 @@ def _flags(tp: TilePass) -> dict:
     n_p = tp.n_prefixes
     return dict(
         NP=n_p,
-        NPP=triton.next_power_of_2(n_p),
         HAS_KEYS=tp.row.key is not None and tp.col.key is not None,
         HAS_OWNERS=tp.row.owner is not None and tp.col.owner is not None,
         OWN_MASK=tp.own_mask,
@@ -396,7 +381,7 @@ def _pass_grad_kernel(
     g_ptr,  # [NP, r1 - r0, c1 - c0] out, input dtype: G a b / c_max per prefix
     r0, r1, c0, c1, n_rows, n_cols, n_stats, self_cols, alpha, stride_r, stride_c, stride_g,
     stride_gp,
-    NP: tl.constexpr, NPP: tl.constexpr, HAS_KEYS: tl.constexpr, HAS_OWNERS: tl.constexpr,
+    NP: tl.constexpr, HAS_KEYS: tl.constexpr, HAS_OWNERS: tl.constexpr,
     OWN_MASK: tl.constexpr, HARDNESS: tl.constexpr, MARGIN: tl.constexpr,
     NORMALIZE: tl.constexpr, COL_STATS: tl.constexpr, SELF: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

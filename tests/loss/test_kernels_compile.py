@@ -17,6 +17,7 @@ import pytest
 
 COMPILE = textwrap.dedent(
     """
+    import sys
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -26,25 +27,59 @@ COMPILE = textwrap.dedent(
     from retriever.loss import sigmoid_triton as sigmoid, tile_configs, triton_tiles as tiles
 
     target = GPUTarget("cuda", 90, 32)
+    wanted = sys.argv[1].split(",")  # which InfoNCE variants (below)
 
-    def build(fn, types, constants):
+    def build(fn, types, constants, meta=None):
         signature = {**types, **{name: "constexpr" for name in constants}}
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants), target=target)
+        options = {k: meta[k] for k in ("num_warps", "num_stages")} if meta else None
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+                       target=target, options=options)
 
+    # InfoNCE's options, one constexpr flag each: plain; the symmetric loss (column statistics,
+    # ids); every flag at one prefix (also owners, the own-group mask, hardness, the margin,
+    # counts, a self pass); Matryoshka over 5 prefixes; and every flag over 5 prefixes.
+    ALL_FLAGS = dict(HAS_KEYS=True, HAS_OWNERS=True, OWN_MASK=True, HARDNESS=1, MARGIN=True,
+                     COUNTS=True, COL_STATS=True, SELF=True)
+    VARIANTS = {
+        "plain": {},
+        "symmetric": dict(HAS_KEYS=True, COL_STATS=True),
+        "options": ALL_FLAGS,
+        "matryoshka": dict(NP=5, NORMALIZE=True),
+        "everything": dict(NP=5, NORMALIZE=True, **ALL_FLAGS),
+    }
     for torch_dtype, dtype in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
         meta = tile_configs.tile_config(torch_dtype)
         blocks = {k: v for k, v in meta.items() if k.startswith("BLOCK")}
-        common = dict(q_ptr=dtype, c_ptr=dtype, scale_ptr="*fp32")
-        build(tiles._row_lse_kernel,
-              dict(**common, labels_ptr="*i64", row_ids_ptr="*i64", col_ids_ptr="*i64",
-                   lse2_ptr="*fp32", pos_ptr="*fp32", n_rows="i32", n_cols="i32", dim="i32",
-                   cols_per_split="i32", stride_q="i32", stride_c="i32"),
-              dict(HAS_IDS=True, UPCAST=False, **blocks))
-        build(tiles._softmax_grad_kernel,
-              dict(**common, lse2_ptr="*fp32", w_ptr="*fp32", labels_ptr="*i64",
-                   row_ids_ptr="*i64", col_ids_ptr="*i64", g_ptr=dtype, n_rows="i32",
-                   n_cols="i32", dim="i32", stride_q="i32", stride_c="i32", stride_g="i32"),
-              dict(HAS_IDS=True, UPCAST=False, **blocks))
+        side = dict(dims_ptr="*i32", target_ptr="*i64", row_key_ptr="*i64",
+                    col_key_ptr="*i64", row_owner_ptr="*i64", col_owner_ptr="*i64",
+                    row_thresh_ptr="*fp32", col_thresh_ptr="*fp32", row_norm_ptr="*fp32",
+                    col_norm_ptr="*fp32")
+        common = dict(r_ptr=dtype, c_ptr=dtype, scale_ptr="*fp32", **side)
+        # fp32 changes the loads and the dot's precision only: its plain kernels suffice.
+        names = wanted if dtype == "*bf16" else [n for n in wanted if n == "plain"]
+        for name in names:
+            flags = dict(NP=1, HAS_KEYS=False, HAS_OWNERS=False, OWN_MASK=False, HARDNESS=0,
+                         MARGIN=False, NORMALIZE=False, COL_STATS=False, SELF=False,
+                         UPCAST=False, **blocks)
+            flags.update(VARIANTS[name])
+            counts = flags.pop("COUNTS", False)
+            build(tiles._pass_stats_kernel,
+                  dict(**common, col_ref_ptr="*fp32", lse2_ptr="*fp32", pos_ptr="*fp32",
+                       count_ptr="*fp32", lsum_ptr="*fp32", col_sum_ptr="*fp32",
+                       col_count_ptr="*fp32", col_lsum_ptr="*fp32", n_rows="i32",
+                       n_cols="i32", cols_per_split="i32", n_stats="i32", self_cols="i32",
+                       alpha="fp32", stride_r="i32", stride_c="i32"),
+                  dict(COUNTS=counts, **flags), meta)
+            build(tiles._pass_grad_kernel,
+                  dict(**common, row_lse_ptr="*fp32", row_p_ptr="*fp32", row_u_ptr="*fp32",
+                       row_y_ptr="*fp32", col_lse_ptr="*fp32", col_p_ptr="*fp32",
+                       col_u_ptr="*fp32", g_ptr=dtype, r0="i32", r1="i32", c0="i32",
+                       c1="i32", n_rows="i32", n_cols="i32", n_stats="i32", self_cols="i32",
+                       alpha="fp32", stride_r="i32", stride_c="i32", stride_g="i32",
+                       stride_gp="i32"),
+                  flags, meta)
+        if "plain" not in wanted:
+            continue
         build(sigmoid._sigmoid_row_kernel,
               dict(q_ptr=dtype, c_ptr=dtype, params_ptr="*fp32", labels_ptr="*i64",
                    row_ids_ptr="*i64", col_ids_ptr="*i64", out_ptr="*fp32", n_rows="i32",
@@ -57,31 +92,45 @@ COMPILE = textwrap.dedent(
                    n_rows="i32", n_cols="i32", dim="i32", stride_q="i32", stride_c="i32",
                    stride_g="i32"),
               dict(HAS_IDS=True, UPCAST=False, **blocks))
-    for kernel, types in (
-        (layer_norm._forward_kernel,
-         dict(x_ptr="*bf16", y_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", mean_ptr="*fp32",
-              rstd_ptr="*fp32", M="i32", N="i32", eps="fp32")),
-        (layer_norm._backward_kernel,
-         dict(x_ptr="*bf16", dy_ptr="*bf16", dx_ptr="*bf16", w_ptr="*bf16", mean_ptr="*fp32",
-              rstd_ptr="*fp32", dw_partial_ptr="*fp32", db_partial_ptr="*fp32", M="i32",
-              N="i32")),
-    ):
-        build(kernel, types, dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_M=8, BLOCK_N=512))
+    if "plain" in wanted:
+        for kernel, types in (
+            (layer_norm._forward_kernel,
+             dict(x_ptr="*bf16", y_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", mean_ptr="*fp32",
+                  rstd_ptr="*fp32", M="i32", N="i32", eps="fp32")),
+            (layer_norm._backward_kernel,
+             dict(x_ptr="*bf16", dy_ptr="*bf16", dx_ptr="*bf16", w_ptr="*bf16",
+                  mean_ptr="*fp32", rstd_ptr="*fp32", dw_partial_ptr="*fp32",
+                  db_partial_ptr="*fp32", M="i32", N="i32")),
+        ):
+            build(kernel, types, dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_M=8, BLOCK_N=512))
     print("compiled")
     """
 )
 
 
-def test_triton_kernels_compile_for_sm90():
+def _compile(variants: str) -> None:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run(
-        [sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", COMPILE, variants],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
     )
     if "ptxas" in done.stderr and "not found" in done.stderr:
         pytest.skip("this Triton wheel ships no ptxas")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def test_triton_kernels_compile_for_sm90():
+    _compile("plain,symmetric,matryoshka")
+
+
+@pytest.mark.slow  # every flag, on 1 and 5 prefixes: about 3 minutes of compiling on 2 cores
+def test_triton_kernels_with_every_option_compile_for_sm90():
+    _compile("options,everything")
 
 
 def test_a_tile_config_applies_within_its_block_only(monkeypatch):
