@@ -166,14 +166,6 @@ def test_triton_kernels_match_float64_reference(
     assert_matches_reference(case, 20.0, symmetric, "triton")
 
 
-def test_triton_runs_inputs_past_32_bit_offsets_in_blocks(small_tiles, monkeypatch):
-    # Real inputs reach 2^31 elements at 1M candidates x 7 negatives x D = 768; shrink the limit
-    # so that queries and candidates both split into several blocks (50 rows here).
-    monkeypatch.setattr(triton_tiles, "MAX_BLOCK_ELEMENTS", 50 * 16)
-    case = make_case(64, 7, 16, seed=8, ids=True)
-    assert_matches_reference(case, 20.0, True, "triton")
-
-
 @pytest.mark.parametrize("impl", ["naive", "torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs(small_tiles, impl, dtype):

@@ -56,6 +56,18 @@ def test_bf16_kernels_within_the_error_model():
     assert max(errors.values()) <= 1.0, errors
 
 
+def test_triton_runs_inputs_past_32_bit_offsets_in_pieces(monkeypatch):
+    # Real inputs pass 2^31 elements at 1M candidates x 7 negatives x D = 768: the sigmoid
+    # kernels' offsets are 32-bit, so larger inputs run in pieces. A limit of 50 rows makes
+    # queries and candidates both split.
+    from retriever.loss import triton_tiles
+
+    monkeypatch.setattr(triton_tiles, "MAX_BLOCK_ELEMENTS", 50 * 16)
+    q, d, labels, ids = _case(5, 64, 130, 16, True)
+    errors = _errors(q, d, labels, ids, t=7.0, b=-3.0, impl="triton")
+    assert max(errors.values()) <= 1.0, errors
+
+
 def test_a_defect_is_far_outside_the_bounds():
     """A bias off by 1e-3 (a small defect) already breaks the bounds: they can fail."""
     q, d, labels, ids = _case(2, 37, 80, 40, True)
