@@ -443,12 +443,13 @@ def _pass_grad_kernel(
                      0.0)  # fmt: skip
         g -= tl.where(is_target & ~dropped, coef_y[:, None], 0.0)
         if COL_STATS:  # the columns' softmax from the same tile: one backward sweep
-            at_c = p * n_stats + cols
-            c_lse2 = tl.load(col_lse_ptr + at_c, mask=stat_ok, other=float("inf")) * _LOG2E
-            c_p = tl.load(col_p_ptr + at_c, mask=stat_ok, other=0.0)
-            c_u = tl.load(col_u_ptr + at_c, mask=stat_ok, other=0.0)
-            col_g = c_p[None, :] * tl.exp2(x * scale2 - c_lse2[None, :]) - c_u[None, :]
-            g += tl.where(keep_col & stat_ok[None, :], col_g, 0.0)
+            if c0 + tl.program_id(1) * BLOCK_N < n_stats:  # (hard negatives' tiles have none)
+                at_c = p * n_stats + cols
+                c_lse2 = tl.load(col_lse_ptr + at_c, mask=stat_ok, other=float("inf")) * _LOG2E
+                c_p = tl.load(col_p_ptr + at_c, mask=stat_ok, other=0.0)
+                c_u = tl.load(col_u_ptr + at_c, mask=stat_ok, other=0.0)
+                col_g = c_p[None, :] * tl.exp2(x * scale2 - c_lse2[None, :]) - c_u[None, :]
+                g += tl.where(keep_col & stat_ok[None, :], col_g, 0.0)
         if NORMALIZE:
             g = g * row_norm[:, None] * col_norm[None, :]
         tl.store(g_out + p * stride_gp, g.to(g_ptr.dtype.element_ty), mask=out_ok)
