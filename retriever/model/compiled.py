@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from retriever.model.fused import unfuse
+
 MODES = ("dynamic", "static", "cudagraphs")
 RECOMPILE_LIMIT = 64  # grad / no-grad, query / document budgets, bound counts: a few graphs
 
@@ -37,8 +39,8 @@ def repeated_layers(model: nn.Module) -> nn.ModuleList:
 
 def compile_layers(model: nn.Module, mode: str) -> int:
     """Compile each layer of ``model`` in place (``mode``: one of `MODES`); returns how many.
-    Retriever's Triton LayerNorms in them become plain ``nn.LayerNorm`` again: Inductor fuses
-    the norm with its neighbours itself."""
+    Retriever's Triton LayerNorms and fused layers (`retriever.model.fused`) in them become
+    plain modules again: Inductor fuses these chains itself."""
     import torch._dynamo
 
     if mode not in MODES:
@@ -50,6 +52,7 @@ def compile_layers(model: nn.Module, mode: str) -> int:
     for module in layers.modules():
         if isinstance(module, nn.LayerNorm) and type(module).__name__ == "FusedLayerNorm":
             module.__class__ = nn.LayerNorm
+    unfuse(layers)
     options = {"dynamic": None if mode == "dynamic" else False}
     if mode == "cudagraphs":
         options["mode"] = "reduce-overhead"

@@ -104,6 +104,7 @@ class Encoder(nn.Module):
         gradient_checkpointing: bool = False,
         cudnn_attention: bool = False,
         fused_layer_norm: bool = False,
+        fused_kernels: bool = False,
         dropout: float | None = None,
         **model_kwargs: Any,
     ) -> Encoder:
@@ -116,7 +117,10 @@ class Encoder(nn.Module):
         at most the model's positions. ``cudnn_attention`` lets SDPA use cuDNN attention (see
         `retriever.model.sdpa`). ``fused_layer_norm`` runs the model's LayerNorms on large CUDA
         inputs with the Triton kernels of `retriever.model.layer_norm` (same parameters; other
-        inputs use PyTorch's). ``dropout`` sets every dropout probability of the network.
+        inputs use PyTorch's). ``fused_kernels`` gives BERT-family layers Triton kernels for
+        their work between matrix products (bias + GELU; bias + dropout + residual + LayerNorm:
+        `retriever.model.fused`; same parameters; small and CPU inputs take the layers' own
+        path). ``dropout`` sets every dropout probability of the network.
         ``truncate_dim`` keeps the first k dimensions of each embedding (a Matryoshka prefix),
         normalised after the cut when ``normalize``. For decoder LLMs (`retriever.model.decoder`)
         the default pooling is ``last``; ``append_eos`` makes the tokenizer end every text with
@@ -133,7 +137,8 @@ class Encoder(nn.Module):
             model_kwargs[_dtype_argument()] = torch_dtype
         model = AutoModel.from_pretrained(model_path, **model_kwargs)
         tokenizer = _load_tokenizer(model_path, padding_side, append_eos)
-        adapt_network(model, gradient_checkpointing, dropout, fused_layer_norm, cudnn_attention)
+        adapt_network(model, gradient_checkpointing, dropout, fused_layer_norm, cudnn_attention,
+                      fused_kernels)  # fmt: skip
         overrides = dict(
             pooling=pooling,
             normalize=normalize,
@@ -331,6 +336,7 @@ def adapt_network(
     dropout: float | None,
     fused_layer_norm: bool,
     cudnn_attention: bool,
+    fused_kernels: bool = False,
 ) -> None:
     """What loading with these options does to a network (also to one a script passes)."""
     if gradient_checkpointing:
@@ -341,6 +347,10 @@ def adapt_network(
         from retriever.model.layer_norm import use_fused_layer_norm
 
         use_fused_layer_norm(model)
+    if fused_kernels:
+        from retriever.model.fused import use_fused_kernels
+
+        use_fused_kernels(model)
 
 
 def _settings_for(config: Any, st: dict | None, overrides: dict[str, Any]) -> EncoderSettings:

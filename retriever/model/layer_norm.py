@@ -30,8 +30,6 @@ stay within few warps, where 8 warps, one per row, made the kernel 4-5x slower (
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -39,6 +37,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from retriever.loss.triton_mode import interpreting
+from retriever.model.kernel_grid import reduction_programs, row_block
 
 # Elements per [BLOCK_M, BLOCK_N] tile, warps per program, and backward programs per SM: from
 # a sweep on an H100 with N = 384 (scripts/bench_layer_norm.py --sweep; docs/benchmarks.md).
@@ -148,11 +147,6 @@ def _block_m(tile: int, block_n: int) -> int:
     return max(1, tile // block_n)
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 class LayerNormFunction(torch.autograd.Function):
     """y = layer_norm(x, [x.shape[-1]], weight, bias, eps) with the kernels above.
 
@@ -187,12 +181,8 @@ class LayerNormFunction(torch.autograd.Function):
         dy2 = dy.reshape(m, n).contiguous()
         dx = torch.empty_like(x2)
         block_n = triton.next_power_of_2(n)
-        block_m = _block_m(BACKWARD_TILE, block_n)
-        if x2.is_cuda:
-            programs = min(triton.cdiv(m, block_m), _sm_count(x2.device) * BACKWARD_PROGRAMS_PER_SM)
-        else:  # the interpreter: small blocks and 3 programs, so that tests walk partial blocks
-            block_m = 4  # and several blocks per program
-            programs = min(triton.cdiv(m, block_m), 3)
+        block_m = row_block(BACKWARD_TILE, block_n, x2.device)
+        programs = reduction_programs(triton.cdiv(m, block_m), x2.device, BACKWARD_PROGRAMS_PER_SM)
         has_weight = weight is not None
         # dw's and db's partial sums in one buffer, so one torch sum finishes both.
         partial = torch.empty(2, programs, n, dtype=torch.float32, device=x2.device)

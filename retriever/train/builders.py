@@ -142,12 +142,13 @@ def _settings_options(m: Any) -> dict[str, Any]:
 
 def _network_options(m: Any) -> dict[str, Any]:
     """What the model options do to the network once it is loaded."""
-    fused = torch.cuda.is_available() if m.fused_layer_norm is None else m.fused_layer_norm
+    gpu = torch.cuda.is_available()
     return dict(
         gradient_checkpointing=m.gradient_checkpointing,
         dropout=m.dropout,
-        fused_layer_norm=fused,
+        fused_layer_norm=gpu if m.fused_layer_norm is None else m.fused_layer_norm,
         cudnn_attention=m.cudnn_attention,
+        fused_kernels=gpu if m.fused_kernels is None else m.fused_kernels,
     )
 
 
@@ -489,11 +490,12 @@ def _record_stream(source: Any) -> Any:
     from retriever.data.examples import DataError, detect_format
     from retriever.data.inputs import RecordStream
 
+    limit = source.max_examples
     if source.data is not None:
-        return RecordStream(source.data, source.path)
+        return RecordStream(source.data, source.path, limit=limit)
     kind = detect_format(source.path) if source.format == "auto" else source.format
     if kind == "jsonl":
-        return RecordStream.jsonl(source.path)
+        return RecordStream.jsonl(source.path, limit)
     if kind != "datasets":
         raise DataError(f"{source.path}: a {kind} source is read whole: set streaming: false")
     import datasets
@@ -504,7 +506,7 @@ def _record_stream(source: Any) -> Any:
         raise DataError(
             f"{source.path}: cannot be streamed as a Hub dataset ({type(exc).__name__}: {exc})"
         ) from None
-    return RecordStream(loaded, source.path)
+    return RecordStream(loaded, source.path, limit=limit)
 
 
 def _prefix(own: str | None, model: str) -> str:

@@ -89,6 +89,14 @@ class ModelArguments:
         "Run the model's LayerNorms with retriever's Triton kernels (forward and backward "
         "fused; same parameters and results); null: on when a CUDA GPU is present.",
     )
+    fused_kernels: bool | None = _opt(
+        None,
+        "Run BERT-family layers' work between matrix products with retriever's Triton "
+        "kernels (bias + GELU; bias + dropout + residual + LayerNorm, forward and backward, "
+        "the dropout mask drawn in the kernel and replayed by the embedding cache; same "
+        "parameters); other layers and small inputs keep their own path. null: on when a CUDA "
+        "GPU is present.",
+    )
     padding_free: bool | None = _opt(
         None,
         "Embed each chunk's texts as one token stream without padding (training.chunk_tokens "
