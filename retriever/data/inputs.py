@@ -52,10 +52,13 @@ class RecordStream:
     :meth:`shard` keeps one process's part of it (``split_dataset_by_node`` for a
     ``datasets.IterableDataset``; every ``world``-th record otherwise)."""
 
-    def __init__(self, data: Any, name: str, rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, data: Any, name: str, rank: int = 0, world: int = 1, limit: int | None = None
+    ) -> None:
+        """``limit``: read only the first records of the stream (before it is sharded)."""
         if isinstance(data, RecordStream):
-            data, name = data.data, data.name
-        self.data, self.name, self.rank, self.world = data, name, rank, world
+            data, name, limit = data.data, data.name, data.limit if limit is None else limit
+        self.data, self.name, self.rank, self.world, self.limit = data, name, rank, world, limit
         if isinstance(data, Iterator):  # a generator object: read once, never again
             raise DataError(
                 f"{name}: a generator (or other iterator) can be read only once, but the "
@@ -68,22 +71,24 @@ class RecordStream:
             raise DataError(f"{name}: expected a stream of records, got {type(data).__name__}")
 
     @classmethod
-    def jsonl(cls, path: str) -> RecordStream:
+    def jsonl(cls, path: str, limit: int | None = None) -> RecordStream:
         """A JSONL(.gz) file, line by line (its lines are named in errors)."""
-        return cls(_JsonlFile(path), path)
+        return cls(_JsonlFile(path), path, limit=limit)
 
     def shard(self, rank: int, world: int) -> RecordStream:
         data = self.data
         if world > 1 and _is_datasets(data, "IterableDataset"):
             from datasets.distributed import split_dataset_by_node
 
+            if self.limit is not None:
+                data = data.take(self.limit)
             data = split_dataset_by_node(data, rank=rank, world_size=world)
             return _Sharded(data, self.name, rank, world)
-        return RecordStream(data, self.name, rank, world)
+        return RecordStream(data, self.name, rank, world, self.limit)
 
     def epoch(self, epoch: int) -> Iterator[Record]:
         """The records of ``epoch`` (this process's share of them)."""
-        records = self._records(epoch)
+        records = itertools.islice(self._records(epoch), self.limit)
         if self.world > 1:
             records = itertools.islice(records, self.rank, None, self.world)
         return records
@@ -114,7 +119,7 @@ class RecordStream:
 
 
 class _Sharded(RecordStream):
-    """A ``datasets.IterableDataset`` already split by ``split_dataset_by_node``."""
+    """A ``datasets.IterableDataset`` already cut and split by ``split_dataset_by_node``."""
 
     def epoch(self, epoch: int) -> Iterator[Record]:
         return self._records(epoch)

@@ -83,14 +83,17 @@ class StepBatches(torch.utils.data.IterableDataset):
     def __init__(self, streams: list[Stream], steps: int, rank: int = 0, world: int = 1) -> None:
         self.streams, self.steps, self.rank, self.world = streams, steps, rank, world
 
-    def __iter__(self) -> Iterator[list[Part]]:
+    def __iter__(self) -> Iterator[list[Part] | DataProblem]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         plans = [stream_plan(stream) for stream in self.streams]
-        for step in range(self.steps):
-            items = [next(plan) for plan in plans]  # every worker walks every plan
-            if step % workers == worker:
-                yield [self._part(s, *item) for s, item in zip(self.streams, items)]
+        try:
+            for step in range(self.steps):
+                items = [next(plan) for plan in plans]  # every worker walks every plan
+                if step % workers == worker:
+                    yield [self._part(s, *item) for s, item in zip(self.streams, items)]
+        except DataError as exc:  # a bad streamed line: its message, not a worker's traceback
+            yield DataProblem(str(exc))
 
     def _part(self, stream: Stream, epoch: int, index: int, batch: Any) -> Part:
         if getattr(stream.dataset, "streaming", False):  # already this process's examples
@@ -100,6 +103,22 @@ class StepBatches(torch.utils.data.IterableDataset):
         collated.scores = stream.dataset.scores_of(epoch, local)
         collated.example_indices = torch.as_tensor(local, dtype=torch.int64)
         return Part(epoch, index, collated)
+
+
+@dataclass(frozen=True)
+class DataProblem:
+    """Bad data met in a DataLoader worker, handed over as an item: the DataLoader would raise
+    it in the training process with the worker's traceback folded into its message."""
+
+    message: str
+
+
+def steps_of(loader: torch.utils.data.DataLoader) -> Iterator[list[Part]]:
+    """The loader's items; bad data found while loading them stops the run with its message."""
+    for item in loader:
+        if isinstance(item, DataProblem):
+            raise DataError(item.message)
+        yield item
 
 
 def run_loader(

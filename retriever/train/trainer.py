@@ -57,7 +57,7 @@ from retriever.train.checkpoints import save_checkpoint, save_final
 from retriever.train.chunk_sizes import plan_checked
 from retriever.train.config import ConfigError, TrainConfig
 from retriever.train.config_checks import validate
-from retriever.train.loader import Part, Position, StepBatches, Stream, run_loader
+from retriever.train.loader import Part, Position, StepBatches, Stream, run_loader, steps_of
 from retriever.train.model_card import model_card, push_final
 from retriever.train.resume import load_checkpoint, plan_run_directory, saved_chunk_sizes
 from retriever.train.run_directory import (
@@ -390,7 +390,7 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.callbacks.train_begin(state.step, self.encoder)
         while state.step < self.total_steps and self.stopped is None:
-            batches = iter(self._loader())
+            batches = steps_of(self._loader())
             while True:
                 waited = time.perf_counter()
                 item = next(batches, None)

@@ -190,3 +190,37 @@ def test_two_processes_each_read_their_shard_once_per_epoch(files, tmp_path):
     assert not set(per_rank[0]) & set(per_rank[1])
     positives = [json.loads(line)["pos"] for line in files["data"].read_text().splitlines()]
     assert sorted(per_rank[0] + per_rank[1]) == sorted(text_id(p) for p in positives)
+
+
+def test_a_bad_line_met_by_a_loader_worker_is_named_without_a_traceback(files, tmp_path, capsys):
+    """Lines past the first 1,000 are read only by the workers, as training goes."""
+    import argparse
+
+    from retriever.train.cli import add_arguments, run
+
+    lines = [
+        json.dumps({"query": f"question {i}", "pos": f"answer {i}" if i != 1500 else 5})
+        for i in range(2000)
+    ]
+    data = tmp_path / "late.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    values = config_values(files, tmp_path / "run", max_steps=30, save_steps=None)
+    values["data"].update(train=str(data), negatives=0)
+    values["training"]["batch_size"] = 64
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(values))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args([str(config)])) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:1501: 'pos' must be a string or a list of strings" in err
+    assert "Traceback" not in err
+
+
+def test_max_examples_cuts_the_stream_before_its_shards(tmp_path):
+    records = [{"query": f"q{i}", "pos": f"p{i}"} for i in range(40)]
+    stream = RecordStream(lambda: iter(records), "rows", limit=10)
+    assert [w for w, _ in stream.epoch(0)] == [f"rows row {n}" for n in range(1, 11)]
+    halves = [[w for w, _ in stream.shard(rank, 2).epoch(0)] for rank in (0, 1)]
+    assert halves == [[f"rows row {n}" for n in (1, 3, 5, 7, 9)],
+                      [f"rows row {n}" for n in (2, 4, 6, 8, 10)]]  # fmt: skip
