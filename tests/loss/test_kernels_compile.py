@@ -1,5 +1,5 @@
-"""The Triton kernels (InfoNCE's, the sigmoid loss's, the LayerNorm's) compile for a Hopper
-GPU, on a machine without one.
+"""The Triton kernels (InfoNCE's, the sigmoid loss's, the LayerNorm's, the fused layers')
+compile for a Hopper GPU, on a machine without one.
 
 CI runs the kernels in Triton's interpreter, which executes their Python and so accepts things
 the GPU compiler refuses (a global that is not a ``tl.constexpr`` instance, say). This test asks
@@ -56,7 +56,7 @@ COMPILE = textwrap.dedent(
                     col_norm_ptr="*fp32")
         common = dict(r_ptr=dtype, c_ptr=dtype, scale_ptr="*fp32", **side)
         # fp32 changes the loads and the dot's precision only: its plain kernels suffice.
-        names = wanted if dtype == "*bf16" else [n for n in wanted if n == "plain"]
+        names = [n for n in wanted if n in VARIANTS and (dtype == "*bf16" or n == "plain")]
         for name in names:
             flags = dict(NP=1, HAS_KEYS=False, HAS_OWNERS=False, OWN_MASK=False, HARDNESS=0,
                          MARGIN=False, NORMALIZE=False, COL_STATS=False, SELF=False,
@@ -103,6 +103,35 @@ COMPILE = textwrap.dedent(
                   db_partial_ptr="*fp32", M="i32", N="i32")),
         ):
             build(kernel, types, dict(HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_M=8, BLOCK_N=512))
+    if "layers" in wanted:  # the fused layer kernels: a bf16 network, and autocast's dtypes
+        from retriever.model import bias_gelu as gelu, residual_norm as norm
+
+        for act, par in (("*bf16", "*bf16"), ("*fp32", "*fp32")):  # residual / parameters
+            blocks = dict(BLOCK_M=gelu.FORWARD_TILE // gelu.BLOCK_N, BLOCK_N=gelu.BLOCK_N)
+            warps = dict(num_warps=gelu.FORWARD_WARPS, num_stages=3)
+            build(gelu._forward_kernel, dict(y_ptr="*bf16", b_ptr=par, out_ptr="*bf16",
+                                             M="i32", N="i32"), blocks, warps)
+            build(gelu._backward_kernel, dict(dout_ptr="*bf16", y_ptr="*bf16", b_ptr=par,
+                                              dy_ptr="*bf16", partial_ptr="*fp32", M="i32",
+                                              N="i32"), blocks, warps)
+            blocks = dict(BLOCK_M=norm.FORWARD_TILE // 512, BLOCK_N=512)
+            weights = dict(b_ptr=par, w_ptr=par)
+            for dropout in (False, True):
+                build(norm._forward_kernel,
+                      dict(y_ptr="*bf16", r_ptr=act, **weights, beta_ptr=par, out_ptr=act,
+                           mean_ptr="*fp32", rstd_ptr="*fp32", seed_ptr="*i64", M="i32",
+                           N="i32", eps="fp32", p="fp32", scale="fp32"),
+                      dict(DROPOUT=dropout, **blocks),
+                      dict(num_warps=norm.FORWARD_WARPS, num_stages=3))
+                build(norm._backward_kernel,
+                      dict(dout_ptr=act, y_ptr="*bf16", r_ptr=act, **weights,
+                           mean_ptr="*fp32", rstd_ptr="*fp32", seed_ptr="*i64", dr_ptr=act,
+                           dy_ptr="*bf16", partial_ptr="*fp32", M="i32", N="i32", p="fp32",
+                           scale="fp32"),
+                      dict(DROPOUT=dropout, WRITE_DY=dropout or act != "*bf16", **blocks),
+                      dict(num_warps=norm.BACKWARD_WARPS, num_stages=3))
+        build(norm._mask_kernel, dict(seed_ptr="*i64", keep_ptr="*i8", M="i32", N="i32",
+                                      p="fp32"), dict(BLOCK_M=8, BLOCK_N=512))
     print("compiled")
     """
 )
@@ -126,6 +155,10 @@ def _compile(variants: str) -> None:
 
 def test_triton_kernels_compile_for_sm90():
     _compile("plain,symmetric,matryoshka")
+
+
+def test_fused_layer_kernels_compile_for_sm90():
+    _compile("layers")
 
 
 @pytest.mark.slow  # every flag, on 1 and 5 prefixes: about 3 minutes of compiling on 2 cores
