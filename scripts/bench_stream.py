@@ -111,6 +111,7 @@ class MemorySampler(threading.Thread):
 
 def train(args: argparse.Namespace) -> None:
     from retriever import TrainConfig, Trainer
+    from retriever.train.config import set_option
 
     device = "cpu" if args.cpu else "cuda"
     results = Results(args.output, {k: str(v) for k, v in vars(args).items()}, device, key="steps")
@@ -128,6 +129,8 @@ def train(args: argparse.Namespace) -> None:
                      "chunk_size": args.chunk, "max_steps": args.steps, "logging_steps": 1,
                      "cpu": args.cpu, "save_checkpoints": False},
     })  # fmt: skip
+    for key, raw in (item.split("=", 1) for item in args.set):  # e.g. model.fused_kernels=false
+        set_option(config, key, raw, "--set")
     sampler = MemorySampler()
     steps: list[dict] = []
     trainer = Trainer(config)
@@ -194,6 +197,7 @@ def main() -> int:
     t.add_argument("--cpu", action="store_true")
     t.add_argument("--tiny", action="store_true")
     t.add_argument("--padded", action="store_true", help="model.padding_free: false")
+    t.add_argument("--set", nargs="*", default=[], metavar="SECTION.OPTION=VALUE")
     t.add_argument(
         "--read-only", action="store_true", help="the loader alone: every batch, no model"
     )
