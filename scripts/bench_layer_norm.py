@@ -1,4 +1,5 @@
-"""Time retriever's Triton LayerNorm (retriever.model.layer_norm) against PyTorch's on one GPU.
+"""Time retriever's Triton LayerNorm (retriever.model.layer_norm) against PyTorch's on one GPU;
+with --layers, the fused layer kernels (retriever.model.fused) against the eager modules.
 
 For each shape and dtype: forward time, and forward + backward time (weight and bias gradients
 included), each the median of triton.testing.do_bench, plus the largest difference from a float64
@@ -8,6 +9,13 @@ counts (the module constants) so the defaults can be checked.
 
     python scripts/bench_layer_norm.py --output bench_layer_norm.json
     python scripts/bench_layer_norm.py --sweep --shapes 65536x384
+    python scripts/bench_layer_norm.py --layers --output pack_kernels.json
+
+--layers: on [tokens, hidden] bf16 (default one packed chunk of 65,536
+tokens, MiniLM's widths 384 / 1536), each kernel's errors against float64 next to the eager
+bf16 ops' errors (the same dropout mask, drawn again from the kernel's seed), and the times of
+BERT's three modules (SelfOutput, Intermediate, Output; GEMMs included) eager and fused, forward
+and forward + backward, with the kernels' own times and bandwidth.
 """
 
 from __future__ import annotations
@@ -147,6 +155,191 @@ def torch_layer_norm(x, w, b):
     return F.layer_norm(x, x.shape[-1:], w, b, 1e-5)
 
 
+# --- the fused layer kernels (--layers) ------------------------------------------------------
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| (float64)."""
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-300)).item()
+
+
+def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.detach().requires_grad_() for t in tensors]
+
+
+def _random(device: str, dtype: torch.dtype, seed: int):
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        return (torch.randn(*shape, device=device, generator=g) * scale + shift).to(dtype)
+
+    return rand
+
+
+def check_residual_norm(tokens: int, hidden: int, dtype: torch.dtype, p: float,
+                        device: str = "cuda") -> dict:  # fmt: skip
+    """bias + dropout + residual + LayerNorm: the kernels' output and gradients against float64,
+    beside the eager ops in ``dtype`` (bias add, dropout with the kernel's mask, residual add,
+    LayerNorm), relative errors; and the mask's share kept."""
+    from retriever.model.residual_norm import draw_seed, dropout_mask, residual_layer_norm
+
+    rand = _random(device, dtype, 1)
+    y, r = rand(tokens, hidden, scale=2.0, shift=0.5), rand(tokens, hidden, scale=1.5)
+    b, w, beta = rand(hidden, scale=0.1), rand(hidden, scale=0.1, shift=1.0), rand(hidden)
+    dout = rand(tokens, hidden)
+    torch.manual_seed(3)
+    keep = dropout_mask(draw_seed(y.device), tokens, hidden, p) if p > 0 else None
+    torch.manual_seed(3)  # the call draws the same seed
+    leaves = _leaves(y, b, r, w, beta)
+    out = residual_layer_norm(*leaves, 1e-12, p)  # MiniLM's eps
+    out.backward(dout)
+    values = {"fused": [out.detach()] + [t.grad for t in leaves]}
+    for label, cast in (("float64", torch.float64), ("eager", dtype)):
+        ref = _leaves(*(t.to(cast) for t in (y, b, r, w, beta)))
+        z = ref[0] + ref[1]
+        if keep is not None:
+            z = torch.where(keep, z / (1 - p), 0.0).to(cast)
+        out = F.layer_norm(z + ref[2], (hidden,), ref[3], ref[4], 1e-12)
+        out.backward(dout.to(cast))
+        values[label] = [out.detach()] + [t.grad for t in ref]
+    record = {"op": "residual_norm", "shape": [tokens, hidden], "dtype": str(dtype), "dropout": p,
+              **errors(values, ("out", "dy", "db", "dr", "dw", "dbeta"))}  # fmt: skip
+    if keep is not None:
+        record["kept"] = keep.float().mean().item()
+        record["dy_zero_where_dropped"] = bool((leaves[0].grad[~keep] == 0).all())
+    return record
+
+
+def errors(values: dict[str, list[torch.Tensor]], names: tuple[str, ...]) -> dict[str, dict]:
+    """Relative errors of the fused and eager values against the float64 ones, by name."""
+    want = values["float64"]
+    return {f"{label}_error": {n: relative_error(v, w)
+                               for n, v, w in zip(names, values[label], want)}
+            for label in ("fused", "eager")}  # fmt: skip
+
+
+def check_bias_gelu(tokens: int, width: int, dtype: torch.dtype, device: str = "cuda") -> dict:
+    """bias + GELU against float64, beside the eager ops in ``dtype``, relative errors."""
+    from retriever.model.bias_gelu import bias_gelu
+
+    rand = _random(device, dtype, 2)
+    y, b, dout = rand(tokens, width, scale=2.0), rand(width, scale=0.5), rand(tokens, width)
+    values = {}
+    for label, cast in (("float64", torch.float64), ("eager", dtype), ("fused", None)):
+        leaves = _leaves(y.to(cast or dtype), b.to(cast or dtype))
+        out = bias_gelu(*leaves) if cast is None else F.gelu(leaves[0] + leaves[1])
+        out.backward(dout.to(out.dtype))
+        values[label] = [out.detach()] + [t.grad for t in leaves]
+    return {"op": "bias_gelu", "shape": [tokens, width], "dtype": str(dtype),
+            **errors(values, ("out", "dy", "db"))}  # fmt: skip
+
+
+def time_modules(tokens: int, hidden: int, intermediate: int, dtype: torch.dtype,
+                 p: float) -> list[dict]:  # fmt: skip
+    """BERT's SelfOutput, Intermediate and Output modules (train mode, dropout ``p``), eager and
+    fused (`use_fused_kernels`), forward without gradients and forward + backward."""
+    import copy
+
+    from transformers import BertConfig
+    from transformers.models.bert import modeling_bert as bert
+
+    from retriever.model.fused import use_fused_kernels
+
+    config = BertConfig(hidden_size=hidden, intermediate_size=intermediate, hidden_act="gelu",
+                        hidden_dropout_prob=p)  # fmt: skip
+    rows = []
+    for name, cls, width in (("self_output", bert.BertSelfOutput, hidden),
+                             ("intermediate", bert.BertIntermediate, hidden),
+                             ("output", bert.BertOutput, intermediate)):  # fmt: skip
+        eager = cls(config).to("cuda", dtype).train()
+        fused = copy.deepcopy(eager)
+        assert use_fused_kernels(fused) == 1, name
+        h = torch.randn(tokens, width, device="cuda", dtype=dtype, requires_grad=True)
+        args = [h]
+        if name != "intermediate":
+            args.append(torch.randn(tokens, hidden, device="cuda", dtype=dtype,
+                                    requires_grad=True))  # fmt: skip
+        out_width = intermediate if name == "intermediate" else hidden
+        dout = torch.randn(tokens, out_width, device="cuda", dtype=dtype)
+        row: dict = {"module": name, "tokens": tokens, "dtype": str(dtype), "dropout": p}
+        for label, module in (("eager", eager), ("fused", fused)):
+            row[label] = time_call(module, args, dout)
+        for key in ("forward_ms", "forward_backward_ms"):
+            row[f"speedup_{key[:-3]}"] = row["eager"][key] / row["fused"][key]
+        rows.append(row)
+    return rows
+
+
+def time_call(module, args: list[torch.Tensor], dout: torch.Tensor) -> dict[str, float]:
+    def forward():
+        with torch.no_grad():
+            module(*args)
+
+    def forward_backward():
+        for t in args:
+            t.grad = None
+        module(*args).backward(dout)
+
+    def bench(fn):
+        return do_bench(fn, warmup=25, rep=150, return_mode="median")
+
+    return {"forward_ms": bench(forward), "forward_backward_ms": bench(forward_backward)}
+
+
+def time_kernels(tokens: int, hidden: int, intermediate: int, p: float) -> list[dict]:
+    """The fused kernels alone (bf16, forward and forward + backward), with the bandwidth their
+    fewest bytes give (each input read once, each output written once)."""
+    from retriever.model.bias_gelu import bias_gelu
+    from retriever.model.residual_norm import residual_layer_norm
+
+    rand = _random("cuda", torch.bfloat16, 4)
+    y, r, b, w, beta = (rand(tokens, hidden), rand(tokens, hidden), rand(hidden),
+                        rand(hidden, shift=1.0), rand(hidden))  # fmt: skip
+    wide, wide_b = rand(tokens, intermediate), rand(intermediate)
+    cases = [
+        # forward reads y and r, writes out; backward reads dout, y, r, writes dr (and dy)
+        ("residual_norm", lambda y, r: residual_layer_norm(y, b, r, w, beta, 1e-12, p),
+         [y, r], 3, 5 if p > 0 else 4, hidden),
+        ("bias_gelu", lambda y: bias_gelu(y, wide_b), [wide], 2, 3, intermediate),
+    ]  # fmt: skip
+    rows = []
+    for name, call, args, forward_tensors, backward_tensors, width in cases:
+        args = _leaves(*args)
+        times = time_call(call, args, rand(tokens, width))
+        size = tokens * width * 2  # bytes of one bf16 tensor
+        gbps = {"forward_gb_s": forward_tensors * size / times["forward_ms"] / 1e6,
+                "forward_backward_gb_s": (forward_tensors + backward_tensors) * size
+                / times["forward_backward_ms"] / 1e6}  # fmt: skip
+        rows.append({"kernel": name, "shape": [tokens, width], "dropout": p, **times, **gbps})
+    return rows
+
+
+def run_layers(args) -> int:
+    """--layers: the checks, then the module and kernel times, each record written as it comes
+    (on a CPU, under TRITON_INTERPRET=1, the checks only: a smoke test of the script)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = Results(args.output, vars(args), device, fields={"torch": torch.__version__})
+    t, hidden, intermediate = args.tokens, 384, 1536
+    cases = [lambda: check_residual_norm(t, hidden, torch.bfloat16, 0.0, device),
+             lambda: check_residual_norm(t, hidden, torch.bfloat16, 0.1, device),
+             lambda: check_residual_norm(t, 768, torch.float32, 0.1, device),
+             lambda: check_bias_gelu(t, intermediate, torch.bfloat16, device),
+             lambda: check_bias_gelu(t, 3072, torch.float32, device)]  # fmt: skip
+    for case in cases:
+        record: dict = {"table": "check"}
+        with results.case(record, device):
+            record.update(case())
+    if device != "cuda":
+        return 0
+    for p in (0.1, 0.0):
+        for row in time_modules(t, hidden, intermediate, torch.bfloat16, p):
+            results.add({"table": "modules", **row})
+        for row in time_kernels(t, hidden, intermediate, p):
+            results.add({"table": "kernels", **row})
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -162,8 +355,13 @@ def main() -> int:
     parser.add_argument(
         "--profile", action="store_true", help="print the kernels of 20 forward + backward calls"
     )
+    parser.add_argument("--layers", action="store_true",
+                        help="the fused layer kernels instead (see above)")  # fmt: skip
+    parser.add_argument("--tokens", type=int, default=65536, help="--layers: rows")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    if args.layers:
+        return run_layers(args)
     if not torch.cuda.is_available():
         sys.exit("bench_layer_norm.py needs a CUDA GPU")
 

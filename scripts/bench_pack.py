@@ -9,19 +9,21 @@ of --budget seconds, the skip recorded):
             without attention dropout; the measured bf16 GEMM rate (MFU's denominator); MiniLM
             embeddings packed vs padded in bf16, text by text
   variants  MiniLM step at --variant-batch: padded (today's length-sorted chunks) vs packed
-            eager vs packed compiled (--compile-modes: torch.compile of the layers, dynamic /
-            static / cudagraphs); with each compiled mode, the cached gradient against the
-            direct one with dropout on (the RNG replay under Inductor). The fastest exact
-            packed setting serves the tables after it.
-  minilm    MiniLM step at --batch with --negatives: packed vs padded vs sentence-transformers'
-            CMNRL at its fastest settings here (mini_batch_size --chunk-size, and
-            mini_batch_num_tokens when the installed version has it; its padding-free path needs
-            flash-attn, which is reported when absent)
-  profile   GPU time of one step by kernel category (matrix products, attention, LayerNorm,
-            elementwise and reductions, loss, other): padded eager (before) and the packed
-            setting (after), at --profile-batch
+            eager vs packed with the fused layer kernels (`fused`: retriever.model.fused) vs
+            packed compiled (--compile-modes: torch.compile of the layers, dynamic / static /
+            cudagraphs); with each packed setting, the cached gradient against the direct one
+            with dropout on (the RNG replay: the kernels' seeds, Inductor's philox). The
+            fastest exact packed setting serves the tables after it.
+  minilm    MiniLM step at --batch with --negatives: packed (each of --minilm-modes: eager,
+            fused) vs padded vs sentence-transformers' CMNRL at its fastest settings here
+            (mini_batch_size --chunk-size, and mini_batch_num_tokens when the installed version
+            has it; its padding-free path needs flash-attn, which is reported when absent)
+  profile   GPU time of one step by kernel category (matrix products, attention, the fused
+            layer kernels, LayerNorm, elementwise and reductions, loss, other) of each of
+            --profile-peers (padded; packed settings), at --profile-batch
   e2e       `retriever train` end to end (scripts/bench_e2e.py's case, in its own process),
             packed, at --batch: queries/s over the steps after the first, against the step
+            (model.fused_kernels at its default: on with a GPU)
   bert      a BERT-base-sized encoder (BertConfig, random weights, 110M) at --bert-batches:
             packed vs CMNRL
   qwen      a Qwen2-0.5B-sized decoder (random, bench_decoders.py's) with LoRA at
@@ -67,20 +69,29 @@ BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
 # --- peers ----------------------------------------------------------------------------------
 
 
+EAGER_MODES = ("off", "fused")  # packed settings that compile nothing
+
+
 class PackedPeer(RetrieverPeer):
     """The trainer's step on padding-free chunks of ``tokens`` real tokens (bf16 network, fp32
-    master gradients, as model.dtype: bfloat16), its layers compiled as ``mode`` says."""
+    master gradients, as model.dtype: bfloat16): ``mode`` off (eager, Triton LayerNorm), fused
+    (the fused layer kernels too, as model.fused_kernels), or a compile mode."""
 
     def __init__(self, model_path: str, args: argparse.Namespace, mode: str, **kwargs: Any):
+        layer_norm = mode in EAGER_MODES and args.device == "cuda"
         super().__init__(model_path, args, bf16_weights=True, sort=True,
-                         fused_layer_norm=mode == "off" and args.device == "cuda")  # fmt: skip
+                         fused_layer_norm=layer_norm)  # fmt: skip
         self.set_up(args, mode)
 
     def set_up(self, args: argparse.Namespace, mode: str) -> None:
         problem = self.encoder.use_padding_free()
         if problem:
             raise RuntimeError(f"cannot run packed: {problem}")
-        if mode != "off":
+        if mode == "fused":
+            from retriever.model.fused import use_fused_kernels
+
+            self.fused_modules = use_fused_kernels(self.encoder.model)
+        elif mode != "off":
             from retriever.model.compiled import compile_layers
 
             compile_layers(self.encoder.model, mode)
@@ -170,6 +181,7 @@ CATEGORIES = (  # first match wins; names as torch.profiler reports CUDA kernels
     # them as matrix products; docs/benchmarks.md separates them from its top kernels).
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("matrix products", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "wgmma", "splitk")),
+    ("fused layer kernels", ("_residual_norm", "_bias_gelu")),  # retriever.model.fused
     ("layernorm", ("layer_norm", "layernorm", "_forward_kernel", "_backward_kernel")),
     ("loss", ("_row_lse", "_softmax_grad", "tile", "lse")),
     ("elementwise and reductions", ("elementwise", "vectorized", "reduce", "triton_", "copy",
@@ -295,9 +307,15 @@ def table_checks(run: Run) -> None:
         if problem:
             raise RuntimeError(problem)
         packed = encoder(stream.features(a.device)).float()
+        from retriever.model.fused import use_fused_kernels
+
+        record["fused_modules"] = use_fused_kernels(encoder.model)
+        fused = encoder(stream.features(a.device)).float()
     cosine = (padded * packed).sum(-1)  # both unit length
     record.update(texts=len(rows), min_cosine_packed_vs_padded=float(cosine.min()),
                   max_abs_difference=float((padded - packed).abs().max()),
+                  max_abs_difference_fused_vs_packed=float((fused - packed).abs().max()),
+                  max_abs_difference_fused_vs_padded=float((fused - padded).abs().max()),
                   dtype=str(next(encoder.parameters()).dtype))  # fmt: skip
     run.add("checks", record)
     del encoder
@@ -350,7 +368,7 @@ def table_variants(run: Run) -> None:
     del padded
     free(a.device)
     best_rate = 0.0
-    for mode in ["off", *a.compile_modes]:
+    for mode in [*EAGER_MODES, *a.compile_modes]:
         if run.best is not None and run.left() < a.compile_reserve:
             run.add("variants", {"peer": f"packed-{mode}", "status": "skipped (time)"})
             continue
@@ -393,11 +411,25 @@ def large_mode(run: Run) -> str:
     return best_peer(run).mode if mode == "best" else mode
 
 
+def packed_peers(run: Run, modes: list[str]):
+    """The packed peer of each of ``modes`` (the variants table's best where it is one of them),
+    one at a time."""
+    for mode in modes:
+        best = run.best is not None and run.best.mode == mode
+        peer = run.best if best else PackedPeer(run.model, run.args, mode)
+        yield peer
+        if not best:
+            del peer
+            free(run.args.device)
+
+
 def table_minilm(run: Run) -> None:
     a = run.args
-    packed = best_peer(run)
-    for negatives in a.negatives:
-        run.step_case("minilm", packed, f"packed-{packed.mode}", a.batch, negatives)
+    for packed in packed_peers(run, a.minilm_modes):
+        for negatives in a.negatives:
+            record = run.step_case("minilm", packed, f"packed-{packed.mode}", a.batch, negatives)
+            record["fused_modules"] = getattr(packed, "fused_modules", 0)
+        run.results.write()
     padded = RetrieverPeer(run.model, a, bf16_weights=True, sort=True,
                            fused_layer_norm=a.device == "cuda")  # fmt: skip
     for negatives in a.negatives:
@@ -421,9 +453,16 @@ def table_profile(run: Run) -> None:
         run.add("profile", {"status": "skipped (needs a CUDA GPU)"})
         return
     rows, negs = groups_of(len(run.texts), a.profile_batch, 0)
-    before = RetrieverPeer(run.model, a, bf16_weights=True, sort=True, fused_layer_norm=True)
-    for name, peer in (("padded (before)", before), (f"packed-{best_peer(run).mode} (after)",
-                                                     best_peer(run))):  # fmt: skip
+
+    def peers():
+        if "padded" in a.profile_peers:
+            yield "padded", RetrieverPeer(run.model, a, bf16_weights=True, sort=True,
+                                          fused_layer_norm=True)  # fmt: skip
+        modes = [m for m in a.profile_peers if m != "padded"]
+        for peer in packed_peers(run, modes):
+            yield f"packed-{peer.mode}", peer
+
+    for name, peer in peers():
         inputs = peer.prepare(run.texts, rows, negs)
         peer.step(inputs)  # warm
         peer.zero_grad()
@@ -431,8 +470,7 @@ def table_profile(run: Run) -> None:
             peer.step(inputs)
         peer.zero_grad()
         run.add("profile", {"peer": name, "batch": a.profile_batch, **kernel_split(prof)})
-        del inputs, prof
-    del before
+        del inputs, prof, peer
     free(a.device)
 
 
@@ -440,6 +478,7 @@ def table_e2e(run: Run) -> None:
     """`retriever train` at --batch, packed, through bench_e2e.py (its own process)."""
     a = run.args
     mode = best_peer(run).mode
+    mode = "off" if mode in EAGER_MODES else mode  # fused: model.fused_kernels' default
     script = Path(__file__).resolve().parent / "bench_e2e.py"
     with tempfile.TemporaryDirectory(prefix="bench_pack_e2e-") as out:
         output = Path(out) / "e2e.json"
@@ -449,7 +488,7 @@ def table_e2e(run: Run) -> None:
                    "--compile", mode, "--epoch-batches", "1", "--output", str(output),
                    "--timeout", str(max(60, run.left() - 10)), "--workdir", out]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
-        record: dict[str, Any] = {"compile": mode}
+        record: dict[str, Any] = {"compile": mode, "fused_kernels": "null (on with a GPU)"}
         if output.is_file():
             record["cases"] = json.loads(output.read_text())["results"]
         else:
@@ -542,6 +581,12 @@ def main() -> int:
     p.add_argument("--qwen-chunk-size", type=int, default=256)
     p.add_argument("--qwen-chunk-tokens", type=int, default=32768)
     p.add_argument("--compile-modes", nargs="*", default=["static", "dynamic", "cudagraphs"])
+    p.add_argument("--minilm-modes", nargs="+", default=list(EAGER_MODES),
+                   choices=[*EAGER_MODES, "static", "dynamic", "cudagraphs"],
+                   help="the packed settings of the MiniLM table")  # fmt: skip
+    p.add_argument("--profile-peers", nargs="+", default=list(EAGER_MODES),
+                   choices=["padded", *EAGER_MODES, "static", "dynamic", "cudagraphs"],
+                   help="the profile table's peers: padded, packed settings")  # fmt: skip
     p.add_argument("--compile-reserve", type=float, default=240.0,
                    help="try another compile mode only with this many seconds left")  # fmt: skip
     p.add_argument("--large-compile", default="best",

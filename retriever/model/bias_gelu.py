@@ -6,14 +6,15 @@ backward kernel and a separate bias-gradient reduction over [tokens, intermediat
 tensor of the layer (4x hidden). Fused, the backward reads dout and y once and writes dy once,
 the bias gradient summed on the way.
 
-Forward, `_forward_kernel`: y [M, N] is the dense layer's output without its bias (the caller
-runs ``F.linear(h, W)``); each program takes one [BLOCK_M, BLOCK_N] tile and computes in fp32
+Forward, `_bias_gelu_forward`: y [M, N] is the dense layer's output without its bias (the
+caller runs ``F.linear(h, W)``); each program takes one [BLOCK_M, BLOCK_N] tile and computes in
+fp32
 
     x = y + b,  out = x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2)))
 
 Only y is kept for the backward (as eager GELU keeps its input), not x or the output.
 
-Backward, `_backward_kernel`: with phi(x) = exp(-x^2 / 2) / sqrt(2 pi),
+Backward, `_bias_gelu_backward`: with phi(x) = exp(-x^2 / 2) / sqrt(2 pi),
 
     dy = dout * (Phi(x) + x * phi(x)),  db = sum over rows of dy
 
@@ -57,7 +58,7 @@ def _tile(y_ptr, b_ptr, rows, cols, M, N):
 
 
 @triton.jit
-def _forward_kernel(y_ptr, b_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bias_gelu_forward(y_ptr, b_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     x, offsets, mask = _tile(y_ptr, b_ptr, rows, cols, M, N)
@@ -66,7 +67,7 @@ def _forward_kernel(y_ptr, b_ptr, out_ptr, M, N, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _backward_kernel(dout_ptr, y_ptr, b_ptr, dy_ptr, partial_ptr, M, N,
+def _bias_gelu_backward(dout_ptr, y_ptr, b_ptr, dy_ptr, partial_ptr, M, N,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     pid = tl.program_id(1)
@@ -104,7 +105,7 @@ class BiasGeluFunction(torch.autograd.Function):
         block_n = _block_n(n)
         block_m = row_block(FORWARD_TILE, block_n, y.device)
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _forward_kernel[grid](y2, bias, out, m, n, BLOCK_M=block_m, BLOCK_N=block_n,
+        _bias_gelu_forward[grid](y2, bias, out, m, n, BLOCK_M=block_m, BLOCK_N=block_n,
                               num_warps=FORWARD_WARPS)  # fmt: skip
         ctx.save_for_backward(y2, bias)
         return out.view(y.shape)
@@ -120,7 +121,7 @@ class BiasGeluFunction(torch.autograd.Function):
         programs = reduction_programs(triton.cdiv(m, block_m), y2.device,
                                       BACKWARD_PROGRAMS_PER_SM, column_blocks)  # fmt: skip
         partial = torch.empty(programs, n, dtype=torch.float32, device=y2.device)
-        _backward_kernel[(column_blocks, programs)](
+        _bias_gelu_backward[(column_blocks, programs)](
             _rows(dout, n), y2, bias, dy, partial, m, n, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=BACKWARD_WARPS,
         )  # fmt: skip

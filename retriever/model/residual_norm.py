@@ -9,9 +9,9 @@ reduction, the LayerNorm backward and a gradient add: each one a pass over [toke
 step's GPU time). Fused, the forward reads y and r and writes the output once; the backward
 reads dout, y and r and writes two gradients.
 
-Forward, `_forward_kernel`: y [M, N] is the dense layer's output without its bias (the caller
-runs ``F.linear(h, W)``), r [M, N] the residual. A program takes BLOCK_M whole rows (BLOCK_N = N
-rounded up to a power of two) and computes in fp32:
+Forward, `_residual_norm_forward`: y [M, N] is the dense layer's output without its bias (the
+caller runs ``F.linear(h, W)``), r [M, N] the residual. A program takes BLOCK_M whole rows
+(BLOCK_N = N rounded up to a power of two) and computes in fp32:
 
     keep = u >= p,  u ~ U[0, 1) from Philox(seed, element)          (`_keep`)
     z = keep * (y + b) / (1 - p) + r
@@ -20,9 +20,9 @@ rounded up to a power of two) and computes in fp32:
 
 and keeps mean and rstd (fp32, one per row). Nothing else is written: not z, not the mask.
 
-Backward, `_backward_kernel`: the mask is drawn again from the same seed and z recomputed from
-y and r (both kept alive anyway: y is this function's input, r the previous block's output,
-which its matrix products saved), then with xhat = (z - mean) * rstd and g = w * dout:
+Backward, `_residual_norm_backward`: the mask is drawn again from the same seed and z recomputed
+from y and r (both kept alive anyway: y is this function's input, r the previous block's
+output, which its matrix products saved), then with xhat = (z - mean) * rstd and g = w * dout:
 
     dz = rstd * (g - mean_N(g) - xhat * mean_N(g * xhat))     (LayerNorm's backward)
     dr = dz,  dy = keep * dz / (1 - p)
@@ -97,7 +97,7 @@ def _residual(y_ptr, b_ptr, r_ptr, seed_ptr, rows, cols, col_ok, offsets, mask, 
 
 
 @triton.jit
-def _forward_kernel(
+def _residual_norm_forward(
     y_ptr, b_ptr, r_ptr, w_ptr, beta_ptr, out_ptr, mean_ptr, rstd_ptr, seed_ptr,
     M, N, eps, p, scale,
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -123,7 +123,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_kernel(
+def _residual_norm_backward(
     dout_ptr, y_ptr, b_ptr, r_ptr, w_ptr, mean_ptr, rstd_ptr, seed_ptr, dr_ptr, dy_ptr,
     partial_ptr, M, N, p, scale,
     DROPOUT: tl.constexpr, WRITE_DY: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -202,7 +202,7 @@ class ResidualLayerNormFunction(torch.autograd.Function):
         seed = draw_seed(y.device) if p > 0 else None
         block_n = _block_n(n)
         block_m = row_block(FORWARD_TILE, block_n, y.device, INTERPRETER_FORWARD_ROWS)
-        _forward_kernel[(triton.cdiv(m, block_m),)](
+        _residual_norm_forward[(triton.cdiv(m, block_m),)](
             y2, bias, r2, weight, norm_bias, out, mean, rstd, seed, m, n, eps, p,
             1.0 / (1.0 - p), DROPOUT=p > 0, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=FORWARD_WARPS,
@@ -225,7 +225,7 @@ class ResidualLayerNormFunction(torch.autograd.Function):
         programs = reduction_programs(triton.cdiv(m, block_m), y2.device,
                                       BACKWARD_PROGRAMS_PER_SM)  # fmt: skip
         partial = torch.empty(3, programs, n, dtype=torch.float32, device=y2.device)
-        _backward_kernel[(programs,)](
+        _residual_norm_backward[(programs,)](
             dout2, y2, bias, r2, weight, mean, rstd, seed, dr, dy, partial, m, n, p,
             1.0 / (1.0 - p), DROPOUT=p > 0, WRITE_DY=write_dy, BLOCK_M=block_m,
             BLOCK_N=block_n, num_warps=BACKWARD_WARPS,
@@ -250,7 +250,7 @@ def residual_layer_norm(
 
 
 @triton.jit
-def _mask_kernel(seed_ptr, keep_ptr, M, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(seed_ptr, keep_ptr, M, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -265,6 +265,6 @@ def dropout_mask(seed: Tensor, m: int, n: int, p: float) -> Tensor:
     keep = torch.empty(m, n, dtype=torch.int8, device=seed.device)
     block_n = _block_n(n)
     block_m = row_block(FORWARD_TILE, block_n, seed.device, INTERPRETER_FORWARD_ROWS)
-    _mask_kernel[(triton.cdiv(m, block_m),)](seed, keep, m, n, p, BLOCK_M=block_m,
+    _dropout_mask_kernel[(triton.cdiv(m, block_m),)](seed, keep, m, n, p, BLOCK_M=block_m,
                                              BLOCK_N=block_n)  # fmt: skip
     return keep.bool()

@@ -109,28 +109,28 @@ COMPILE = textwrap.dedent(
         for act, par in (("*bf16", "*bf16"), ("*fp32", "*fp32")):  # residual / parameters
             blocks = dict(BLOCK_M=gelu.FORWARD_TILE // gelu.BLOCK_N, BLOCK_N=gelu.BLOCK_N)
             warps = dict(num_warps=gelu.FORWARD_WARPS, num_stages=3)
-            build(gelu._forward_kernel, dict(y_ptr="*bf16", b_ptr=par, out_ptr="*bf16",
+            build(gelu._bias_gelu_forward, dict(y_ptr="*bf16", b_ptr=par, out_ptr="*bf16",
                                              M="i32", N="i32"), blocks, warps)
-            build(gelu._backward_kernel, dict(dout_ptr="*bf16", y_ptr="*bf16", b_ptr=par,
+            build(gelu._bias_gelu_backward, dict(dout_ptr="*bf16", y_ptr="*bf16", b_ptr=par,
                                               dy_ptr="*bf16", partial_ptr="*fp32", M="i32",
                                               N="i32"), blocks, warps)
             blocks = dict(BLOCK_M=norm.FORWARD_TILE // 512, BLOCK_N=512)
             weights = dict(b_ptr=par, w_ptr=par)
             for dropout in (False, True):
-                build(norm._forward_kernel,
+                build(norm._residual_norm_forward,
                       dict(y_ptr="*bf16", r_ptr=act, **weights, beta_ptr=par, out_ptr=act,
                            mean_ptr="*fp32", rstd_ptr="*fp32", seed_ptr="*i64", M="i32",
                            N="i32", eps="fp32", p="fp32", scale="fp32"),
                       dict(DROPOUT=dropout, **blocks),
                       dict(num_warps=norm.FORWARD_WARPS, num_stages=3))
-                build(norm._backward_kernel,
+                build(norm._residual_norm_backward,
                       dict(dout_ptr=act, y_ptr="*bf16", r_ptr=act, **weights,
                            mean_ptr="*fp32", rstd_ptr="*fp32", seed_ptr="*i64", dr_ptr=act,
                            dy_ptr="*bf16", partial_ptr="*fp32", M="i32", N="i32", p="fp32",
                            scale="fp32"),
                       dict(DROPOUT=dropout, WRITE_DY=dropout or act != "*bf16", **blocks),
                       dict(num_warps=norm.BACKWARD_WARPS, num_stages=3))
-        build(norm._mask_kernel, dict(seed_ptr="*i64", keep_ptr="*i8", M="i32", N="i32",
+        build(norm._dropout_mask_kernel, dict(seed_ptr="*i64", keep_ptr="*i8", M="i32", N="i32",
                                       p="fp32"), dict(BLOCK_M=8, BLOCK_N=512))
     print("compiled")
     """
