@@ -287,7 +287,8 @@ def time_call(module, args: list[torch.Tensor], dout: torch.Tensor) -> dict[str,
     return {"forward_ms": bench(forward), "forward_backward_ms": bench(forward_backward)}
 
 
-def time_kernels(tokens: int, hidden: int, intermediate: int, p: float) -> list[dict]:
+def time_kernels(tokens: int, hidden: int, intermediate: int, p: float,
+                 only: str | None = None) -> list[dict]:  # fmt: skip
     """The fused kernels alone (bf16, forward and forward + backward), with the bandwidth their
     fewest bytes give (each input read once, each output written once)."""
     from retriever.model.bias_gelu import bias_gelu
@@ -305,6 +306,8 @@ def time_kernels(tokens: int, hidden: int, intermediate: int, p: float) -> list[
     ]  # fmt: skip
     rows = []
     for name, call, args, forward_tensors, backward_tensors, width in cases:
+        if only not in (None, name):
+            continue
         args = _leaves(*args)
         times = time_call(call, args, rand(tokens, width))
         size = tokens * width * 2  # bytes of one bf16 tensor
@@ -313,6 +316,36 @@ def time_kernels(tokens: int, hidden: int, intermediate: int, p: float) -> list[
                 / times["forward_backward_ms"] / 1e6}  # fmt: skip
         rows.append({"kernel": name, "shape": [tokens, width], "dropout": p, **times, **gbps})
     return rows
+
+
+LAYER_SWEEP = {  # --layers --sweep: kernel settings tried around the defaults
+    "residual_norm": [dict(FORWARD_TILE=t, FORWARD_WARPS=w) for t, w in
+                      ((2048, 4), (4096, 8), (8192, 8))]
+    + [dict(BACKWARD_TILE=t, BACKWARD_WARPS=w, BACKWARD_PROGRAMS_PER_SM=p) for t, w, p in
+       ((2048, 4, 4), (4096, 8, 4), (4096, 4, 8), (8192, 8, 2))],
+    "bias_gelu": [dict(FORWARD_TILE=t, FORWARD_WARPS=w) for t, w in ((4096, 4), (16384, 8))]
+    + [dict(BACKWARD_TILE=t, BACKWARD_WARPS=w, BACKWARD_PROGRAMS_PER_SM=p) for t, w, p in
+       ((4096, 4, 4), (8192, 8, 8), (16384, 8, 4))],
+}  # fmt: skip
+
+
+def sweep_layer_kernels(tokens: int, results: Results) -> None:
+    """Each kernel's times under the settings of LAYER_SWEEP (module constants, read at every
+    launch; restored after), dropout 0.1."""
+    import importlib
+
+    for name, grid in LAYER_SWEEP.items():
+        module = importlib.import_module(f"retriever.model.{name}")
+        defaults = {k: getattr(module, k) for settings in grid for k in settings}
+        try:
+            for settings in grid:
+                for k, v in {**defaults, **settings}.items():
+                    setattr(module, k, v)
+                (row,) = time_kernels(tokens, 384, 1536, 0.1, only=name)
+                results.add({"table": "sweep", **settings, **row})
+        finally:
+            for k, v in defaults.items():
+                setattr(module, k, v)
 
 
 def run_layers(args) -> int:
@@ -337,6 +370,8 @@ def run_layers(args) -> int:
             results.add({"table": "modules", **row})
         for row in time_kernels(t, hidden, intermediate, p):
             results.add({"table": "kernels", **row})
+    if args.sweep:
+        sweep_layer_kernels(t, results)
     return 0
 
 
