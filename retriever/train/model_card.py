@@ -71,6 +71,7 @@ def _objective(loss: Any) -> str:
         f"{name}, temperature {loss.temperature:g}"
         + (" (learnable)" if loss.learnable_temperature else "")
         + (", symmetric" if loss.symmetric else "")
+        + "".join(_infonce_options(loss))
         + ", within each retrieval source's batch (tiled, the ring across processes)"
     )
     if loss.matryoshka_dims:
@@ -85,6 +86,22 @@ def _objective(loss: Any) -> str:
             f"(teacher temperature {loss.teacher_temperature:g})"
         )
     return text
+
+
+def _infonce_options(loss: Any) -> list[str]:
+    """InfoNCE's options that are set, each as ``", name value"``."""
+    said = []
+    if loss.directions:
+        said.append(f", directions {', '.join(loss.directions)} ({loss.partition_mode or 'joint'})")
+    if loss.hardness_mode and loss.hardness_strength:
+        said.append(f", hardness weighting of {loss.hardness_mode} ({loss.hardness_strength:g})")
+    if loss.false_negative_margin is not None:
+        said.append(f", false negatives masked above the positive + {loss.false_negative_margin:g}")
+    if loss.debias:
+        said.append(f", debiased (tau+ {loss.debias:g})")
+    if loss.label_smoothing:
+        said.append(f", label smoothing {loss.label_smoothing:g}")
+    return said
 
 
 def push_final(folder: Path, repo: str, where: str) -> str:

@@ -131,3 +131,15 @@ def test_a_run_trains_with_the_options(tmp_path):
     Trainer(config).train()
     losses = [r["loss"] for r in read_log(tmp_path / "run") if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+
+
+def test_the_model_card_names_the_options_it_trained_with(tmp_path):
+    from retriever.train.model_card import _objective
+
+    config = tiny_config("m", "x.jsonl", tmp_path, loss={"directions": ALL,
+                         "false_negative_margin": 0.1, "label_smoothing": 0.05})  # fmt: skip
+    text = _objective(config.loss)
+    assert "directions query_to_doc, query_to_query, doc_to_query, doc_to_doc (joint)" in text
+    assert "false negatives masked above the positive + 0.1" in text
+    assert "label smoothing 0.05" in text
+    assert "directions" not in _objective(tiny_config("m", "x.jsonl", tmp_path).loss)
