@@ -54,6 +54,19 @@ MIN_FUSED_ELEMENTS = 2**23
 
 
 @triton.jit
+def row_tile(block, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row block ``block`` of an [M, N] row-major tensor, all its columns: the rows, the
+    columns, their masks, the tile's mask and the elements' 64-bit offsets."""
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+    return rows, cols, row_ok, col_ok, mask, offsets
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr,
     y_ptr,
@@ -69,13 +82,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
-
+    rows, cols, row_ok, col_ok, mask, offsets = row_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / N
     centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -115,10 +122,7 @@ def _backward_kernel(
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
     for block in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        rows, _, row_ok, _, mask, offsets = row_tile(block, M, N, BLOCK_M, BLOCK_N)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)

@@ -55,6 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from retriever.model.kernel_grid import reduction_programs, row_block
+from retriever.model.layer_norm import row_tile
 
 # Elements per [BLOCK_M, BLOCK_N] tile, warps per program, backward programs per SM: the
 # LayerNorm kernels' settings (a sweep on an H100 at N = 384), which these kernels resemble.
@@ -102,13 +103,7 @@ def _residual_norm_forward(
     M, N, eps, p, scale,
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
-
+    rows, cols, row_ok, col_ok, mask, offsets = row_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     z, _ = _residual(y_ptr, b_ptr, r_ptr, seed_ptr, rows, cols, col_ok, offsets, mask, p,
                      scale, DROPOUT, BLOCK_M, BLOCK_N)  # fmt: skip
     mean = tl.sum(z, axis=1) / N
@@ -138,10 +133,7 @@ def _residual_norm_backward(
     dbeta = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
     for block in range(pid, tl.cdiv(M, BLOCK_M), programs):
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        rows, _, row_ok, _, mask, offsets = row_tile(block, M, N, BLOCK_M, BLOCK_N)
         z, keep = _residual(y_ptr, b_ptr, r_ptr, seed_ptr, rows, cols, col_ok, offsets, mask,
                             p, scale, DROPOUT, BLOCK_M, BLOCK_N)  # fmt: skip
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
@@ -251,12 +243,9 @@ def residual_layer_norm(
 
 @triton.jit
 def _dropout_mask_kernel(seed_ptr, keep_ptr, M, N, p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
-    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    rows, _, _, _, mask, offsets = row_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     keep = _keep(tl.load(seed_ptr), rows, p, BLOCK_M, BLOCK_N)
-    tl.store(keep_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], keep.to(tl.int8),
-             mask=mask)  # fmt: skip
+    tl.store(keep_ptr + offsets, keep.to(tl.int8), mask=mask)
 
 
 def dropout_mask(seed: Tensor, m: int, n: int, p: float) -> Tensor:
