@@ -501,10 +501,16 @@ def _record_stream(source: Any) -> Any:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(source.path, split=source.split, streaming=True)
+        if os.path.isdir(source.path):  # save_to_disk: memory-mapped, read as a stream
+            loaded = datasets.load_from_disk(source.path)
+            if isinstance(loaded, datasets.DatasetDict):
+                loaded = loaded[source.split]
+            loaded = loaded.to_iterable_dataset()
+        else:
+            loaded = datasets.load_dataset(source.path, split=source.split, streaming=True)
     except Exception as exc:  # datasets raises many kinds (not found, offline, bad files)
         raise DataError(
-            f"{source.path}: cannot be streamed as a Hub dataset ({type(exc).__name__}: {exc})"
+            f"{source.path}: cannot be streamed as a dataset ({type(exc).__name__}: {exc})"
         ) from None
     return RecordStream(loaded, source.path, limit=limit)
 

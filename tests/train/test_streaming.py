@@ -224,3 +224,24 @@ def test_max_examples_cuts_the_stream_before_its_shards(tmp_path):
     halves = [[w for w, _ in stream.shard(rank, 2).epoch(0)] for rank in (0, 1)]
     assert halves == [[f"rows row {n}" for n in (1, 3, 5, 7, 9)],
                       [f"rows row {n}" for n in (2, 4, 6, 8, 10)]]  # fmt: skip
+
+
+def test_a_saved_dataset_streams_from_yaml(files, tmp_path):
+    """data.format: datasets with data.streaming: a save_to_disk directory is read as a
+    stream; one that is not there is named."""
+    import datasets
+
+    from retriever.train.config import config_from_dict
+    from retriever.train.trainer import train
+
+    rows = [json.loads(line) for line in files["data"].read_text().splitlines()]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    values = config_values(files, tmp_path / "stream", max_steps=3, save_steps=None)
+    values["data"].update(train=str(saved), format="datasets", num_workers=0)
+    summary = train(config_from_dict(values))
+    assert summary["steps"] == 3
+    values["data"]["train"] = str(tmp_path / "nowhere")
+    with pytest.raises(Exception, match="cannot be streamed as a dataset"):
+        train(config_from_dict({**values, "training": {**values["training"],
+                                "output_dir": str(tmp_path / "bad")}}))  # fmt: skip
