@@ -7,7 +7,11 @@
 * `network`: pooling, dropout, max lengths against the model's positions;
 * `decoder`: decoder LLMs (last-token pooling, the EOS token), `lora`: LoRA adapters (peft);
 * `fingerprint`: hashes of tokenizers and encoders (cache keys);
-* `layer_norm` (Triton kernels, imported only when used) and `sdpa` (attention backends).
+* `layer_norm` (Triton kernels, imported only when used) and `sdpa` (attention backends);
+* `packed` and `varlen`: padding-free token streams and their attention; `compiled`:
+  torch.compile of the layers;
+* `fused`: the fused layer kernels swapped into BERT-family networks (`bias_gelu`,
+  `residual_norm`: Triton, imported only when a kernel runs; `kernel_grid`: their grids).
 """
 
 from retriever.model.encoder import Encoder
