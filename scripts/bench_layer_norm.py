@@ -348,11 +348,34 @@ def sweep_layer_kernels(tokens: int, results: Results) -> None:
                 setattr(module, k, v)
 
 
+def short(record: dict) -> str:
+    """One line of a --layers record: the worst relative errors, or the times."""
+    if record.get("table") == "check":
+        worst = {k: max(record.get(k, {}).values(), default=None)
+                 for k in ("fused_error", "eager_error")}  # fmt: skip
+        extra = {k: record[k] for k in ("kept", "dy_zero_where_dropped") if k in record}
+        return (f"check {record.get('op')} {record.get('dtype')} p={record.get('dropout', 0)}: "
+                f"{worst} {extra} {record.get('status')}")  # fmt: skip
+    keys = ("module", "kernel", "dropout", "eager", "fused", "speedup_forward",
+            "speedup_forward_backward", "forward_ms", "forward_backward_ms", "forward_gb_s",
+            "forward_backward_gb_s", "FORWARD_TILE", "BACKWARD_TILE", "BACKWARD_WARPS")  # fmt: skip
+    return json.dumps({k: _rounded(record[k]) for k in keys if k in record})
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 3) if isinstance(value, float) else value
+
+
 def run_layers(args) -> int:
     """--layers: the checks, then the module and kernel times, each record written as it comes
     (on a CPU, under TRITON_INTERPRET=1, the checks only: a smoke test of the script)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = Results(args.output, vars(args), device, fields={"torch": torch.__version__})
+    results = Results(args.output, vars(args), device, echo=False,
+                      fields={"torch": torch.__version__})  # fmt: skip
+    add = results.add
+    results.add = lambda record, *a, **k: print(short(add(record, *a, **k)), flush=True)
     t, hidden, intermediate = args.tokens, 384, 1536
     cases = [lambda: check_residual_norm(t, hidden, torch.bfloat16, 0.0, device),
              lambda: check_residual_norm(t, hidden, torch.bfloat16, 0.1, device),
