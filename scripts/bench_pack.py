@@ -15,9 +15,10 @@ of --budget seconds, the skip recorded):
             with dropout on (the RNG replay: the kernels' seeds, Inductor's philox). The
             fastest exact packed setting serves the tables after it.
   minilm    MiniLM step at --batch with --negatives: packed (each of --minilm-modes: eager,
-            fused) vs padded vs sentence-transformers' CMNRL at its fastest settings here
-            (mini_batch_size --chunk-size, and mini_batch_num_tokens when the installed version
-            has it; its padding-free path needs flash-attn, which is reported when absent)
+            fused; without the variants table, each with its cached-vs-direct check) vs
+            padded vs sentence-transformers' CMNRL at its fastest settings here (mini_batch_size
+            --chunk-size, and mini_batch_num_tokens when the installed version has it; its
+            padding-free path needs flash-attn, which is reported when absent)
   profile   GPU time of one step by kernel category (matrix products, attention, the fused
             layer kernels, LayerNorm, elementwise and reductions, loss, other) of each of
             --profile-peers (padded; packed settings), at --profile-batch
@@ -429,6 +430,8 @@ def table_minilm(run: Run) -> None:
         for negatives in a.negatives:
             record = run.step_case("minilm", packed, f"packed-{packed.mode}", a.batch, negatives)
             record["fused_modules"] = getattr(packed, "fused_modules", 0)
+        if dropout_on(packed) and "variants" not in a.tables:  # the RNG replay, checked here
+            record.update(exactness(packed, run))
         run.results.write()
     padded = RetrieverPeer(run.model, a, bf16_weights=True, sort=True,
                            fused_layer_norm=a.device == "cuda")  # fmt: skip
