@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from tiny_encoder import save_tiny_bert
 
@@ -108,6 +109,40 @@ def embed_directly(encoder, batch) -> tuple[torch.Tensor, torch.Tensor]:
     q = embeddings[: batch.num_queries][batch.query_order]
     d = embeddings[batch.num_queries :][batch.document_order]
     return q, d
+
+
+def assert_cached_step_is_exact(encoder, batch, loss_fn, chunk_size=None, dropout=True) -> None:
+    """The cached step's loss and gradients (network and temperature) equal those of the same
+    float64 InfoNCE computed in one graph under the same seed; with ``dropout``, also that a
+    direct pass under another seed (other masks) lands elsewhere, so the check can fail."""
+    from reference import reference_loss
+
+    from retriever.train.step import cached_step
+
+    params = [*encoder.parameters(), loss_fn.log_scale]
+
+    def direct(seed: int) -> tuple[float, list[torch.Tensor]]:
+        for p in params:
+            p.grad = None
+        torch.manual_seed(seed)  # the cache's RNG order: the same chunks in order
+        q, d = embed_directly(encoder, batch)
+        # Row i's positive is d[i]; candidates with the positive's id (other than itself) are
+        # left out of the denominator.
+        labels = torch.arange(batch.num_queries)
+        loss = reference_loss(q, d, loss_fn.scale, labels, batch.candidate_ids)
+        loss.backward()
+        return loss.item(), grads_or_zeros(params)
+
+    want_loss, want = direct(seed=5)
+    _, other = direct(seed=6)
+    for p in params:
+        p.grad = None
+    torch.manual_seed(5)
+    got_loss = cached_step(encoder, batch, loss_fn, chunk_size=chunk_size)
+    assert got_loss.item() == pytest.approx(want_loss, rel=1e-5)
+    assert_grads_close(grads_or_zeros(params), want)
+    if dropout:  # other dropout masks give another gradient
+        assert max((a - b).abs().max().item() for a, b in zip(want, other)) > 1e-4
 
 
 def grads_or_zeros(params) -> list[torch.Tensor]:

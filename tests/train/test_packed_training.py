@@ -11,11 +11,8 @@ import logging
 import numpy as np
 import pytest
 import torch
-from reference import reference_loss
 from train_helpers import (
-    assert_grads_close,
-    embed_directly,
-    grads_or_zeros,
+    assert_cached_step_is_exact,
     load_weights,
     make_tiny_model,
     text_groups,
@@ -29,7 +26,6 @@ from retriever.model.settings import SideSettings
 from retriever.train.batches import Collator, Packing, StreamChunk, TextPool
 from retriever.train.cli import add_arguments, run
 from retriever.train.config import ConfigError
-from retriever.train.step import cached_step
 from retriever.train.tokens import TokenTable
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -96,28 +92,7 @@ def test_cached_gradient_over_streams_equals_the_direct_one(tmp_path, dropout, g
     batch = _stream_batch(encoder, text_groups(11), budget=40)
     assert len(batch.document_chunks) > 2  # several streams a side
     loss_fn = InfoNCELoss(scale=20.0, learnable_scale=True, impl="torch")
-    params = list(encoder.parameters()) + [loss_fn.log_scale]
-
-    def direct(seed):
-        for p in params:
-            p.grad = None
-        torch.manual_seed(seed)  # the same RNG order as the cache: the same streams in order
-        q, d = embed_directly(encoder, batch)
-        labels = torch.arange(batch.num_queries)
-        loss = reference_loss(q, d, loss_fn.scale, labels, batch.candidate_ids)
-        loss.backward()
-        return loss.item(), grads_or_zeros(params)
-
-    want_loss, want = direct(seed=5)
-    _, other = direct(seed=6)
-    for p in params:
-        p.grad = None
-    torch.manual_seed(5)
-    got_loss = cached_step(encoder, batch, loss_fn, chunk_size=grad_tokens)
-    assert got_loss.item() == pytest.approx(want_loss, rel=1e-5)
-    assert_grads_close(grads_or_zeros(params), want)
-    if dropout:  # the comparison can fail: other dropout masks give another gradient
-        assert max((a - b).abs().max().item() for a, b in zip(want, other)) > 1e-4
+    assert_cached_step_is_exact(encoder, batch, loss_fn, grad_tokens, dropout=bool(dropout))
 
 
 def _train(tmp_path, name: str, *flags: str) -> dict[str, torch.Tensor]:

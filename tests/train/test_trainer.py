@@ -7,13 +7,10 @@ import copy
 
 import pytest
 import torch
-from reference import reference_loss
 from train_helpers import (
-    assert_grads_close,
+    assert_cached_step_is_exact,
     config_for,
     copy_checkpoint,
-    embed_directly,
-    grads_or_zeros,
     load_weights,
     make_tiny_model,
     read_log,
@@ -30,7 +27,6 @@ from retriever.train.cli import add_arguments, run
 from retriever.train.data import batch_of_texts
 from retriever.train.resume import plan_run_directory
 from retriever.train.run_directory import RunDirectory, RunError, write_manifest
-from retriever.train.step import cached_step
 from retriever.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -52,32 +48,7 @@ def test_cached_step_equals_the_direct_full_batch_gradient(
     # Candidate ids must reach the loss for the values to match (see text_groups).
     batch = batch_of_texts(encoder, text_groups(11), chunk_size=embed_chunk)
     loss_fn = InfoNCELoss(scale=20.0, learnable_scale=True)
-    params = list(encoder.parameters()) + [loss_fn.log_scale]
-
-    def direct(seed):
-        for p in params:
-            p.grad = None
-        torch.manual_seed(seed)  # the same RNG order as the cache: the same chunks in order
-        q, d = embed_directly(encoder, batch)
-        # Float64 InfoNCE: row i's positive is d[i]; candidates with the id of the positive
-        # (other than itself) are left out of the denominator.
-        labels = torch.arange(batch.num_queries)
-        loss = reference_loss(q, d, loss_fn.scale, labels, batch.candidate_ids)
-        loss.backward()
-        return loss.item(), grads_or_zeros(params)
-
-    want_loss, want = direct(seed=5)
-    _, other_dropout = direct(seed=6)
-    for p in params:
-        p.grad = None
-    torch.manual_seed(5)
-    got_loss = cached_step(encoder, batch, loss_fn, chunk_size=grad_chunk)
-    got = grads_or_zeros(params)
-
-    assert got_loss.item() == pytest.approx(want_loss, rel=1e-5)
-    assert_grads_close(got, want)
-    if dropout:  # the comparison can fail: other dropout masks give another gradient
-        assert max((a - b).abs().max().item() for a, b in zip(want, other_dropout)) > 1e-4
+    assert_cached_step_is_exact(encoder, batch, loss_fn, grad_chunk, dropout=bool(dropout))
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
