@@ -36,9 +36,12 @@ def is_stream(data: Any) -> bool:
 def records_in_memory(data: Any, name: str) -> list[Record]:
     """Every record of a list of dicts or a ``datasets.Dataset``, with where it stands."""
     if not isinstance(data, (list, tuple)) and not _is_datasets(data, "Dataset"):
+        hint = ""
+        if _is_datasets(data, "DatasetDict") or _is_datasets(data, "IterableDatasetDict"):
+            hint = f" (pick a split: dataset[{next(iter(data), 'train')!r}])"
         raise DataError(
             f"{name}: expected a list of dicts, a datasets.Dataset or a stream, got "
-            f"{type(data).__name__}"
+            f"{type(data).__name__}{hint}"
         )
     records = [(f"{name} row {n}", _mapping(row, name, n)) for n, row in enumerate(data, 1)]
     if not records:

@@ -188,11 +188,16 @@ def test_early_stopping_on_the_eval_metric(files, tmp_path, monkeypatch):
         ((x for x in ()), "a generator (or other iterator) can be read only once"),
         ({"a": {"task": "sts"}}, "train_dataset['a']: missing 'dataset'"),
         ({"a": {"dataset": [], "wieght": 2}}, "unknown field 'wieght' (did you mean 'weight'?)"),
+        ("dataset_dict", "got DatasetDict (pick a split: dataset['train'])"),
     ],
 )
 def test_bad_datasets_are_refused_naming_the_column(files, tmp_path, dataset, expected):
     from retriever.data.examples import DataError
 
+    if dataset == "dataset_dict":
+        import datasets
+
+        dataset = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(files["data"]))})
     config = TrainConfig.from_dict(values(files, tmp_path / "run"))
     with pytest.raises((ConfigError, DataError), match=re.escape(expected)):
         Trainer(config, train_dataset=dataset)
