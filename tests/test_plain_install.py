@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Packages of the optional extras (dev, bench, mteb, lora) and trackers: none may be needed.
 OPTIONAL = {
     "tensorboard", "tensorboardX", "wandb", "mlflow", "peft", "mteb", "pytrec_eval",
-    "matplotlib", "inf_cl", "memeff", "pytest",
+    "matplotlib", "inf_cl", "memeff", "liger_kernel", "pytest",
 }  # fmt: skip
 
 

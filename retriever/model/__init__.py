@@ -11,7 +11,8 @@
 * `packed` and `varlen`: padding-free token streams and their attention; `compiled`:
   torch.compile of the layers;
 * `fused`: the fused layer kernels swapped into BERT-family networks (`bias_gelu`,
-  `residual_norm`: Triton, imported only when a kernel runs; `kernel_grid`: their grids).
+  `residual_norm`: Triton, imported only when a kernel runs; `kernel_grid`: their grids) and
+  Liger-Kernel's RMSNorm and SwiGLU swapped into decoder layers (when liger-kernel is installed).
 """
 
 from retriever.model.encoder import Encoder

@@ -120,7 +120,8 @@ class Encoder(nn.Module):
         inputs use PyTorch's). ``fused_kernels`` gives BERT-family layers Triton kernels for
         their work between matrix products (bias + GELU; bias + dropout + residual + LayerNorm:
         `retriever.model.fused`; same parameters; small and CPU inputs take the layers' own
-        path). ``dropout`` sets every dropout probability of the network.
+        path), and Llama-style decoder layers Liger-Kernel's RMSNorm and SwiGLU where
+        liger-kernel is installed. ``dropout`` sets every dropout probability of the network.
         ``truncate_dim`` keeps the first k dimensions of each embedding (a Matryoshka prefix),
         normalised after the cut when ``normalize``. For decoder LLMs (`retriever.model.decoder`)
         the default pooling is ``last``; ``append_eos`` makes the tokenizer end every text with

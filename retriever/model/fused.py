@@ -1,4 +1,5 @@
-"""Fused kernels swapped into a loaded BERT-family network, in place (issue 28, item 3).
+"""Fused kernels swapped into a loaded network's layers, in place (issue 28, item 3): retriever's
+in BERT-family encoders, Liger-Kernel's in decoders.
 
 Between its matrix products a BERT layer does elementwise work and reductions: bias adds,
 GELU, dropout, residual adds, LayerNorm and their backwards (39% of a packed all-MiniLM-L6-v2
@@ -20,12 +21,31 @@ copied. The swap changes a module's class only: parameters, their names, the sta
 hooks stay. The fused path runs on CUDA inputs of at least `MIN_FUSED_ELEMENTS` elements (and on
 CPU tensors under TRITON_INTERPRET=1, for tests); others take the module's own forward.
 
-Decoders (RMSNorm, SwiGLU, RoPE) are left eager: see docs/benchmarks.md.
+Decoder layers (Llama, Qwen2, Qwen3, Mistral and the families that copy their modules) get
+Liger-Kernel's Triton kernels (`pip install "retriever-train[liger]"`), through its functional
+API and per module instance, never by patching transformers (Liger's own
+``apply_liger_kernel_to_*`` replaces classes and functions process-wide):
+
+* an RMSNorm whose ``forward`` is ``LlamaRMSNorm``'s (the layers' norms, the final norm and
+  Qwen3's per-head q/k norms): `liger_rms_norm` (Llama casting: the mean square and its
+  reciprocal root in fp32, the product with the weight in the input's dtype), when the input
+  and the weight share a dtype (otherwise transformers' type promotion gives another dtype,
+  so the module's own forward runs);
+* an MLP whose ``forward`` is ``LlamaMLP``'s (``down(act(gate(x)) * up(x))``) with a SiLU
+  activation: `liger_swiglu` between the projections. The projections are called as modules,
+  so LoRA's wrapped linears (peft) work.
+
+Gemma's RMSNorm (``x * (1 + w)`` in fp32) and GELU MLPs compute something else and stay eager.
+RoPE stays eager too: transformers applies it through a module-level function
+(``apply_rotary_pos_emb``) called from the attention's forward, so Liger's RoPE can only be
+installed by patching that function for every model in the process. Without liger-kernel
+these modules keep their own forward (`liger_missing` tells the trainer to say so).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -78,6 +98,45 @@ class FusedBiasGelu(nn.Module):
         return bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias)
 
 
+class FusedRMSNorm(nn.Module):
+    """The ``forward`` of a ``LlamaRMSNorm``-like module through Liger's RMSNorm (a mixin)."""
+
+    weight: nn.Parameter
+    variance_epsilon: float
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        if not _fused(hidden_states) or hidden_states.dtype != self.weight.dtype:
+            return super().forward(hidden_states)
+        from liger_kernel.transformers.functional import liger_rms_norm  # triton: only here
+
+        # in_place=False: Liger's default writes dX over the incoming gradient dY, which is
+        # only safe when nothing else reads dY; the copy costs one buffer of the input's size.
+        return liger_rms_norm(hidden_states, self.weight, self.variance_epsilon, offset=0.0,
+                              casting_mode="llama", in_place=False)  # fmt: skip
+
+
+class FusedSwiGLU(nn.Module):
+    """The ``forward`` of a ``LlamaMLP``-like module (SiLU) with Liger's SwiGLU (a mixin)."""
+
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
+    act_fn: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _fused(x):
+            return super().forward(x)
+        from liger_kernel.transformers.functional import liger_swiglu  # triton: only here
+
+        # The projections are called as modules (peft's LoRA layers wrap them). Liger's
+        # backward writes the gradients over the saved gate and up outputs, which nothing else
+        # keeps; its output takes the gate's dtype, so mixed dtypes take the eager product.
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.dtype != up.dtype:
+            return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(liger_swiglu(gate, up))
+
+
 def _code(function: Callable) -> tuple:
     code = function.__code__
     return code.co_code, code.co_names, code.co_consts, code.co_varnames
@@ -91,6 +150,21 @@ def _bert_code() -> dict[str, tuple]:
             "bias_gelu": _code(bert.BertIntermediate.forward)}  # fmt: skip
 
 
+@functools.cache
+def _llama_code() -> dict[str, tuple]:
+    from transformers.models.llama import modeling_llama as llama
+
+    return {"rms_norm": _code(llama.LlamaRMSNorm.forward),
+            "swiglu": _code(llama.LlamaMLP.forward)}  # fmt: skip
+
+
+def _is_silu(act: Any) -> bool:
+    """``nn.SiLU`` or transformers' ``SiLUActivation`` (``hidden_act: silu`` / ``swish``)."""
+    from transformers import activations
+
+    return type(act) in (nn.SiLU, getattr(activations, "SiLUActivation", nn.SiLU))
+
+
 def _is_erf_gelu(act: Any) -> bool:
     from transformers.activations import GELUActivation
 
@@ -102,10 +176,13 @@ def _plain_linear(module: Any) -> bool:
 
 
 def fusion_of(module: nn.Module) -> type[nn.Module] | None:
-    """The mixin `use_fused_kernels` gives ``module``, or None when it does not qualify."""
+    """The mixin `use_fused_kernels` gives ``module``, or None when it does not qualify
+    (decoder modules qualify whether or not liger-kernel is installed)."""
     forward = getattr(type(module), "forward", None)
-    if not hasattr(forward, "__code__") or not _plain_linear(getattr(module, "dense", None)):
+    if not hasattr(forward, "__code__"):
         return None
+    if not _plain_linear(getattr(module, "dense", None)):
+        return _decoder_fusion(module, forward)
     code = _code(forward)
     if code == _bert_code()["residual_norm"]:
         norm = getattr(module, "LayerNorm", None)
@@ -119,6 +196,37 @@ def fusion_of(module: nn.Module) -> type[nn.Module] | None:
     return None
 
 
+def _decoder_fusion(module: nn.Module, forward: Callable) -> type[nn.Module] | None:
+    # Cheap attribute checks first: a BERT-only network never imports Llama's modelling file.
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", None)
+    if isinstance(weight, nn.Parameter) and weight.dim() == 1 and type(eps) in (float, int):
+        return FusedRMSNorm if _code(forward) == _llama_code()["rms_norm"] else None
+    parts = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    if all(isinstance(getattr(module, p, None), nn.Module) for p in parts):
+        if _code(forward) == _llama_code()["swiglu"] and _is_silu(module.act_fn):
+            return FusedSwiGLU
+    return None
+
+
+DECODER_MIXINS = (FusedRMSNorm, FusedSwiGLU)
+
+
+def liger_installed() -> bool:
+    """Whether Liger-Kernel's functional API imports here (``pip install liger-kernel``)."""
+    try:
+        importlib.import_module("liger_kernel.transformers.functional")
+    except ImportError:
+        return False
+    return True
+
+
+def liger_missing(model: nn.Module) -> bool:
+    """Whether ``model`` has decoder modules that would run Liger's kernels, and liger-kernel
+    is not installed."""
+    return any(fusion_of(m) in DECODER_MIXINS for m in model.modules()) and not liger_installed()
+
+
 @functools.cache
 def _fused_class(mixin: type[nn.Module], base: type[nn.Module]) -> type[nn.Module]:
     name = f"Fused{base.__name__}"
@@ -129,12 +237,18 @@ def _fused_class(mixin: type[nn.Module], base: type[nn.Module]) -> type[nn.Modul
 
 def use_fused_kernels(model: nn.Module) -> int:
     """Give every qualifying module of ``model`` its fused forward, in place (parameters, state
-    dict and hooks are kept). Returns how many were changed."""
+    dict and hooks are kept; decoder modules only where liger-kernel is installed). Returns how
+    many were changed."""
     changed = 0
+    liger: bool | None = None  # asked once, at the first decoder module
     for module in model.modules():
         if hasattr(module, "_unfused_class"):
             continue
         mixin = fusion_of(module)
+        if mixin in DECODER_MIXINS:
+            liger = liger_installed() if liger is None else liger
+            if not liger:
+                continue
         if mixin is not None:
             module.__class__ = _fused_class(mixin, type(module))
             changed += 1

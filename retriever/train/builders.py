@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable
@@ -21,6 +22,8 @@ from retriever.model import Encoder, EncoderSettings, ModelNotFoundError
 from retriever.model.network import max_length_problems
 from retriever.train.config import ConfigError, TrainConfig
 from retriever.train.data import TrainSet
+
+logger = logging.getLogger(__name__)
 
 
 def build_accelerator(config: TrainConfig) -> Any:
@@ -74,6 +77,7 @@ def build_encoder(config: TrainConfig, model: Any = None) -> Encoder:
         key = _encoder_option(m, exc)
         where = config.where(key) if model is None else "Trainer(model=...)"
         raise ConfigError(f"{where}: {key}: {exc}") from None
+    _say_if_liger_is_missing(config, encoder)
     if m.lora is not None:
         from retriever.model.lora import add_lora
 
@@ -150,6 +154,27 @@ def _network_options(m: Any) -> dict[str, Any]:
         cudnn_attention=m.cudnn_attention,
         fused_kernels=gpu if m.fused_kernels is None else m.fused_kernels,
     )
+
+
+def _say_if_liger_is_missing(config: TrainConfig, encoder: Encoder) -> None:
+    """A decoder whose RMSNorm and SwiGLU would take Liger-Kernel's kernels, without
+    liger-kernel: one line where model.fused_kernels is null on a GPU, a warning where it is
+    true. Not an error, as elsewhere: a layer the kernels do not cover runs eager."""
+    m = config.model
+    asked = m.fused_kernels if m.fused_kernels is not None else torch.cuda.is_available()
+    if not asked:
+        return
+    from retriever.model.fused import liger_missing
+
+    if not liger_missing(encoder.model):
+        return
+    text = ("fused decoder kernels (RMSNorm, SwiGLU) need liger-kernel: "
+            'pip install "retriever-train[liger]"; the decoder layers run eager')  # fmt: skip
+    if m.fused_kernels is None:
+        logger.info("model.fused_kernels: %s", text)
+    else:
+        key = "model.fused_kernels"
+        logger.warning("%s: %s: true, but %s", config.where(key), key, text)
 
 
 def _load_encoder(m: Any, kwargs: dict[str, Any]) -> Encoder:

@@ -94,8 +94,9 @@ class ModelArguments:
         "Run BERT-family layers' work between matrix products with retriever's Triton "
         "kernels (bias + GELU; bias + dropout + residual + LayerNorm, forward and backward, "
         "the dropout mask drawn in the kernel and replayed by the embedding cache; same "
-        "parameters); other layers and small inputs keep their own path. null: on when a CUDA "
-        "GPU is present.",
+        "parameters), and decoders' (Llama, Qwen2/3, Mistral) RMSNorm and SwiGLU with "
+        'Liger-Kernel\'s (pip install "retriever-train[liger]"); other layers and small '
+        "inputs keep their own path. null: on when a CUDA GPU is present.",
     )
     padding_free: bool | None = _opt(
         None,
