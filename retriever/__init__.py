@@ -17,7 +17,9 @@ Layers, each importing only those below it:
   the trainer;
 * `cli`: the ``retriever`` command (``train``, ``eval``, ``mine``).
 
-The names below are imported when first used, so ``import retriever`` stays cheap.
+The names below are imported when first used, so ``import retriever`` stays cheap. The
+``train`` function is not among them: ``retriever.train`` is the subpackage (import the
+function from ``retriever.train.trainer``, or call ``Trainer(config).train()``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     "Trainer": "retriever.train.trainer",
-    "train": "retriever.train.trainer",
     "TrainConfig": "retriever.train.config",
     "ConfigError": "retriever.train.options",
     "Encoder": "retriever.model.encoder",

@@ -28,7 +28,7 @@ def is_stream(data: Any) -> bool:
     nor a ``datasets.Dataset`` (those are read whole)."""
     if isinstance(data, (list, tuple, str, bytes, Mapping)):
         return False
-    if _is_datasets(data, "Dataset"):
+    if _is_datasets(data, "Dataset") or _is_table(data):
         return False
     return isinstance(data, RecordStream) or callable(data) or isinstance(data, Iterable)
 
@@ -39,6 +39,12 @@ def records_in_memory(data: Any, name: str) -> list[Record]:
         hint = ""
         if _is_datasets(data, "DatasetDict") or _is_datasets(data, "IterableDatasetDict"):
             hint = f" (pick a split: dataset[{next(iter(data), 'train')!r}])"
+        elif _is_table(data) and type(data).__name__ == "ndarray":
+            hint = " (convert it: array.tolist())"
+        elif _is_table(data):
+            hint = " (convert it: datasets.Dataset.from_pandas(frame) or frame.to_dict('records'))"
+        elif is_stream(data):
+            hint = " (a stream, but its source says streaming: false)"
         raise DataError(
             f"{name}: expected a list of dicts, a datasets.Dataset or a stream, got "
             f"{type(data).__name__}{hint}"
@@ -47,6 +53,13 @@ def records_in_memory(data: Any, name: str) -> list[Record]:
     if not records:
         raise DataError(f"{name}: the dataset has no rows")
     return records
+
+
+def _is_table(data: Any) -> bool:
+    """A pandas or polars DataFrame, or a numpy array: iterating one yields its column names
+    or rows of values, not records."""
+    kind, home = type(data), type(data).__module__.split(".")[0]
+    return kind.__name__ in ("DataFrame", "ndarray") and home in ("pandas", "polars", "numpy")
 
 
 class RecordStream:

@@ -67,7 +67,6 @@ def build_encoder(config: TrainConfig, model: Any = None) -> Encoder:
     m = config.model
     if isinstance(model, (str, os.PathLike)):
         m.name_or_path, model = str(model), None
-        config.sources["model.name_or_path"] = "Trainer(model=...)"
     kwargs: dict[str, Any] = {}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
@@ -216,9 +215,31 @@ def _given_encoder(m: Any, model: Any) -> Encoder:
         encoder.tokenizer.padding_side = m.padding_side
     if m.append_eos:
         append_eos(encoder.tokenizer)
-    if m.name_or_path is None:  # named in the model card and config.yaml
-        m.name_or_path = str(getattr(encoder.model.config, "_name_or_path", "") or "a given model")
     return encoder
+
+
+def name_given_model(config: TrainConfig, model: Any) -> None:
+    """Record the model a script passed as ``model.name_or_path`` (config.yaml and the model
+    card name it; ``--resume`` compares it), before the run directory is planned. A config that
+    names another model is refused: which one trains would be silently decided."""
+    if model is None:
+        return
+    if isinstance(model, (str, os.PathLike)):
+        name = str(model)
+    else:  # an Encoder's or a SentenceTransformer's network: the path it was loaded from
+        network = getattr(model, "model", None)
+        if type(model).__name__ == "SentenceTransformer":
+            network = getattr(model[0], "auto_model", None) if len(model) else None
+        name = str(getattr(getattr(network, "config", None), "_name_or_path", "") or "")
+        name = name or "a given model"
+    m, key = config.model, "model.name_or_path"
+    if m.name_or_path not in (None, "", name):
+        raise ConfigError(
+            f"{config.where(key)}: {key}: {m.name_or_path}, but Trainer(model=...) is {name}: "
+            f"give the model in one place (leave {key} unset, or pass no model)"
+        )
+    m.name_or_path = name
+    config.sources[key] = "Trainer(model=...)"
 
 
 def build_miner(config: TrainConfig, train_set: TrainSet, settings: EncoderSettings) -> Any:

@@ -44,20 +44,45 @@ def training_arguments(config: Any, total_steps: int, evaluates: bool) -> types.
     )
 
 
+def checked_callbacks(callbacks: Any, evaluates: bool) -> list[Any]:
+    """``Trainer(callbacks=...)`` as a list (one callback alone is taken too), checked before
+    the run directory is touched; ``evaluates``: whether the run evaluates during training."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, TrainerCallback):
+        callbacks = [callbacks]
+    if not isinstance(callbacks, (list, tuple)):
+        callbacks = [callbacks]
+    for callback in callbacks:
+        if isinstance(callback, type) and issubclass(callback, TrainerCallback):
+            raise TypeError(
+                f"callbacks: {callback.__name__} is a class: pass an instance "
+                f"({callback.__name__}(...))"
+            )
+        if not isinstance(callback, TrainerCallback):
+            raise TypeError(
+                "callbacks: expected transformers.TrainerCallback instances, got "
+                f"{type(callback).__name__}"
+            )
+        if isinstance(callback, EarlyStoppingCallback) and not evaluates:
+            raise ValueError(
+                "callbacks: EarlyStoppingCallback stops on evaluations, and this run evaluates "
+                "nothing during training: set eval.data or pass eval_datasets=..."
+            )
+    return list(callbacks)
+
+
 class Callbacks:
-    """The run's callbacks, with the TrainerState and TrainerControl they share."""
+    """The run's callbacks (`checked_callbacks`), with the TrainerState and TrainerControl
+    they share."""
 
     def __init__(
         self, callbacks: Sequence[Any], args: types.SimpleNamespace, accelerator: Any
     ) -> None:
-        from transformers import TrainerCallback, TrainerControl, TrainerState
+        from transformers import TrainerControl, TrainerState
 
-        for callback in callbacks:
-            if not isinstance(callback, TrainerCallback):
-                raise TypeError(
-                    f"callbacks: expected transformers.TrainerCallback instances, got "
-                    f"{type(callback).__name__}"
-                )
         self.callbacks, self.args, self.accelerator = list(callbacks), args, accelerator
         self.state = TrainerState(
             max_steps=args.max_steps,

@@ -89,6 +89,24 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
+def check_types(config: TrainConfig) -> None:
+    """Every option of a config built from its dataclasses in a script, checked and converted
+    as a YAML value would be; what a script set is named ``TrainConfig`` in messages."""
+    for section in SECTIONS:
+        values = getattr(config, section)
+        for f in options(section):
+            key, value = f"{section}.{f.name}", getattr(values, f.name)
+            if key not in config.sources and value != _default(f):
+                config.sources[key] = "TrainConfig"
+            setattr(values, f.name, convert(value, section, f.name, config.where(key)))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def options(section: str) -> list[dataclasses.Field]:
     return list(dataclasses.fields(SECTIONS[section]))
 
@@ -202,8 +220,42 @@ _CONVERTERS: dict[Any, typing.Callable[[Any, Fail, bool], Any]] = {
 _ITEM_NAMES = {str: "strings", int: "integers", float: "numbers"}
 
 
+class Unlined(str):
+    """Where options come from that has no lines to name (a dict a script built)."""
+
+
 def _line(node: yaml.Node, path: str) -> str:
-    return f"{path}:{node.start_mark.line + 1}"
+    return path if isinstance(path, Unlined) else f"{path}:{node.start_mark.line + 1}"
+
+
+def _first_unplain(value: Any, key: str = "") -> tuple[str, Any]:
+    """The dotted key and value of the first entry YAML cannot hold (``_plain``'s output)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for k, v in items:
+        if not key:
+            name = str(k)
+        else:
+            name = f"{key}.{k}" if isinstance(value, dict) else f"{key}[{k}]"
+        if isinstance(v, (dict, list)):
+            found = _first_unplain(v, name)
+            if found[0]:
+                return found
+        elif not isinstance(v, (str, int, float, bool, type(None))):
+            return name, v
+    return "", None
+
+
+def _plain(value: Any) -> Any:
+    """A dict's value as YAML can hold it: paths as strings, numpy scalars as Python's."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def apply_mapping(config: TrainConfig, mapping_node: yaml.Node, path: str) -> None:
@@ -327,7 +379,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def config_from_dict(
-    values: dict[str, dict[str, Any]], where: str = "dict", required: bool = True
+    values: dict[str, dict[str, Any]],
+    where: str = Unlined("TrainConfig.from_dict"),
+    required: bool = True,
 ) -> TrainConfig:
     """A validated config from nested dicts (the shape of the YAML file); for scripts and tests.
     ``required=False`` leaves the data and output options to be checked when training starts
@@ -335,9 +389,13 @@ def config_from_dict(
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: the config must be a dict of sections ({', '.join(SECTIONS)})")
     try:
-        node = yaml.compose(yaml.safe_dump(values))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not a plain dict of sections and values ({exc})") from None
+        node = yaml.compose(yaml.safe_dump(_plain(values)))
+    except yaml.YAMLError:
+        key, value = _first_unplain(_plain(values))
+        raise ConfigError(
+            f"{where}: {key}: a {type(value).__name__} is not a config value; give strings, "
+            "numbers, booleans, lists and dicts"
+        ) from None
     config = TrainConfig()
     if node is not None:
         apply_mapping(config, node, where)

@@ -16,11 +16,16 @@ from retriever.train.config import ConfigError, TrainConfig
 
 
 def load_eval_tasks(config: TrainConfig, given: Any = None) -> list[Any]:
-    """The tasks of ``eval.data`` (retrieval tasks, shrunk as ``eval.max_*`` say, and STS
-    sets) and those a script ``given`` (a task, a list, or a dict of name -> task), and a check
+    """The tasks of ``eval.data`` and those a script ``given`` (a task, a list, or a dict of
+    name -> task; retrieval tasks shrunk as ``eval.max_*`` say, STS sets whole), and a check
     that ``eval.metric`` names a score they report; errors name the option."""
+    from retriever.eval.data import RetrievalTask
+
     tasks = _configured_tasks(config)
-    tasks += _given_tasks(given, {task.name for task in tasks})
+    for task in _given_tasks(given, {task.name for task in tasks}):
+        if isinstance(task, RetrievalTask):  # eval.max_* apply to a script's tasks too
+            task = shrink_task(task, config.eval.max_queries, config.eval.max_documents)
+        tasks.append(task)
     _default_metric(config, tasks)
     _check_metric_task(config, tasks)
     return tasks

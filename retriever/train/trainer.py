@@ -50,12 +50,13 @@ from retriever.train.builders import (
     build_miner,
     example_offsets,
     flat_hparams,
+    name_given_model,
     prepare_optimization,
 )
-from retriever.train.callbacks import Callbacks, training_arguments
+from retriever.train.callbacks import Callbacks, checked_callbacks, training_arguments
 from retriever.train.checkpoints import save_checkpoint, save_final
 from retriever.train.chunk_sizes import plan_checked
-from retriever.train.config import ConfigError, TrainConfig
+from retriever.train.config import ConfigError, TrainConfig, check_types
 from retriever.train.config_checks import validate
 from retriever.train.loader import Part, Position, StepBatches, Stream, run_loader, steps_of
 from retriever.train.model_card import model_card, push_final
@@ -106,7 +107,7 @@ class Trainer:
 
     def __init__(
         self,
-        config: TrainConfig,
+        config: TrainConfig | dict[str, Any] | str | Path,
         *,
         model: Any = None,
         train_dataset: Any = None,
@@ -115,7 +116,7 @@ class Trainer:
         resume: bool | str | None = None,
         overwrite: bool = False,
     ) -> None:
-        self.config = config
+        self.config = config = config_of(config)
         self.given = {"model": model, "eval": eval_datasets, "sources": None}
         if train_dataset is not None:
             self.given["sources"] = given_sources(config, train_dataset)
@@ -125,7 +126,9 @@ class Trainer:
             model_given=model is not None,
             eval_given=eval_datasets is not None,
         )
-        self.callback_list = list(callbacks or [])
+        name_given_model(config, model)
+        evaluates = bool(config.eval.data) or eval_datasets is not None
+        self.callback_list = checked_callbacks(callbacks, evaluates)
         self.stopped: str | None = None  # why the run stops before its last step, if it does
         self.output_dir = Path(config.training.output_dir)
         self.run_dir = RunDirectory(self.output_dir)
@@ -501,6 +504,21 @@ def train(config: TrainConfig, **options: Any) -> dict[str, Any]:
     """Train as ``config`` says; returns a summary (steps, final loss, evaluations, best).
     ``options`` are the Trainer's (model, train_dataset, ..., resume, overwrite)."""
     return Trainer(config, **options).train()
+
+
+def config_of(config: Any) -> TrainConfig:
+    """A TrainConfig, a dict of sections (`TrainConfig.from_dict`) or a YAML file's path."""
+    if isinstance(config, TrainConfig):
+        check_types(config)  # its sections may have been built directly
+        return config
+    if isinstance(config, dict):
+        return TrainConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return TrainConfig.from_yaml(config)
+    raise TypeError(
+        "Trainer(config): expected a TrainConfig, a dict of sections or a YAML file's path, got "
+        f"{type(config).__name__}"
+    )
 
 
 def given_sources(config: TrainConfig, train_dataset: Any) -> list[Any]:

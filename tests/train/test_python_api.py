@@ -242,3 +242,124 @@ def test_a_config_built_from_its_dataclasses_is_checked_when_training_starts(fil
     with pytest.raises(ConfigError, match=r"training.batch_size: expected a positive integer"):
         Trainer(config(0), train_dataset=rows(files["data"]))
     assert Trainer(config(8), train_dataset=rows(files["data"])).train()["steps"] == 2
+
+
+def test_the_package_root_gives_its_names_in_any_import_order():
+    """``from retriever import Trainer`` imports the subpackage retriever.train; a root name
+    ``train`` would then be that module, not a function (so the root exports no ``train``)."""
+    import subprocess
+    import sys
+
+    code = ("import types, retriever\nfrom retriever import Trainer\n"
+            "bad = [n for n in retriever.__all__ if isinstance(getattr(retriever, n), "
+            "types.ModuleType)]\nassert not bad, bad\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_run_given_its_model_resumes_and_names_it(files, tmp_path, monkeypatch):
+    """model= (a SentenceTransformer) and no model.name_or_path: config.yaml names the model's
+    path, and --resume after a failure at step 3 ends as the uninterrupted run."""
+    from sentence_transformers import SentenceTransformer
+
+    from retriever.train import trainer as trainer_module
+
+    def run(output: str, resume: bool = False) -> None:
+        config = TrainConfig.from_dict(values(files, tmp_path / output, save_steps=2))
+        config.model.name_or_path = None
+        model = SentenceTransformer(str(files["model"]), device="cpu")
+        Trainer(config, model=model, train_dataset=rows(files["data"]), resume=resume).train()
+
+    run("whole")
+    saved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
+    assert saved["model"]["name_or_path"] == str(files["model"])
+    real = trainer_module.Trainer._optimizer_step
+
+    def fail_at_three(self, batch, params):
+        if self.state.step == 2:
+            raise RuntimeError("stopped by the test")
+        return real(self, batch, params)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", fail_at_three)
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        run("failed")
+    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", real)
+    run("failed", resume=True)
+    assert_same_weights(tmp_path / "failed", tmp_path / "whole")
+
+
+def test_a_model_given_twice_is_refused(files, tmp_path):
+    other = make_tiny_model(tmp_path / "other")
+    config = TrainConfig.from_dict(values(files, tmp_path / "run"))
+    with pytest.raises(ConfigError, match="give the model in one place"):
+        Trainer(config, model=Encoder.from_pretrained(other), train_dataset=rows(files["data"]))
+    with pytest.raises(ConfigError, match="give the model in one place"):
+        Trainer(config, model=other, train_dataset=rows(files["data"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_arguments_in_other_shapes(files, tmp_path):
+    """A dict as the config, one callback alone; a callback class, early stopping with
+    nothing to evaluate and a callback of another kind refused before the run directory."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    data = rows(files["data"])
+    trainer = Trainer(values(files, tmp_path / "dict"), train_dataset=data,
+                      callbacks=TrainerCallback())  # fmt: skip
+    assert isinstance(trainer.config, TrainConfig) and len(trainer.callback_list) == 1
+    trainer.run_dir.unlock()
+    config = TrainConfig.from_dict(values(files, tmp_path / "run"))
+    for callbacks, error, expected in [
+        (EarlyStoppingCallback, TypeError, "is a class: pass an instance"),
+        ([EarlyStoppingCallback(2)], ValueError, "set eval.data or pass eval_datasets"),
+        ([print], TypeError, "expected transformers.TrainerCallback instances"),
+    ]:
+        with pytest.raises(error, match=re.escape(expected)):
+            Trainer(config, train_dataset=data, callbacks=callbacks)
+    with pytest.raises(TypeError, match="a dict of sections or a YAML file's path, got int"):
+        Trainer(3, train_dataset=data)
+    assert not (tmp_path / "run").exists()
+
+
+def test_python_values_and_tables_are_taken_or_named(files, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from retriever.data.examples import DataError
+    from retriever.train.options import TrainingArguments
+
+    config = TrainConfig.from_dict({"training": {"output_dir": tmp_path / "run",
+                                                 "batch_size": np.int64(8)}})  # fmt: skip
+    assert config.training.output_dir == str(tmp_path / "run")
+    assert type(config.training.batch_size) is int
+    with pytest.raises(ConfigError, match=r"^TrainConfig.from_dict: unknown option training.lr"):
+        TrainConfig.from_dict({"training": {"lr": 1}})
+    with pytest.raises(ConfigError, match=r"training.seed: a object is not a config value"):
+        TrainConfig.from_dict({"training": {"seed": object()}})
+    direct = TrainConfig(training=TrainingArguments(output_dir=str(tmp_path / "run"),
+                                                    batch_size="8"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^TrainConfig: training.batch_size: expected an int"):
+        Trainer(direct, train_dataset=rows(files["data"]))
+    config = TrainConfig.from_dict(values(files, tmp_path / "run"))
+    frame = pd.DataFrame(rows(files["data"]))
+    with pytest.raises(DataError, match=re.escape("Dataset.from_pandas(frame)")):
+        Trainer(config, train_dataset=frame)
+    stream = {"a": {"dataset": lambda: iter(rows(files["data"])), "streaming": False}}
+    with pytest.raises(DataError, match="a stream, but its source says streaming: false"):
+        Trainer(config, train_dataset=stream)
+
+
+def test_eval_limits_apply_to_a_scripts_tasks(files, tmp_path):
+    from retriever.eval.data import RetrievalTask
+    from retriever.train.evaluation import load_eval_tasks
+
+    task = RetrievalTask(
+        name="t",
+        split="test",
+        queries={f"q{i}": f"query {i}" for i in range(10)},
+        corpus={f"d{i}": {"title": "", "text": f"document {i}"} for i in range(50)},
+        qrels={f"q{i}": {f"d{i}": 1} for i in range(10)},
+    )
+    config = TrainConfig.from_dict({"eval": {"max_queries": 3, "max_documents": 20}})
+    (shrunk,) = load_eval_tasks(config, task)
+    assert len(shrunk.queries) == 3 and len(shrunk.corpus) == 20
