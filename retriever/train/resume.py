@@ -141,9 +141,10 @@ def check_same_data(config: TrainConfig, checkpoint: Path, fingerprint: str) -> 
     """The examples must be those the checkpoint trained on (the same file may have changed)."""
     saved = saved_state(checkpoint)
     if saved.get("data_fingerprint") not in (None, fingerprint):
+        data = config.data.train if config.data.train is not None else "Trainer(train_dataset=...)"
         raise RunError(
-            f"--resume: {config.data.train} is not the training data {checkpoint} was trained "
-            "on (its examples changed); a resumed run must see the same data"
+            f"resume: {data} is not the training data {checkpoint} was trained on (its "
+            "examples changed); a resumed run must see the same data"
         )
 
 
