@@ -25,6 +25,7 @@ Accelerate's process group, and DDP all-reduces the gradients once per step (FSD
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -507,8 +508,10 @@ def train(config: TrainConfig, **options: Any) -> dict[str, Any]:
 
 
 def config_of(config: Any) -> TrainConfig:
-    """A TrainConfig, a dict of sections (`TrainConfig.from_dict`) or a YAML file's path."""
+    """The run's own TrainConfig from a TrainConfig (copied), a dict of sections
+    (`TrainConfig.from_dict`) or a YAML file's path."""
     if isinstance(config, TrainConfig):
+        config = copy.deepcopy(config)  # the run fills in options: the script's object stays
         check_types(config)  # its sections may have been built directly
         return config
     if isinstance(config, dict):
