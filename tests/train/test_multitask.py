@@ -264,8 +264,9 @@ def test_several_evaluation_tasks_and_the_mean_of_their_main_scores(tmp_path):
     with pytest.raises(ConfigError, match="ambiguous with 2 tasks"):
         Trainer(tiny_config(model, data, tmp_path / "r2", eval=ambiguous))
     left_unset = tiny_config(model, data, tmp_path / "r3", eval={"data": [task, sts]})
-    Trainer(left_unset).run_dir.unlock()
-    assert left_unset.eval.metric == "mean_main_score"  # the default, with several tasks
+    trainer = Trainer(left_unset)
+    trainer.run_dir.unlock()
+    assert trainer.config.eval.metric == "mean_main_score"  # the default, with several tasks
 
 
 def test_the_final_model_goes_to_the_hub_only_when_asked(tmp_path, monkeypatch):
