@@ -372,10 +372,8 @@ def run_layers(args) -> int:
     """--layers: the checks, then the module and kernel times, each record written as it comes
     (on a CPU, under TRITON_INTERPRET=1, the checks only: a smoke test of the script)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = Results(args.output, vars(args), device, echo=False,
+    results = Results(args.output, vars(args), device, show=short,
                       fields={"torch": torch.__version__})  # fmt: skip
-    add = results.add
-    results.add = lambda record, *a, **k: print(short(add(record, *a, **k)), flush=True)
     t, hidden, intermediate = args.tokens, 384, 1536
     cases = [lambda: check_residual_norm(t, hidden, torch.bfloat16, 0.0, device),
              lambda: check_residual_norm(t, hidden, torch.bfloat16, 0.1, device),

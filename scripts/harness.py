@@ -323,7 +323,8 @@ class Results:
 
     ``fields``: more header fields (they win over the standard ones of the same name).
     ``summary(data)``: fields derived from the records, recomputed before every write.
-    ``echo``: print each record as a JSON line when it is added. ``path=None``: nothing is
+    ``echo``: print each record when it is added, as a JSON line or as ``show(record)`` says.
+    ``path=None``: nothing is
     written (the records are still kept in ``data``). An existing file is never replaced: the
     script stops before measuring anything, unless ``BENCH_OVERWRITE=1`` is set."""
 
@@ -337,6 +338,7 @@ class Results:
         fields: dict[str, Any] | None = None,
         summary: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         echo: bool = True,
+        show: Callable[[dict[str, Any]], str] | None = None,
         argv: list[str] | None = None,
         indent: int = 2,
     ) -> None:
@@ -346,6 +348,7 @@ class Results:
                 f"{self.path} exists: give another --output, remove it, or set {OVERWRITE}=1"
             )
         self.key, self.summary, self.echo, self.indent = key, summary, echo, indent
+        self.show = show or (lambda record: json.dumps(record, default=str))
         self.data = header(settings, device, argv)
         self.data.update(fields or {})
         if key is not None:
@@ -357,11 +360,11 @@ class Results:
     def add(
         self, record: dict[str, Any], key: str | None = None, echo: bool | None = None
     ) -> dict[str, Any]:
-        """Append ``record`` (to ``key``'s list, default the Results' key), print it as a JSON
-        line if ``echo`` (default: the Results' echo) and write the file."""
+        """Append ``record`` (to ``key``'s list, default the Results' key), print it if ``echo``
+        (default: the Results' echo) and write the file."""
         self.records(key).append(record)
         if self.echo if echo is None else echo:
-            print(json.dumps(record, default=str), flush=True)
+            print(self.show(record), flush=True)
         self.write()
         return record
 

@@ -1,12 +1,15 @@
 """Shared pieces of the trainer tests: a tiny random BERT, small training files, configs, runs
-resumed from a checkpoint, and the direct (uncached) embedding a cached step is compared with."""
+resumed from a checkpoint, an in-process failure inside a step, and the direct (uncached)
+embedding a cached step is compared with."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +190,24 @@ def write_beir(root: Path, data_file: str, n: int = 24) -> str:
         f.write("query-id\tcorpus-id\tscore\n")
         f.writelines(f"q{i}\td{i}\t1\n" for i in range(n))
     return str(root)
+
+
+STOPPED = "stopped by the test"
+
+
+@contextlib.contextmanager
+def failing_in_step(step: int) -> Iterator[None]:
+    """Runs in the block raise RuntimeError(STOPPED) inside optimizer step ``step`` (after its
+    gradient, before its update; an in-process failure, unlike tests/faults.py's kills)."""
+    from retriever.train import trainer
+
+    original = trainer.Trainer._optimizer_step
+
+    def optimizer_step(self, batch, params):
+        if self.state.step + 1 == step:
+            raise RuntimeError(STOPPED)
+        return original(self, batch, params)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer.Trainer, "_optimizer_step", optimizer_step)
+        yield

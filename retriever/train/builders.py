@@ -160,8 +160,7 @@ def _say_if_liger_is_missing(config: TrainConfig, encoder: Encoder) -> None:
     liger-kernel: one line where model.fused_kernels is null on a GPU, a warning where it is
     true. Not an error, as elsewhere: a layer the kernels do not cover runs eager."""
     m = config.model
-    asked = m.fused_kernels if m.fused_kernels is not None else torch.cuda.is_available()
-    if not asked:
+    if not _network_options(m)["fused_kernels"]:
         return
     from retriever.model.fused import liger_missing
 

@@ -51,9 +51,7 @@ def checked_callbacks(callbacks: Any, evaluates: bool) -> list[Any]:
 
     if callbacks is None:
         return []
-    if isinstance(callbacks, TrainerCallback):
-        callbacks = [callbacks]
-    if not isinstance(callbacks, (list, tuple)):
+    if not isinstance(callbacks, (list, tuple)):  # one callback alone
         callbacks = [callbacks]
     for callback in callbacks:
         if isinstance(callback, type) and issubclass(callback, TrainerCallback):

@@ -22,10 +22,10 @@ def load_eval_tasks(config: TrainConfig, given: Any = None) -> list[Any]:
     from retriever.eval.data import RetrievalTask
 
     tasks = _configured_tasks(config)
-    for task in _given_tasks(given, {task.name for task in tasks}):
-        if isinstance(task, RetrievalTask):  # eval.max_* apply to a script's tasks too
-            task = shrink_task(task, config.eval.max_queries, config.eval.max_documents)
-        tasks.append(task)
+    tasks += _given_tasks(given, {task.name for task in tasks})
+    e = config.eval
+    tasks = [shrink_task(task, e.max_queries, e.max_documents)
+             if isinstance(task, RetrievalTask) else task for task in tasks]  # fmt: skip
     _default_metric(config, tasks)
     _check_metric_task(config, tasks)
     return tasks
@@ -62,8 +62,7 @@ def _as_list(given: Any) -> list[Any]:
 
 
 def _configured_tasks(config: TrainConfig) -> list[Any]:
-    """The tasks of ``eval.data``, loaded, shrunk and named apart."""
-    from retriever.eval.data import RetrievalTask
+    """The tasks of ``eval.data``, loaded and named apart."""
     from retriever.eval.tasks import load_any_task
 
     specs = [config.eval.data] if isinstance(config.eval.data, str) else config.eval.data or []
@@ -71,10 +70,7 @@ def _configured_tasks(config: TrainConfig) -> list[Any]:
     for i, spec in enumerate(specs):
         key = "eval.data" if isinstance(config.eval.data, str) else f"eval.data[{i}]"
         try:
-            task = load_any_task(spec, config.eval.split)
-            if isinstance(task, RetrievalTask):
-                task = shrink_task(task, config.eval.max_queries, config.eval.max_documents)
-            tasks.append(task)
+            tasks.append(load_any_task(spec, config.eval.split))
         except (FileNotFoundError, ValueError, OSError) as exc:
             # A BEIR directory without that split's qrels: the split is what to change.
             if isinstance(exc, FileNotFoundError) and f"qrels/{config.eval.split}.tsv" in str(exc):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import load_weights, make_tiny_model, write_examples
+from train_helpers import STOPPED, failing_in_step, load_weights, make_tiny_model, write_examples
 
 from retriever import Encoder, TrainConfig, Trainer
 from retriever.train.config import ConfigError, load_config
@@ -257,12 +257,10 @@ def test_the_package_root_gives_its_names_in_any_import_order():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_a_run_given_its_model_resumes_and_names_it(files, tmp_path, monkeypatch):
+def test_a_run_given_its_model_resumes_and_names_it(files, tmp_path):
     """model= (a SentenceTransformer) and no model.name_or_path: config.yaml names the model's
     path, and --resume after a failure at step 3 ends as the uninterrupted run."""
     from sentence_transformers import SentenceTransformer
-
-    from retriever.train import trainer as trainer_module
 
     def run(output: str, resume: bool = False) -> None:
         config = TrainConfig.from_dict(values(files, tmp_path / output, save_steps=2))
@@ -273,17 +271,8 @@ def test_a_run_given_its_model_resumes_and_names_it(files, tmp_path, monkeypatch
     run("whole")
     saved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
     assert saved["model"]["name_or_path"] == str(files["model"])
-    real = trainer_module.Trainer._optimizer_step
-
-    def fail_at_three(self, batch, params):
-        if self.state.step == 2:
-            raise RuntimeError("stopped by the test")
-        return real(self, batch, params)
-
-    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", fail_at_three)
-    with pytest.raises(RuntimeError, match="stopped by the test"):
+    with failing_in_step(3), pytest.raises(RuntimeError, match=STOPPED):
         run("failed")
-    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", real)
     run("failed", resume=True)
     assert_same_weights(tmp_path / "failed", tmp_path / "whole")
 

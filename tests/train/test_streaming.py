@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from train_helpers import load_weights, make_tiny_model, write_examples
+from train_helpers import STOPPED, failing_in_step, load_weights, make_tiny_model, write_examples
 
 from retriever import TrainConfig, Trainer
 from retriever.data.inputs import RecordStream
@@ -88,9 +88,7 @@ def test_a_killed_streamed_run_resumes_to_the_uninterrupted_one(files, tmp_path)
     assert_same_weights(tmp_path / "killed", tmp_path / "whole")
 
 
-def test_a_datasets_stream_resumed_after_a_failure_ends_as_the_uninterrupted_run(
-    files, tmp_path, monkeypatch
-):
+def test_a_datasets_stream_resumed_after_a_failure_ends_as_the_uninterrupted_run(files, tmp_path):
     """A datasets.IterableDataset (load_dataset(..., streaming=True)) across epochs: 32
     examples make 4 batches an epoch, so 7 steps start a second one."""
     import datasets
@@ -106,19 +104,8 @@ def test_a_datasets_stream_resumed_after_a_failure_ends_as_the_uninterrupted_run
         return TrainConfig.from_dict(values)
 
     Trainer(config("whole"), train_dataset=stream()).train()
-    from retriever.train import trainer as trainer_module
-
-    real = trainer_module.Trainer._optimizer_step
-
-    def fail_at_five(self, batch, params):
-        if self.state.step == 4:
-            raise RuntimeError("stopped by the test")
-        return real(self, batch, params)
-
-    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", fail_at_five)
-    with pytest.raises(RuntimeError, match="stopped by the test"):
+    with failing_in_step(5), pytest.raises(RuntimeError, match=STOPPED):
         Trainer(config("failed"), train_dataset=stream()).train()
-    monkeypatch.setattr(trainer_module.Trainer, "_optimizer_step", real)
     Trainer(config("failed"), train_dataset=stream(), resume=True).train()
     assert_same_weights(tmp_path / "failed", tmp_path / "whole")
 
